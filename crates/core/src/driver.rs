@@ -1,0 +1,1008 @@
+//! The graph driver: engine layer ids (Docker cache ids) on top of the
+//! shared store, with one read-only mount per layer per host.
+//!
+//! Local state, under the engine's home directory (version 1):
+//! ```text
+//! <home>/
+//!   host-id                  this engine instance's stable id in the store
+//!   layers/<id>.json         LocalLayer: parent id and kind
+//!   rw/<id>/rw.img           a writable layer's image (upper/ and work/ inside)
+//!   mnt/<sha256-HEX>/        the read-only mount of a published layer
+//!   rwmnt/<id>/              the mount of a writable layer's image
+//!   merged/<id>/             overlay mounts handed to the engine
+//!   tmp/                     staging for ApplyDiff, swept at start
+//!   empty/                   an empty directory (lower of a parentless stack)
+//! ```
+//! A layer mount stays mounted while its layer exists on this host, so a
+//! warm start attaches no loop device; N containers of one image share it.
+//! On start the mounts are adopted from /proc/self/mountinfo.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::apply::apply_tar;
+use crate::error::{Context, Error, Result};
+use crate::export::{self, Change};
+use crate::fsmagic;
+use crate::ids::{random_token, Bytes, ChainId};
+use crate::image;
+use crate::mount::{self, OverlaySpec};
+use crate::options::{Config, FsType};
+use crate::store::{
+    write_atomic, LayerInfo, LayerMeta, Location, Store, FORMAT_VERSION, IMAGE_FILE,
+};
+use crate::sys::loopdev;
+
+/// Size of a Docker "-init" layer's image: it holds a handful of files.
+const INIT_LAYER_SIZE: Bytes = Bytes(64 * Bytes::MIB);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum Kind {
+    /// A read-only layer; `chain` is set once its diff is applied.
+    Image { chain: Option<ChainId>, size: u64 },
+    /// A writable layer with its own image.
+    Rw { size: Bytes, fs: FsType },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LocalLayer {
+    id: String,
+    parent: Option<String>,
+    #[serde(flatten)]
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+struct RoMount {
+    info: LayerInfo,
+    /// `None` for an empty layer (nothing mounted).
+    dev: Option<String>,
+}
+
+#[derive(Debug)]
+struct GetRef {
+    count: u32,
+    dir: PathBuf,
+    mounted: bool,
+}
+
+#[derive(Default)]
+struct State {
+    layers: HashMap<String, LocalLayer>,
+    ro: HashMap<ChainId, RoMount>,
+    rw_mounted: HashSet<String>,
+    gets: HashMap<String, GetRef>,
+}
+
+/// Whether the created layer is read-only (an image layer) or writable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateKind {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// The outcome of a create that may find the layer already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateAction {
+    Created,
+    Identity,
+}
+
+pub struct Driver {
+    home: PathBuf,
+    cfg: Config,
+    store: Store,
+    state: Mutex<State>,
+}
+
+/// Engine ids become path components: keep them plain.
+fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("invalid layer id {id:?}")))
+    }
+}
+
+fn none_if_empty(s: Option<&str>) -> Option<&str> {
+    s.filter(|s| !s.is_empty())
+}
+
+impl Driver {
+    /// Opens (creating) the driver state in `home`, checks the kernel and
+    /// reconciles with what is mounted.
+    pub fn open(home: &Path, cfg: Config) -> Result<Driver> {
+        cfg.check_kernel(&rustix::system::uname().release().to_string_lossy())?;
+        for d in ["", "layers", "rw", "mnt", "rwmnt", "merged", "tmp", "empty"] {
+            let p = home.join(d);
+            fs::create_dir_all(&p).ctx("mkdir", &p)?;
+        }
+        mount::make_private(home)?;
+        let host_file = home.join("host-id");
+        let host_id = match fs::read_to_string(&host_file) {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
+            _ => {
+                let host = rustix::system::uname()
+                    .nodename()
+                    .to_string_lossy()
+                    .into_owned();
+                let host: String = host
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .take(32)
+                    .collect();
+                let id = format!("{host}.{}", &random_token()[..12]);
+                write_atomic(&host_file, id.as_bytes())?;
+                id
+            }
+        };
+        let store = Store::new(&cfg, &host_id);
+        let d = Driver {
+            home: home.to_owned(),
+            cfg,
+            store,
+            state: Mutex::new(State::default()),
+        };
+        d.reconcile()?;
+        Ok(d)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn layer_file(&self, id: &str) -> PathBuf {
+        self.home.join("layers").join(format!("{id}.json"))
+    }
+    fn rw_image(&self, id: &str) -> PathBuf {
+        self.home.join("rw").join(id).join("rw.img")
+    }
+    fn rw_mnt(&self, id: &str) -> PathBuf {
+        self.home.join("rwmnt").join(id)
+    }
+    fn ro_mnt(&self, chain: &ChainId) -> PathBuf {
+        self.home.join("mnt").join(chain.dir_name())
+    }
+    fn merged(&self, id: &str) -> PathBuf {
+        self.home.join("merged").join(id)
+    }
+
+    fn save(&self, l: &LocalLayer) -> Result<()> {
+        write_atomic(
+            &self.layer_file(&l.id),
+            &serde_json::to_vec(l).expect("serialises"),
+        )
+    }
+
+    /// Loads local layers, adopts mounts left by a previous run, removes
+    /// leftovers.
+    fn reconcile(&self) -> Result<()> {
+        let mut st = self.lock();
+        let dir = self.home.join("layers");
+        for e in fs::read_dir(&dir).ctx("read dir", &dir)?.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                if e.file_name().to_string_lossy().starts_with('.') {
+                    let _ = fs::remove_file(&p); // interrupted atomic write
+                }
+                continue;
+            }
+            let text = fs::read(&p).ctx("read", &p)?;
+            let l: LocalLayer = serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?;
+            st.layers.insert(l.id.clone(), l);
+        }
+        let used_chains: HashSet<ChainId> = st
+            .layers
+            .values()
+            .filter_map(|l| match &l.kind {
+                Kind::Image { chain, .. } => chain.clone(),
+                _ => None,
+            })
+            .collect();
+        let mounts = mount::mountinfo()?;
+        // Deepest first, so merged overlays go before the layers under them.
+        let mut orphans = Vec::new();
+        for m in &mounts {
+            let Ok(rel) = m.mount_point.strip_prefix(&self.home) else {
+                continue;
+            };
+            let mut comps = rel.iter().map(|c| c.to_string_lossy().into_owned());
+            let (Some(area), Some(name), None) = (comps.next(), comps.next(), comps.next()) else {
+                continue;
+            };
+            match area.as_str() {
+                "merged" if st.layers.contains_key(&name) => {
+                    st.gets.insert(
+                        name,
+                        GetRef {
+                            count: 1,
+                            dir: m.mount_point.clone(),
+                            mounted: true,
+                        },
+                    );
+                }
+                "rwmnt" if st.layers.contains_key(&name) => {
+                    st.rw_mounted.insert(name);
+                }
+                "mnt" => match ChainId::from_dir_name(&name) {
+                    Some(c) if used_chains.contains(&c) => match self.store.locate(&c) {
+                        Some(info) => {
+                            st.ro.insert(
+                                c,
+                                RoMount {
+                                    info,
+                                    dev: Some(m.source.clone()),
+                                },
+                            );
+                        }
+                        None => orphans.push(m.mount_point.clone()),
+                    },
+                    _ => orphans.push(m.mount_point.clone()),
+                },
+                "merged" | "rwmnt" | "tmp" => orphans.push(m.mount_point.clone()),
+                _ => {}
+            }
+        }
+        orphans.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        orphans.sort_by_key(|p| !p.starts_with(self.home.join("merged")));
+        for p in orphans {
+            tracing::info!(target = %p.display(), "unmounting a leftover mount");
+            if let Err(e) = mount::unmount_path(&p) {
+                tracing::warn!(target = %p.display(), error = %e, "cannot unmount leftover");
+            }
+        }
+        // Staging of interrupted ApplyDiffs.
+        let tmp = self.home.join("tmp");
+        for e in fs::read_dir(&tmp).ctx("read dir", &tmp)?.flatten() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+        self.store.sweep_own_tmp();
+        tracing::info!(
+            layers = st.layers.len(),
+            mounted = st.ro.len(),
+            in_use = st.gets.len(),
+            "driver state loaded"
+        );
+        Ok(())
+    }
+
+    pub fn exists(&self, id: &str) -> bool {
+        self.lock().layers.contains_key(id)
+    }
+
+    /// Creates an empty layer `id` over `parent`.
+    pub fn create(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        kind: CreateKind,
+        storage_opt: &HashMap<String, String>,
+    ) -> Result<CreateAction> {
+        check_id(id)?;
+        let parent = none_if_empty(parent);
+        let mut size = None;
+        for (k, v) in storage_opt {
+            match k.to_ascii_lowercase().as_str() {
+                "size" => {
+                    size =
+                        Some(
+                            Bytes::parse(v)
+                                .filter(|b| b.0 > 0)
+                                .ok_or_else(|| Error::Option {
+                                    option: "size".into(),
+                                    reason: format!("{v:?} is not a size (e.g. 2G)"),
+                                })?,
+                        )
+                }
+                _ => {
+                    return Err(Error::Option {
+                        option: k.clone(),
+                        reason: "unknown storage option; supported: size".into(),
+                    })
+                }
+            }
+        }
+        {
+            let st = self.lock();
+            if st.layers.contains_key(id) {
+                return Ok(CreateAction::Identity);
+            }
+            if let Some(p) = parent {
+                if !st.layers.contains_key(p) {
+                    return Err(Error::ParentNotFound {
+                        id: id.into(),
+                        parent: p.into(),
+                    });
+                }
+            }
+        }
+        let kind = match kind {
+            CreateKind::ReadOnly => {
+                if size.is_some() {
+                    return Err(Error::Option {
+                        option: "size".into(),
+                        reason: "only writable layers take a size".into(),
+                    });
+                }
+                Kind::Image {
+                    chain: None,
+                    size: 0,
+                }
+            }
+            CreateKind::ReadWrite => {
+                let default = if id.ends_with("-init") {
+                    INIT_LAYER_SIZE
+                } else {
+                    self.cfg.rw_size
+                };
+                let size = size.unwrap_or(default);
+                let fs_type = self.cfg.fs;
+                let img = self.rw_image(id);
+                let dir = img.parent().unwrap();
+                let _ = fs::remove_dir_all(dir);
+                fs::create_dir_all(dir).ctx("mkdir", dir)?;
+                if let Err(e) = image::create_rw_image(&img, fs_type, size) {
+                    let _ = fs::remove_dir_all(dir);
+                    return Err(e);
+                }
+                Kind::Rw { size, fs: fs_type }
+            }
+        };
+        let l = LocalLayer {
+            id: id.into(),
+            parent: parent.map(str::to_owned),
+            kind,
+        };
+        self.save(&l)?;
+        self.lock().layers.insert(id.into(), l);
+        Ok(CreateAction::Created)
+    }
+
+    /// Mounts (once per host) the published layer `chain`.
+    fn ensure_ro(&self, st: &mut State, chain: &ChainId) -> Result<RoMount> {
+        if let Some(m) = st.ro.get(chain) {
+            return Ok(m.clone());
+        }
+        let info = self
+            .store
+            .locate(chain)
+            .ok_or_else(|| Error::NotFound(format!("{chain} (not in root or fallback)")))?;
+        let Some(img) = info.image() else {
+            let m = RoMount { info, dev: None };
+            st.ro.insert(chain.clone(), m.clone());
+            return Ok(m);
+        };
+        let fs_type = info.meta.fs.expect("image has a fs");
+        let target = self.ro_mnt(chain);
+        fs::create_dir_all(&target).ctx("mkdir", &target)?;
+        let dev = loopdev::attach(
+            &img,
+            loopdev::AttachOptions {
+                read_only: true,
+                direct_io: true,
+            },
+        )
+        .ctx("attach loop device", &img)?;
+        mount::mount_layer_ro(dev.path(), &target, fs_type)?;
+        tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(), "layer mounted");
+        let m = RoMount {
+            info,
+            dev: Some(dev.path().display().to_string()),
+        };
+        st.ro.insert(chain.clone(), m.clone());
+        Ok(m)
+    }
+
+    fn ensure_rw(&self, st: &mut State, id: &str, fs_type: FsType) -> Result<PathBuf> {
+        let target = self.rw_mnt(id);
+        if st.rw_mounted.contains(id) {
+            return Ok(target);
+        }
+        let img = self.rw_image(id);
+        fs::create_dir_all(&target).ctx("mkdir", &target)?;
+        let dev = loopdev::attach(
+            &img,
+            loopdev::AttachOptions {
+                read_only: false,
+                direct_io: true,
+            },
+        )
+        .ctx("attach loop device", &img)?;
+        mount::mount_layer_rw(dev.path(), &target, fs_type)?;
+        for d in ["upper", "work"] {
+            let p = target.join(d);
+            match fs::create_dir(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::sys("mkdir", p, e)),
+            }
+        }
+        st.rw_mounted.insert(id.to_owned());
+        Ok(target)
+    }
+
+    /// The directory holding layer `id`'s own content, mounted; `None` for
+    /// an empty layer.
+    fn own_dir(&self, st: &mut State, id: &str) -> Result<Option<PathBuf>> {
+        let l = st
+            .layers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(id.into()))?;
+        match &l.kind {
+            Kind::Image { chain: None, .. } => Ok(None),
+            Kind::Image { chain: Some(c), .. } => {
+                let m = self.ensure_ro(st, c)?;
+                Ok(m.dev.map(|_| self.ro_mnt(c).join(image::LAYER_ROOT)))
+            }
+            Kind::Rw { fs, .. } => Ok(Some(self.ensure_rw(st, id, *fs)?.join("upper"))),
+        }
+    }
+
+    /// The lower stack of layer `id` and its ancestors (topmost first),
+    /// empty layers left out, everything mounted.
+    fn stack(&self, st: &mut State, id: Option<&str>) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let mut cur = id.map(str::to_owned);
+        let mut depth = 0;
+        while let Some(c) = cur {
+            depth += 1;
+            if depth > 4096 {
+                return Err(Error::Corrupt {
+                    path: self.layer_file(&c),
+                    reason: "parent chain loops".into(),
+                });
+            }
+            if let Some(d) = self.own_dir(st, &c)? {
+                out.push(d);
+            }
+            cur = st.layers.get(&c).and_then(|l| l.parent.clone());
+        }
+        Ok(out)
+    }
+
+    /// Mounts layer `id` and returns the directory with its full view.
+    pub fn get(&self, id: &str) -> Result<PathBuf> {
+        let mut st = self.lock();
+        if let Some(g) = st.gets.get_mut(id) {
+            g.count += 1;
+            return Ok(g.dir.clone());
+        }
+        let l = st
+            .layers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(id.into()))?;
+        let target = self.merged(id);
+        let (dir, mounted) = match &l.kind {
+            Kind::Rw { fs, .. } => {
+                let rw = self.ensure_rw(&mut st, id, *fs)?;
+                let mut lowers = self.stack(&mut st, l.parent.as_deref())?;
+                if lowers.is_empty() {
+                    lowers.push(self.home.join("empty"));
+                }
+                fs::create_dir_all(&target).ctx("mkdir", &target)?;
+                let (u, w) = (rw.join("upper"), rw.join("work"));
+                mount::mount_overlay(
+                    &OverlaySpec {
+                        lowers: &lowers,
+                        upper: Some((&u, &w)),
+                    },
+                    &target,
+                )?;
+                (target, true)
+            }
+            Kind::Image { .. } => {
+                let lowers = self.stack(&mut st, Some(id))?;
+                match lowers.len() {
+                    0 => (self.home.join("empty"), false),
+                    1 => (lowers[0].clone(), false),
+                    _ => {
+                        fs::create_dir_all(&target).ctx("mkdir", &target)?;
+                        mount::mount_overlay(
+                            &OverlaySpec {
+                                lowers: &lowers,
+                                upper: None,
+                            },
+                            &target,
+                        )?;
+                        (target, true)
+                    }
+                }
+            }
+        };
+        tracing::debug!(layer = id, target = %dir.display(), "get");
+        st.gets.insert(
+            id.to_owned(),
+            GetRef {
+                count: 1,
+                dir: dir.clone(),
+                mounted,
+            },
+        );
+        Ok(dir)
+    }
+
+    /// Releases one `get`. Releasing what is not held is not an error.
+    pub fn put(&self, id: &str) -> Result<()> {
+        let mut st = self.lock();
+        let Some(g) = st.gets.get_mut(id) else {
+            tracing::debug!(layer = id, "put of a layer that is not mounted");
+            return Ok(());
+        };
+        g.count -= 1;
+        if g.count > 0 {
+            return Ok(());
+        }
+        let g = st.gets.remove(id).expect("present");
+        if g.mounted {
+            if let Err(e) = mount::unmount_path(&g.dir) {
+                st.gets.insert(id.to_owned(), GetRef { count: 1, ..g });
+                return Err(e);
+            }
+            let _ = fs::remove_dir(&g.dir);
+        }
+        Ok(())
+    }
+
+    /// Applies a layer tar to the empty read-only layer `id`; returns the
+    /// size of its content.
+    pub fn apply_diff(&self, id: &str, parent: Option<&str>, tar: &mut dyn Read) -> Result<u64> {
+        let parent = none_if_empty(parent);
+        let parent_chain = {
+            let st = self.lock();
+            let l = st
+                .layers
+                .get(id)
+                .ok_or_else(|| Error::NotFound(id.into()))?;
+            if l.parent.as_deref() != parent {
+                return Err(Error::Invalid(format!(
+                    "layer {id} has parent {:?}, not {:?}",
+                    l.parent.as_deref().unwrap_or(""),
+                    parent.unwrap_or("")
+                )));
+            }
+            match &l.kind {
+                Kind::Image { chain: None, .. } => {}
+                Kind::Image { chain: Some(_), .. } => {
+                    return Err(Error::Invalid(format!("layer {id} already has content")))
+                }
+                Kind::Rw { .. } => {
+                    return Err(Error::Invalid(format!(
+                        "layer {id} is writable; diffs apply to read-only layers"
+                    )))
+                }
+            }
+            match parent.map(|p| st.layers.get(p).map(|l| &l.kind)) {
+                None => None,
+                Some(Some(Kind::Image { chain: Some(c), .. })) => Some(c.clone()),
+                Some(Some(_)) => {
+                    return Err(Error::Invalid(format!(
+                        "parent {} of {id} is not a published layer",
+                        parent.unwrap()
+                    )))
+                }
+                Some(None) => {
+                    return Err(Error::ParentNotFound {
+                        id: id.into(),
+                        parent: parent.unwrap().into(),
+                    })
+                }
+            }
+        };
+        let staging = self
+            .home
+            .join("tmp")
+            .join(format!("apply-{}", random_token()));
+        fs::create_dir(&staging).ctx("mkdir", &staging)?;
+        let r = fs::create_dir(staging.join(image::LAYER_ROOT))
+            .ctx("mkdir", staging.join(image::LAYER_ROOT))
+            .and_then(|_| self.apply_staged(&staging, parent_chain.as_ref(), tar));
+        if let Err(e) = fs::remove_dir_all(&staging) {
+            tracing::warn!(path = %staging.display(), error = %e, "cannot remove staging directory");
+        }
+        let (info, content) = r?;
+        let chain = info.meta.chain_id.clone();
+        self.store.add_ref(&info);
+        let mut st = self.lock();
+        let Some(l) = st.layers.get_mut(id) else {
+            return Err(Error::NotFound(id.into()));
+        };
+        l.kind = Kind::Image {
+            chain: Some(chain.clone()),
+            size: content,
+        };
+        let l = l.clone();
+        self.save(&l)?;
+        tracing::info!(layer = id, chain = %chain, location = info.location.name(), bytes = content, "diff applied");
+        Ok(content)
+    }
+
+    fn apply_staged(
+        &self,
+        staging: &Path,
+        parent: Option<&ChainId>,
+        tar: &mut dyn Read,
+    ) -> Result<(LayerInfo, u64)> {
+        let stats = apply_tar(tar, &staging.join(image::LAYER_ROOT))?;
+        let diff_id = stats.diff_id.clone().expect("set by apply");
+        let chain = ChainId::of(parent, &diff_id);
+        if let Some(info) = self.store.locate(&chain) {
+            tracing::info!(layer = %chain, location = info.location.name(), "layer already in the store; reusing it");
+            return Ok((info, stats.content_bytes));
+        }
+        let fs_type = self.cfg.fs;
+        let build = |tmp: &Path| -> Result<LayerMeta> {
+            let counts = export::tree_counts(staging)?;
+            let empty = counts.inodes <= 2; // the image root and fs/
+            let image_bytes = if empty {
+                0
+            } else {
+                image::build_layer_image(staging, &tmp.join(IMAGE_FILE), counts, fs_type)
+                    .map_err(|e| Error::Build {
+                        layer: chain.to_string(),
+                        fs: fs_type.name().into(),
+                        reason: e.to_string(),
+                    })?
+                    .0
+            };
+            Ok(LayerMeta {
+                format: FORMAT_VERSION,
+                chain_id: chain.clone(),
+                diff_id: diff_id.clone(),
+                parent: parent.cloned(),
+                fs: (!empty).then_some(fs_type),
+                image_bytes,
+                content_bytes: stats.content_bytes,
+                tar_bytes: stats.tar_bytes,
+                entries: stats.entries,
+                publisher: self.store.host_id.clone(),
+                created_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            })
+        };
+        let published = self.store.publish(&chain, &build)?;
+        Ok((published.into_info(), stats.content_bytes))
+    }
+
+    /// Removes layer `id`. Removing what does not exist is not an error.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let mut st = self.lock();
+        let Some(l) = st.layers.get(id).cloned() else {
+            return Ok(());
+        };
+        if let Some(child) = st.layers.values().find(|c| c.parent.as_deref() == Some(id)) {
+            return Err(Error::InUse {
+                id: id.into(),
+                why: format!("layer {} is built on it", child.id),
+            });
+        }
+        if let Some(g) = st.gets.remove(id) {
+            tracing::warn!(layer = id, "removing a layer that is still mounted");
+            if g.mounted {
+                mount::unmount_path(&g.dir)?;
+                let _ = fs::remove_dir(&g.dir);
+            }
+        }
+        match &l.kind {
+            Kind::Rw { .. } => {
+                if st.rw_mounted.remove(id) {
+                    let m = self.rw_mnt(id);
+                    mount::unmount_path(&m)?;
+                    let _ = fs::remove_dir(&m);
+                }
+                let dir = self.home.join("rw").join(id);
+                fs::remove_dir_all(&dir)
+                    .or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .ctx("remove", &dir)?;
+            }
+            Kind::Image { chain: Some(c), .. } => {
+                let shared = st.layers.values().any(|o| {
+                    o.id != id && matches!(&o.kind, Kind::Image { chain: Some(oc), .. } if oc == c)
+                });
+                if !shared {
+                    let info = match st.ro.remove(c) {
+                        Some(m) => {
+                            if m.dev.is_some() {
+                                let p = self.ro_mnt(c);
+                                if let Err(e) = mount::unmount_path(&p) {
+                                    st.ro.insert(c.clone(), m);
+                                    return Err(e);
+                                }
+                                let _ = fs::remove_dir(&p);
+                            }
+                            Some(m.info)
+                        }
+                        None => self.store.locate(c),
+                    };
+                    if let Some(info) = info {
+                        if self.store.release(&info)? {
+                            tracing::info!(layer = %c, location = info.location.name(), "layer removed from the store");
+                        }
+                    }
+                }
+            }
+            Kind::Image { chain: None, .. } => {}
+        }
+        let f = self.layer_file(id);
+        fs::remove_file(&f).ctx("remove", &f)?;
+        crate::store::fsync_dir(f.parent().unwrap())?;
+        st.layers.remove(id);
+        Ok(())
+    }
+
+    fn check_parent(l: &LocalLayer, parent: Option<&str>) -> Result<()> {
+        let parent = none_if_empty(parent);
+        if parent.is_some() && l.parent.as_deref() != parent {
+            return Err(Error::Invalid(format!(
+                "diff of {} against {:?} is not supported: its parent is {:?}",
+                l.id,
+                parent.unwrap_or(""),
+                l.parent.as_deref().unwrap_or("")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the tar of layer `id`'s own changes to `w`.
+    pub fn diff(&self, id: &str, parent: Option<&str>, w: &mut dyn Write) -> Result<()> {
+        let dir = {
+            let mut st = self.lock();
+            let l = st
+                .layers
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(id.into()))?;
+            Self::check_parent(&l, parent)?;
+            self.own_dir(&mut st, id)?
+        };
+        match dir {
+            Some(d) => export::export_tar(&d, w),
+            None => export::export_tar(&self.home.join("empty"), w),
+        }
+    }
+
+    /// The changes of layer `id` against its parent.
+    pub fn changes(&self, id: &str, parent: Option<&str>) -> Result<Vec<Change>> {
+        let (dir, lowers) = {
+            let mut st = self.lock();
+            let l = st
+                .layers
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(id.into()))?;
+            Self::check_parent(&l, parent)?;
+            let dir = self.own_dir(&mut st, id)?;
+            (dir, self.stack(&mut st, l.parent.as_deref())?)
+        };
+        match dir {
+            Some(d) => export::changes(&d, &lowers),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Bytes of content layer `id` adds.
+    pub fn diff_size(&self, id: &str, parent: Option<&str>) -> Result<u64> {
+        let dir = {
+            let mut st = self.lock();
+            let l = st
+                .layers
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::NotFound(id.into()))?;
+            Self::check_parent(&l, parent)?;
+            if let Kind::Image { size, .. } = l.kind {
+                return Ok(size);
+            }
+            self.own_dir(&mut st, id)?
+        };
+        dir.map(|d| export::tree_size(&d)).unwrap_or(Ok(0))
+    }
+
+    /// Driver status, as `docker info` lists it.
+    pub fn status(&self) -> Vec<(String, String)> {
+        let mut v = vec![
+            (
+                "Backing Filesystem".to_owned(),
+                fsmagic::fs_name_of(&self.home),
+            ),
+            (
+                "Loopback Root Directory".to_owned(),
+                self.cfg.root.display().to_string(),
+            ),
+            (
+                "Loopback Fallback Directory".to_owned(),
+                self.cfg.fallback.display().to_string(),
+            ),
+            (
+                "Layer Image Filesystem".to_owned(),
+                self.cfg.fs.name().to_owned(),
+            ),
+        ];
+        v.push((
+            "Root Directory State".to_owned(),
+            match self.store.root_problem() {
+                None => "writable".to_owned(),
+                Some(why) => format!("new layers go to fallback ({why})"),
+            },
+        ));
+        for loc in [Location::Root, Location::Fallback] {
+            let root_fs = fsmagic::fs_name_of(self.store.base(loc));
+            let n = self
+                .store
+                .count_layers(loc)
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "unavailable".into());
+            let name = if loc == Location::Root {
+                "Root"
+            } else {
+                "Fallback"
+            };
+            v.push((format!("{name} Filesystem"), root_fs));
+            v.push((format!("Layers in {name}"), n));
+        }
+        let st = self.lock();
+        v.push((
+            "Layer Mounts".to_owned(),
+            st.ro
+                .values()
+                .filter(|m| m.dev.is_some())
+                .count()
+                .to_string(),
+        ));
+        v.push(("Host ID".to_owned(), self.store.host_id.clone()));
+        v
+    }
+
+    /// Per-layer details for `docker inspect` (GraphDriver.Data).
+    pub fn metadata(&self, id: &str) -> Result<HashMap<String, String>> {
+        let mut st = self.lock();
+        let l = st
+            .layers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(id.into()))?;
+        let mut m = HashMap::new();
+        // Every layer of the stack, topmost first.
+        let (mut images, mut locs, mut loops) = (Vec::new(), Vec::new(), Vec::new());
+        let mut cur = Some(id.to_owned());
+        while let Some(c) = cur {
+            let Some(cl) = st.layers.get(&c).cloned() else {
+                break;
+            };
+            match &cl.kind {
+                Kind::Image {
+                    chain: Some(ch), ..
+                } => {
+                    let (info, dev) = match st.ro.get(ch) {
+                        Some(r) => (Some(r.info.clone()), r.dev.clone()),
+                        None => (self.store.locate(ch), None),
+                    };
+                    if let Some(info) = info {
+                        if let Some(img) = info.image() {
+                            images.push(img.display().to_string());
+                            locs.push(info.location.name().to_owned());
+                            loops.push(dev.unwrap_or_else(|| "-".into()));
+                        }
+                    }
+                }
+                Kind::Rw { .. } => {
+                    images.push(self.rw_image(&c).display().to_string());
+                    locs.push("local".into());
+                    loops.push(
+                        mount::mountinfo()
+                            .ok()
+                            .and_then(|mi| {
+                                mi.into_iter().find(|e| e.mount_point == self.rw_mnt(&c))
+                            })
+                            .map(|e| e.source)
+                            .unwrap_or_else(|| "-".into()),
+                    );
+                }
+                Kind::Image { chain: None, .. } => {}
+            }
+            cur = cl.parent;
+        }
+        if let Some(first) = images.first() {
+            m.insert("LayerImage".into(), first.clone());
+            m.insert("Location".into(), locs[0].clone());
+            m.insert("LoopDevice".into(), loops[0].clone());
+        }
+        m.insert("LayerImages".into(), images.join(":"));
+        m.insert("LayerLocations".into(), locs.join(":"));
+        m.insert("LoopDevices".into(), loops.join(":"));
+        match &l.kind {
+            Kind::Image { chain, .. } => {
+                if let Some(c) = chain {
+                    m.insert("ChainID".into(), c.to_string());
+                }
+            }
+            Kind::Rw { size, fs } => {
+                let rw = self.rw_mnt(id);
+                m.insert("UpperDir".into(), rw.join("upper").display().to_string());
+                m.insert("WorkDir".into(), rw.join("work").display().to_string());
+                m.insert("MergedDir".into(), self.merged(id).display().to_string());
+                m.insert("WritableSize".into(), size.0.to_string());
+                m.insert("WritableFilesystem".into(), fs.name().into());
+                let lowers: Vec<String> = self
+                    .stack(&mut st, l.parent.as_deref())?
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                m.insert("LowerDir".into(), lowers.join(":"));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Releases what nothing uses: layer and writable mounts that no held
+    /// `get` stacks on. Called when the engine shuts down.
+    pub fn cleanup(&self) -> Result<()> {
+        let mut st = self.lock();
+        let held: Vec<String> = st.gets.keys().cloned().collect();
+        let mut busy: HashSet<PathBuf> = HashSet::new();
+        for id in held {
+            let parent = st.layers.get(&id).and_then(|l| l.parent.clone());
+            if let Ok(d) = self.own_dir(&mut st, &id) {
+                busy.extend(d);
+            }
+            if let Ok(s) = self.stack(&mut st, parent.as_deref()) {
+                busy.extend(s);
+            }
+        }
+        let ro: Vec<ChainId> = st.ro.keys().cloned().collect();
+        for c in ro {
+            let p = self.ro_mnt(&c);
+            if st.ro[&c].dev.is_some() && !busy.contains(&p.join(image::LAYER_ROOT)) {
+                mount::unmount_path(&p)?;
+                let _ = fs::remove_dir(&p);
+            }
+            if !busy.contains(&p.join(image::LAYER_ROOT)) {
+                st.ro.remove(&c);
+            }
+        }
+        let rw: Vec<String> = st.rw_mounted.iter().cloned().collect();
+        for id in rw {
+            let m = self.rw_mnt(&id);
+            if !busy.contains(&m.join("upper")) {
+                mount::unmount_path(&m)?;
+                let _ = fs::remove_dir(&m);
+                st.rw_mounted.remove(&id);
+            }
+        }
+        Ok(())
+    }
+}

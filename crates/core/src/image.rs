@@ -1,0 +1,196 @@
+//! Building filesystem images.
+//!
+//! A read-only layer image holds its tree under `/fs` ([`LAYER_ROOT`]).
+//! It is written once and then only read, so it has no
+//! journal and no reserved blocks, and is sized to fit its content.
+//! - ext4: `mkfs.ext4 -d STAGING` writes the tree straight into the image
+//!   file without a mount (the faster of the measured candidates; see
+//!   docs/architecture.md).
+//! - xfs: mkfs, loop-mount read-write, copy, unmount (mkfs.xfs in Debian 12
+//!   cannot populate from a directory). xfsprogs refuses filesystems under
+//!   300 MiB, so xfs layer images are at least that large (sparse).
+//!
+//! A writable layer image holds `upper/` and `work/` for overlayfs; it is a
+//! sparse file of the writable layer's size limit.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::process::Command;
+
+use crate::error::{Context, Error, Result};
+use crate::export::TreeCounts;
+use crate::ids::Bytes;
+use crate::mount;
+use crate::options::FsType;
+use crate::sys::loopdev;
+
+/// The directory inside a layer image that holds the layer's tree. The
+/// image root also has ext4's `lost+found`, which must not show up in
+/// containers; overlayfs stacks `<mount>/fs`.
+pub const LAYER_ROOT: &str = "fs";
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let tool = format!("{:?}", cmd.get_program());
+    let out = cmd.output().map_err(|e| Error::Tool {
+        tool: tool.clone(),
+        status: "not started".into(),
+        stderr: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if stderr.is_empty() {
+            stderr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        Err(Error::Tool {
+            tool,
+            status: out.status.to_string(),
+            stderr,
+        })
+    }
+}
+
+fn create_sparse(path: &Path, size: Bytes) -> Result<File> {
+    let f = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .open(path)
+        .ctx("create", path)?;
+    f.set_len(size.0).ctx("truncate", path)?;
+    Ok(f)
+}
+
+/// A first guess at the image size for a tree with `c` counts.
+pub fn estimate_size(c: TreeCounts, fs: FsType) -> Bytes {
+    let data = c.blocks * 4096;
+    let inodes = c.inodes * 256;
+    let est = match fs {
+        // bitmaps and group descriptors are ~1/2048 of the fs; 10 % slack
+        FsType::Ext4 => data + data / 10 + inodes + 4 * Bytes::MIB,
+        // xfs: log (>= ~10 MiB at this size), AG headers, inode chunks
+        FsType::Xfs => data + data / 5 + 2 * inodes + 64 * Bytes::MIB,
+    };
+    Bytes(est.max(fs.min_image_size().0).next_multiple_of(Bytes::MIB))
+}
+
+/// Builds a read-only layer image at `out` (must not exist) from `staging`.
+/// Grows and retries when the first estimate was too small.
+pub fn build_layer_image(
+    staging: &Path,
+    out: &Path,
+    counts: TreeCounts,
+    fs: FsType,
+) -> Result<Bytes> {
+    let mut size = estimate_size(counts, fs);
+    let mut last = None;
+    for _ in 0..5 {
+        let r = match fs {
+            FsType::Ext4 => build_ext4(staging, out, size, counts),
+            FsType::Xfs => build_xfs(staging, out, size),
+        };
+        match r {
+            Ok(()) => {
+                File::open(out)
+                    .ctx("open", out)?
+                    .sync_all()
+                    .ctx("fsync", out)?;
+                return Ok(size);
+            }
+            Err(e) => {
+                tracing::debug!(image = %out.display(), size = %size, error = %e, "image build failed, growing");
+                let _ = std::fs::remove_file(out);
+                last = Some(e);
+                size = Bytes((size.0 + size.0 / 2).next_multiple_of(Bytes::MIB));
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+fn build_ext4(staging: &Path, out: &Path, size: Bytes, counts: TreeCounts) -> Result<()> {
+    create_sparse(out, size)?;
+    let inodes = (counts.inodes + counts.inodes / 10 + 64).to_string();
+    run(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-m",
+            "0",
+            "-N",
+            &inodes,
+            "-L",
+            "sharedloop",
+        ])
+        .args([
+            "-O",
+            "^has_journal,^resize_inode",
+            "-E",
+            "root_owner=0:0,nodiscard",
+            "-d",
+        ])
+        .arg(staging)
+        .arg(out))
+}
+
+fn build_xfs(staging: &Path, out: &Path, size: Bytes) -> Result<()> {
+    create_sparse(out, size)?;
+    run(Command::new("mkfs.xfs")
+        .args(["-q", "-f", "-K", "-L", "sharedloop"])
+        .arg(out))?;
+    copy_into_image(staging, out, FsType::Xfs)
+}
+
+fn copy_into_image(staging: &Path, image: &Path, fs: FsType) -> Result<()> {
+    let dev = loopdev::attach(
+        image,
+        loopdev::AttachOptions {
+            read_only: false,
+            direct_io: false,
+        },
+    )
+    .ctx("attach loop device", image)?;
+    let mnt = tempdir_near(image)?;
+    mount::mount_layer_rw(dev.path(), &mnt, fs)?;
+    let copied = run(Command::new("cp")
+        .args(["-a", "--preserve=all"])
+        .arg(staging.join("."))
+        .arg(&mnt));
+    let unmounted = mount::unmount_path(&mnt);
+    let _ = std::fs::remove_dir(&mnt);
+    drop(dev);
+    copied.and(unmounted)
+}
+
+fn tempdir_near(image: &Path) -> Result<std::path::PathBuf> {
+    let p = image.with_extension("mnt");
+    std::fs::create_dir(&p).ctx("mkdir", &p)?;
+    Ok(p)
+}
+
+/// Creates a writable layer image of `size` at `out` (must not exist).
+pub fn create_rw_image(out: &Path, fs: FsType, size: Bytes) -> Result<()> {
+    let size = Bytes(size.0.max(fs.min_image_size().0));
+    create_sparse(out, size)?;
+    let r = match fs {
+        FsType::Ext4 => run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-t", "ext4", "-m", "0", "-L", "sharedloop-rw"])
+            .args([
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
+            ])
+            .arg(out)),
+        FsType::Xfs => run(Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-K", "-L", "sharedloop-rw"])
+            .arg(out)),
+    };
+    if r.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    r
+}

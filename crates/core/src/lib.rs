@@ -1,0 +1,19 @@
+//! sharedloop's core: a layer store of filesystem images, loop-mounted
+//! read-only and stacked with overlayfs. No protocol code lives here; the
+//! Docker plugin and the containerd snapshotter are adapters over
+//! [`driver::Driver`].
+pub mod apply;
+pub mod driver;
+pub mod error;
+pub mod export;
+pub mod fsmagic;
+pub mod ids;
+pub mod image;
+pub mod mount;
+pub mod options;
+pub mod store;
+pub mod sys;
+
+pub use driver::{CreateAction, CreateKind, Driver};
+pub use error::{Error, Result};
+pub use options::Config;

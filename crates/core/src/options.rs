@@ -1,0 +1,268 @@
+//! Driver options, as Docker passes them (`--storage-opt key=value`).
+//!
+//! Every option is documented in docs/options.md and in sharedloop(8); keep
+//! the three in step.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ids::Bytes;
+
+pub const DEFAULT_ROOT: &str = "/var/lib/docker/loopback/root";
+pub const DEFAULT_FALLBACK: &str = "/var/lib/docker/loopback/private";
+pub const DEFAULT_RW_SIZE: Bytes = Bytes(10 * Bytes::GIB);
+/// The oldest kernel with overlayfs' multiple lower layers.
+pub const MIN_KERNEL: (u32, u32, u32) = (4, 0, 0);
+
+/// The filesystem inside layer images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+    /// Options for a read-only mount that never writes to the image, not
+    /// even to replay a journal.
+    pub fn ro_mount_data(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "noload",
+            FsType::Xfs => "norecovery",
+        }
+    }
+    /// The smallest image mkfs accepts (xfsprogs >= 5.19 refuses < 300 MiB).
+    pub fn min_image_size(self) -> Bytes {
+        match self {
+            FsType::Ext4 => Bytes(8 * Bytes::MIB),
+            FsType::Xfs => Bytes(300 * Bytes::MIB),
+        }
+    }
+}
+
+impl FromStr for FsType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "ext4" => Ok(FsType::Ext4),
+            "xfs" => Ok(FsType::Xfs),
+            _ => Err(format!("{s:?} is not a supported filesystem (ext4 or xfs)")),
+        }
+    }
+}
+
+/// The driver configuration: everything `--storage-opt` can set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// `sharedloop.loopback_root`: preferred directory for layer images.
+    pub root: PathBuf,
+    /// `sharedloop.loopback_fallback`: used when root fails.
+    pub fallback: PathBuf,
+    /// `sharedloop.override_kernel_check`.
+    pub override_kernel_check: bool,
+    /// `sharedloop.fs`: filesystem of new layer images.
+    pub fs: FsType,
+    /// `sharedloop.size`: default size of a writable layer.
+    pub rw_size: Bytes,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: DEFAULT_ROOT.into(),
+            fallback: DEFAULT_FALLBACK.into(),
+            override_kernel_check: false,
+            fs: FsType::Ext4,
+            rw_size: DEFAULT_RW_SIZE,
+        }
+    }
+}
+
+fn bad(option: &str, reason: impl Into<String>) -> Error {
+    Error::Option {
+        option: option.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn need<'a>(key: &str, v: Option<&'a str>) -> Result<&'a str> {
+    v.ok_or_else(|| bad(key, "needs a value (key=value)"))
+}
+
+fn parse_bool(option: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "" | "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(bad(
+            option,
+            format!("{v:?} is not a boolean (true or false)"),
+        )),
+    }
+}
+
+fn parse_dir(option: &str, v: &str) -> Result<PathBuf> {
+    if v.is_empty() {
+        return Err(bad(option, "empty path"));
+    }
+    let p = PathBuf::from(v);
+    if !p.is_absolute() {
+        return Err(bad(option, format!("{v:?} is not an absolute path")));
+    }
+    Ok(p)
+}
+
+impl Config {
+    /// Parses Docker's option strings. Keys are case-insensitive, as in
+    /// Docker's own drivers; `sharedloop.override_kernel_check` alone means
+    /// true. Unknown keys and bad values are errors naming the option.
+    pub fn from_opts<S: AsRef<str>>(opts: &[S]) -> Result<Config> {
+        let mut c = Config::default();
+        for opt in opts {
+            let opt = opt.as_ref().trim();
+            let (key, val) = match opt.split_once('=') {
+                Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim())),
+                None => (opt.to_ascii_lowercase(), None),
+            };
+            match key.as_str() {
+                "sharedloop.loopback_root" => c.root = parse_dir(&key, need(&key, val)?)?,
+                "sharedloop.loopback_fallback" => c.fallback = parse_dir(&key, need(&key, val)?)?,
+                "sharedloop.override_kernel_check" => {
+                    c.override_kernel_check = parse_bool(&key, val.unwrap_or(""))?
+                }
+                "sharedloop.fs" => c.fs = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
+                "sharedloop.size" => {
+                    let v = need(&key, val)?;
+                    c.rw_size = Bytes::parse(v)
+                        .filter(|b| b.0 > 0)
+                        .ok_or_else(|| bad(&key, format!("{v:?} is not a size (e.g. 10G)")))?
+                }
+                _ => {
+                    return Err(bad(
+                        &key,
+                        "unknown option; known: sharedloop.loopback_root, sharedloop.loopback_fallback, \
+                         sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size",
+                    ))
+                }
+            }
+        }
+        if c.root == c.fallback {
+            return Err(bad(
+                "sharedloop.loopback_fallback",
+                "must differ from sharedloop.loopback_root",
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Checks the running kernel unless the check is overridden.
+    pub fn check_kernel(&self, release: &str) -> Result<()> {
+        if self.override_kernel_check {
+            return Ok(());
+        }
+        match parse_kernel_release(release) {
+            Some(v) if v >= MIN_KERNEL => Ok(()),
+            _ => Err(Error::KernelTooOld {
+                release: release.to_owned(),
+                required: format!("{}.{}.{}", MIN_KERNEL.0, MIN_KERNEL.1, MIN_KERNEL.2),
+            }),
+        }
+    }
+}
+
+/// `6.1.0-18-amd64` -> (6, 1, 0). Missing parts count as 0.
+pub fn parse_kernel_release(release: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let patch = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_spec_defaults() {
+        let c = Config::from_opts::<&str>(&[]).unwrap();
+        assert_eq!(c.root, PathBuf::from("/var/lib/docker/loopback/root"));
+        assert_eq!(
+            c.fallback,
+            PathBuf::from("/var/lib/docker/loopback/private")
+        );
+        assert!(!c.override_kernel_check);
+        assert_eq!(c.fs, FsType::Ext4);
+    }
+
+    #[test]
+    fn every_option_parses() {
+        let c = Config::from_opts(&[
+            "sharedloop.loopback_root=/srv/shared",
+            "Sharedloop.Loopback_Fallback = /var/tmp/priv",
+            "sharedloop.override_kernel_check",
+            "sharedloop.fs=xfs",
+            "sharedloop.size=2G",
+        ])
+        .unwrap();
+        assert_eq!(c.root, PathBuf::from("/srv/shared"));
+        assert_eq!(c.fallback, PathBuf::from("/var/tmp/priv"));
+        assert!(c.override_kernel_check);
+        assert_eq!(c.fs, FsType::Xfs);
+        assert_eq!(c.rw_size, Bytes(2 * Bytes::GIB));
+        let c = Config::from_opts(&["sharedloop.override_kernel_check=false"]).unwrap();
+        assert!(!c.override_kernel_check);
+    }
+
+    #[test]
+    fn bad_options_name_the_option() {
+        for (opt, name) in [
+            ("sharedloop.colour=blue", "sharedloop.colour"),
+            ("sharedloop.fs=btrfs", "sharedloop.fs"),
+            (
+                "sharedloop.loopback_root=relative/dir",
+                "sharedloop.loopback_root",
+            ),
+            ("sharedloop.loopback_root", "sharedloop.loopback_root"),
+            (
+                "sharedloop.override_kernel_check=maybe",
+                "sharedloop.override_kernel_check",
+            ),
+            ("sharedloop.size=huge", "sharedloop.size"),
+            ("overlay2.size=1G", "overlay2.size"),
+        ] {
+            let e = Config::from_opts(&[opt]).unwrap_err().to_string();
+            assert!(e.contains(name), "{opt}: {e}");
+        }
+        let e = Config::from_opts(&[
+            "sharedloop.loopback_root=/a",
+            "sharedloop.loopback_fallback=/a",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sharedloop.loopback_fallback"), "{e}");
+    }
+
+    #[test]
+    fn kernel_check() {
+        let c = Config::default();
+        assert!(c.check_kernel("6.18.44-fc-v769").is_ok());
+        assert!(c.check_kernel("4.0.0").is_ok());
+        assert!(c.check_kernel("3.10.0-1160.el7.x86_64").is_err());
+        assert!(c.check_kernel("garbage").is_err());
+        let c = Config {
+            override_kernel_check: true,
+            ..Config::default()
+        };
+        assert!(c.check_kernel("3.10.0-1160.el7.x86_64").is_ok());
+        assert_eq!(parse_kernel_release("5.10"), Some((5, 10, 0)));
+    }
+}

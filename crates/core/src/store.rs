@@ -1,0 +1,369 @@
+//! The layer store on the root and fallback directories.
+//!
+//! On-disk format, version 1 (docs/on-disk-format.md):
+//! ```text
+//! <root or fallback>/
+//!   layers/<sha256-HEX>/layer.img      the layer image (absent for an empty layer)
+//!   layers/<sha256-HEX>/meta.json      LayerMeta
+//!   tmp/<host>-<token>/                builds in progress, never read by others
+//!   refs/<sha256-HEX>/<host-id>        "this host uses the layer"
+//! ```
+//! A layer directory appears by one `rename(2)` of a complete, fsynced
+//! build, so readers never see a half-written layer; when the name already
+//! exists another host won the race and its layer is used.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Error, Result};
+use crate::ids::{random_token, ChainId, DiffId};
+use crate::options::{Config, FsType};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const IMAGE_FILE: &str = "layer.img";
+pub const META_FILE: &str = "meta.json";
+
+/// Where a layer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Location {
+    Root,
+    Fallback,
+}
+
+impl Location {
+    pub fn name(self) -> &'static str {
+        match self {
+            Location::Root => "root",
+            Location::Fallback => "fallback",
+        }
+    }
+}
+
+/// `meta.json` of a published layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerMeta {
+    pub format: u32,
+    pub chain_id: ChainId,
+    pub diff_id: DiffId,
+    pub parent: Option<ChainId>,
+    /// Filesystem of layer.img; `None` for an empty layer (no image).
+    pub fs: Option<FsType>,
+    pub image_bytes: u64,
+    pub content_bytes: u64,
+    pub tar_bytes: u64,
+    pub entries: u64,
+    pub publisher: String,
+    pub created_unix: u64,
+}
+
+/// A located layer.
+#[derive(Debug, Clone)]
+pub struct LayerInfo {
+    pub location: Location,
+    pub dir: PathBuf,
+    pub meta: LayerMeta,
+}
+
+impl LayerInfo {
+    pub fn image(&self) -> Option<PathBuf> {
+        self.meta.fs.map(|_| self.dir.join(IMAGE_FILE))
+    }
+}
+
+/// Whether an error on root means "use the fallback" (the spec's not
+/// found, permission denied, read-only; plus a root that went away or
+/// filled up under us).
+pub fn is_fallback_errno(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::NOENT
+            | Errno::ACCESS
+            | Errno::PERM
+            | Errno::ROFS
+            | Errno::IO
+            | Errno::STALE
+            | Errno::NOTCONN
+            | Errno::NOSPC
+            | Errno::DQUOT
+    )
+}
+
+/// Writes `data` to `path` crash-atomically: temp file, fsync, rename,
+/// fsync the directory. A state file is never rewritten in place.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("file has a parent");
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        path.file_name().unwrap().to_string_lossy(),
+        random_token()
+    ));
+    let r = (|| {
+        let mut f = File::create(&tmp).ctx("create", &tmp)?;
+        f.write_all(data).ctx("write", &tmp)?;
+        f.sync_all().ctx("fsync", &tmp)?;
+        fs::rename(&tmp, path).ctx("rename", path)?;
+        fsync_dir(dir)
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .ctx("open", dir)?
+        .sync_all()
+        .ctx("fsync", dir)
+}
+
+/// Result of publishing: ours, or the one another host published first.
+#[derive(Debug)]
+pub enum Published {
+    Created(LayerInfo),
+    Existing(LayerInfo),
+}
+
+impl Published {
+    pub fn info(&self) -> &LayerInfo {
+        match self {
+            Published::Created(i) | Published::Existing(i) => i,
+        }
+    }
+    pub fn into_info(self) -> LayerInfo {
+        match self {
+            Published::Created(i) | Published::Existing(i) => i,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub root: PathBuf,
+    pub fallback: PathBuf,
+    pub host_id: String,
+}
+
+impl Store {
+    pub fn new(cfg: &Config, host_id: &str) -> Store {
+        Store {
+            root: cfg.root.clone(),
+            fallback: cfg.fallback.clone(),
+            host_id: host_id.to_owned(),
+        }
+    }
+
+    pub fn base(&self, loc: Location) -> &Path {
+        match loc {
+            Location::Root => &self.root,
+            Location::Fallback => &self.fallback,
+        }
+    }
+
+    fn read_meta(dir: &Path) -> io::Result<LayerMeta> {
+        let text = fs::read(dir.join(META_FILE))?;
+        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Finds a layer: root first, then fallback. A root that cannot be read
+    /// is logged and skipped.
+    pub fn locate(&self, chain: &ChainId) -> Option<LayerInfo> {
+        for loc in [Location::Root, Location::Fallback] {
+            let dir = self.base(loc).join("layers").join(chain.dir_name());
+            match Self::read_meta(&dir) {
+                Ok(meta) if meta.chain_id == *chain => {
+                    return Some(LayerInfo {
+                        location: loc,
+                        dir,
+                        meta,
+                    })
+                }
+                Ok(_) => {
+                    tracing::warn!(layer = %chain, dir = %dir.display(), "meta.json names another layer; ignored")
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(layer = %chain, dir = %dir.display(), error = %e, "layer unreadable; ignored")
+                }
+            }
+        }
+        None
+    }
+
+    /// Publishes a layer built by `build` (which fills the temp dir it is
+    /// given and returns the meta), into root or, when root cannot take it,
+    /// into fallback.
+    pub fn publish(
+        &self,
+        chain: &ChainId,
+        build: &dyn Fn(&Path) -> Result<LayerMeta>,
+    ) -> Result<Published> {
+        let root_err = match self.publish_in(Location::Root, chain, build) {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        tracing::warn!(layer = %chain, root = %self.root.display(), fallback = %self.fallback.display(),
+            error = %root_err, "cannot create the layer in the root directory; using the fallback directory");
+        self.publish_in(Location::Fallback, chain, build)
+            .map_err(|fb| Error::NoStore {
+                root: self.root.clone(),
+                root_err: root_err.to_string(),
+                fallback: self.fallback.clone(),
+                fallback_err: fb.to_string(),
+            })
+    }
+
+    fn publish_in(
+        &self,
+        loc: Location,
+        chain: &ChainId,
+        build: &dyn Fn(&Path) -> Result<LayerMeta>,
+    ) -> Result<Published> {
+        let base = self.base(loc);
+        if loc == Location::Fallback {
+            fs::create_dir_all(base).ctx("mkdir", base)?;
+        } else if !base.is_dir() {
+            return Err(Error::sys(
+                "open",
+                base,
+                io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        }
+        let (tmp_base, layers) = (base.join("tmp"), base.join("layers"));
+        for d in [&tmp_base, &layers] {
+            match fs::create_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::sys("mkdir", d, e)),
+            }
+        }
+        let tmp = tmp_base.join(format!("{}-{}", self.host_id, random_token()));
+        fs::create_dir(&tmp).ctx("mkdir", &tmp)?;
+        let r = (|| {
+            let meta = build(&tmp)?;
+            let text = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+            let mut f = File::create(tmp.join(META_FILE)).ctx("create", tmp.join(META_FILE))?;
+            f.write_all(&text).ctx("write", tmp.join(META_FILE))?;
+            f.sync_all().ctx("fsync", tmp.join(META_FILE))?;
+            fsync_dir(&tmp)?;
+            let dest = layers.join(chain.dir_name());
+            match rustix::fs::rename(&tmp, &dest) {
+                Ok(()) => {
+                    fsync_dir(&layers)?;
+                    Ok(Published::Created(LayerInfo {
+                        location: loc,
+                        dir: dest,
+                        meta,
+                    }))
+                }
+                Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => {
+                    tracing::info!(layer = %chain, "another host published this layer first; using theirs");
+                    let _ = fs::remove_dir_all(&tmp);
+                    let meta = Self::read_meta(&dest).ctx("read", dest.join(META_FILE))?;
+                    Ok(Published::Existing(LayerInfo {
+                        location: loc,
+                        dir: dest,
+                        meta,
+                    }))
+                }
+                Err(e) => Err(Error::sys("rename", dest, e)),
+            }
+        })();
+        if r.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        r
+    }
+
+    fn ref_path(&self, info: &LayerInfo) -> PathBuf {
+        let base = self.base(info.location);
+        base.join("refs")
+            .join(info.meta.chain_id.dir_name())
+            .join(&self.host_id)
+    }
+
+    /// Records that this host uses the layer. A read-only root cannot take
+    /// the record; that is logged, not an error (such a root's layers are
+    /// never collected by this host anyway).
+    pub fn add_ref(&self, info: &LayerInfo) {
+        let p = self.ref_path(info);
+        let r = fs::create_dir_all(p.parent().unwrap()).and_then(|_| File::create(&p).map(drop));
+        if let Err(e) = r {
+            tracing::info!(layer = %info.meta.chain_id, path = %p.display(), error = %e, "cannot record the layer reference");
+        }
+    }
+
+    /// Drops this host's reference; removes the layer when no host holds
+    /// one any more. Returns whether the layer was removed.
+    pub fn release(&self, info: &LayerInfo) -> Result<bool> {
+        let p = self.ref_path(info);
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::info!(layer = %info.meta.chain_id, error = %e, "cannot drop the layer reference; layer kept");
+                return Ok(false);
+            }
+        }
+        let refs = p.parent().unwrap();
+        let others = fs::read_dir(refs).map(|d| d.count()).unwrap_or(0);
+        if others > 0 {
+            return Ok(false);
+        }
+        let _ = fs::remove_dir(refs);
+        // Take the name away in one step, then delete at leisure.
+        let base = self.base(info.location);
+        let grave = base
+            .join("tmp")
+            .join(format!("{}-rm-{}", self.host_id, random_token()));
+        match fs::rename(&info.dir, &grave) {
+            Ok(()) => {
+                fs::remove_dir_all(&grave).ctx("remove", &grave)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => {
+                tracing::info!(layer = %info.meta.chain_id, error = %e, "cannot remove the layer; kept");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Removes this host's leftovers in `tmp/` (builds of a previous run).
+    pub fn sweep_own_tmp(&self) {
+        for loc in [Location::Root, Location::Fallback] {
+            let tmp = self.base(loc).join("tmp");
+            let Ok(rd) = fs::read_dir(&tmp) else { continue };
+            let prefix = format!("{}-", self.host_id);
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    tracing::info!(path = %e.path().display(), "removing leftover temporary build");
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Counts published layers per location (for status output).
+    pub fn count_layers(&self, loc: Location) -> Option<usize> {
+        fs::read_dir(self.base(loc).join("layers"))
+            .ok()
+            .map(|d| d.count())
+    }
+
+    /// Why root cannot take new layers, if it cannot (probed with a
+    /// temporary file).
+    pub fn root_problem(&self) -> Option<String> {
+        let probe = self.root.join("tmp");
+        let r = fs::create_dir_all(&probe).and_then(|_| {
+            let p = probe.join(format!(".probe-{}", random_token()));
+            File::create(&p).and_then(|_| fs::remove_file(&p))
+        });
+        r.err().map(|e| e.to_string())
+    }
+}
