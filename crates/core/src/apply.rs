@@ -15,8 +15,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{
-    chownat, fchmod, fchown, linkat, mkdirat, mknodat, openat, openat2, symlinkat, unlinkat,
-    utimensat, AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid,
+    chownat, fchmod, fchown, linkat, mkdirat, mknodat, openat, openat2, symlinkat, unlinkat, utimensat, AtFlags,
+    FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid,
 };
 use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
@@ -58,10 +58,7 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 fn bad(entry: &Path, reason: impl Into<String>) -> Error {
-    Error::BadTar {
-        entry: entry.display().to_string(),
-        reason: reason.into(),
-    }
+    Error::BadTar { entry: entry.display().to_string(), reason: reason.into() }
 }
 
 /// Turns a tar name into a relative path of normal components. `None` for
@@ -82,11 +79,7 @@ pub fn clean_name(raw: &Path) -> Result<Option<PathBuf>> {
 /// Opens directory `rel` (relative, may be empty) below `root`, refusing
 /// symlinks anywhere on the way and any escape.
 fn open_dir_beneath(root: &OwnedFd, rel: &Path) -> rustix::io::Result<OwnedFd> {
-    let p: &Path = if rel.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        rel
-    };
+    let p: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
     openat2(
         root,
         p,
@@ -102,10 +95,7 @@ fn ensure_dir(root: &OwnedFd, rel: &Path, entry: &Path) -> Result<OwnedFd> {
         Ok(fd) => return Ok(fd),
         Err(Errno::NOENT) => {}
         Err(Errno::LOOP) | Err(Errno::XDEV) | Err(Errno::NOTDIR) => {
-            return Err(bad(
-                entry,
-                "a parent is a symlink or not a directory (writes through links are refused)",
-            ))
+            return Err(bad(entry, "a parent is a symlink or not a directory (writes through links are refused)"))
         }
         Err(e) => return Err(Error::sys("open", rel, e)),
     }
@@ -118,9 +108,7 @@ fn ensure_dir(root: &OwnedFd, rel: &Path, entry: &Path) -> Result<OwnedFd> {
         }
     }
     open_dir_beneath(root, rel).map_err(|e| match e {
-        Errno::LOOP | Errno::XDEV | Errno::NOTDIR => {
-            bad(entry, "a parent is a symlink or not a directory")
-        }
+        Errno::LOOP | Errno::XDEV | Errno::NOTDIR => bad(entry, "a parent is a symlink or not a directory"),
         e => Error::sys("open", rel, e),
     })
 }
@@ -150,57 +138,43 @@ struct DirMeta {
 /// The whole stream is consumed and hashed.
 pub fn apply_tar<R: Read>(reader: R, dest: &Path) -> Result<ApplyStats> {
     let root: OwnedFd = File::open(dest).ctx("open", dest)?.into();
-    let mut hr = HashingReader {
-        inner: reader,
-        hash: Sha256::new(),
-        count: 0,
-    };
+    let mut hr = HashingReader { inner: reader, hash: Sha256::new(), count: 0 };
     let mut stats = ApplyStats::default();
     let mut dirs: Vec<DirMeta> = Vec::new();
     {
         let mut ar = tar::Archive::new(&mut hr);
-        let entries = ar
-            .entries()
-            .map_err(|e| bad(Path::new(""), format!("not a tar stream: {e}")))?;
+        let entries = ar.entries().map_err(|e| bad(Path::new(""), format!("not a tar stream: {e}")))?;
         for entry in entries {
-            let mut entry =
-                entry.map_err(|e| bad(Path::new("?"), format!("unreadable entry: {e}")))?;
-            let raw = entry
-                .path()
-                .map_err(|e| bad(Path::new("?"), format!("bad name: {e}")))?
-                .into_owned();
+            let mut entry = entry.map_err(|e| bad(Path::new("?"), format!("unreadable entry: {e}")))?;
+            let raw = entry.path().map_err(|e| bad(Path::new("?"), format!("bad name: {e}")))?.into_owned();
             apply_entry(&root, dest, &raw, &mut entry, &mut stats, &mut dirs)?;
         }
     }
     // Everything after the end-of-archive blocks is part of the stream too.
-    io::copy(&mut hr, &mut io::sink())
-        .map_err(|e| bad(Path::new(""), format!("reading the stream: {e}")))?;
+    io::copy(&mut hr, &mut io::sink()).map_err(|e| bad(Path::new(""), format!("reading the stream: {e}")))?;
     // Directory metadata last, deepest first: adding children changes mtimes.
     for d in dirs.iter().rev() {
-        set_meta(
-            &root,
-            dest,
-            &d.rel,
-            Some((d.uid, d.gid)),
-            Some(d.mode),
-            d.mtime,
-            &d.xattrs,
-        )?;
+        set_meta(&root, dest, &d.rel, Some((d.uid, d.gid)), Some(d.mode), d.mtime, &d.xattrs)?;
     }
     stats.tar_bytes = hr.count;
     stats.diff_id = Some(DiffId::from_sha256(&hr.hash.finalize()));
     Ok(stats)
 }
 
-fn pax_xattrs<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    raw: &Path,
-) -> Result<Vec<(String, Vec<u8>)>> {
+/// A numeric header field; blank (all NUL or space) reads as 0, as Go's
+/// archive/tar (dockerd's) reads it. Ids and modes must fit 32 bits.
+fn numeric(v: io::Result<u64>, field: &[u8], entry: &Path, what: &str) -> Result<u32> {
+    let v = match v {
+        Ok(v) => v,
+        Err(_) if field.iter().all(|b| *b == 0 || *b == b' ') => 0,
+        Err(e) => return Err(bad(entry, format!("bad {what}: {e}"))),
+    };
+    u32::try_from(v).map_err(|_| bad(entry, format!("{what} {v} is out of range")))
+}
+
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, raw: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
-    if let Some(exts) = entry
-        .pax_extensions()
-        .map_err(|e| bad(raw, format!("bad pax header: {e}")))?
-    {
+    if let Some(exts) = entry.pax_extensions().map_err(|e| bad(raw, format!("bad pax header: {e}")))? {
         for ext in exts {
             let ext = ext.map_err(|e| bad(raw, format!("bad pax record: {e}")))?;
             let Ok(key) = ext.key() else { continue };
@@ -227,50 +201,25 @@ fn set_meta(
 ) -> Result<()> {
     let parent = rel.parent().unwrap_or(Path::new(""));
     let name = rel.file_name().expect("entry has a name");
-    let dir =
-        open_dir_beneath(root, parent).map_err(|e| Error::sys("open", dest.join(parent), e))?;
+    let dir = open_dir_beneath(root, parent).map_err(|e| Error::sys("open", dest.join(parent), e))?;
     if let Some((uid, gid)) = owner {
-        chownat(
-            &dir,
-            name,
-            Some(Uid::from_raw(uid)),
-            Some(Gid::from_raw(gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .ctx("chown", dest.join(rel))?;
+        chownat(&dir, name, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)
+            .ctx("chown", dest.join(rel))?;
     }
     if let Some(mode) = mode {
         // After chown, which clears setuid bits. O_PATH|O_NOFOLLOW: never a link.
-        let fd = openat(
-            &dir,
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx("open", dest.join(rel))?;
+        let fd = openat(&dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+            .ctx("open", dest.join(rel))?;
         let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-        rustix::fs::chmod(proc.as_str(), Mode::from_raw_mode(mode & 0o7777))
-            .ctx("chmod", dest.join(rel))?;
+        rustix::fs::chmod(proc.as_str(), Mode::from_raw_mode(mode & 0o7777)).ctx("chmod", dest.join(rel))?;
     }
     for (k, v) in xattrs {
         let p = dest.join(rel);
-        rustix::fs::lsetxattr(&p, k.as_str(), v, rustix::fs::XattrFlags::empty())
-            .ctx("setxattr", p)?;
+        rustix::fs::lsetxattr(&p, k.as_str(), v, rustix::fs::XattrFlags::empty()).ctx("setxattr", p)?;
     }
-    let t = Timespec {
-        tv_sec: mtime as i64,
-        tv_nsec: 0,
-    };
-    utimensat(
-        &dir,
-        name,
-        &Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .ctx("utimes", dest.join(rel))?;
+    let t = Timespec { tv_sec: mtime as i64, tv_nsec: 0 };
+    utimensat(&dir, name, &Timestamps { last_access: t, last_modification: t }, AtFlags::SYMLINK_NOFOLLOW)
+        .ctx("utimes", dest.join(rel))?;
     Ok(())
 }
 
@@ -296,8 +245,7 @@ fn apply_entry<R: Read>(
         stats.entries += 1;
         if name_s == OPAQUE_MARKER {
             let p = dest.join(&parent_rel);
-            return rustix::fs::lsetxattr(&p, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())
-                .ctx("setxattr", p);
+            return rustix::fs::lsetxattr(&p, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty()).ctx("setxattr", p);
         }
         if target.starts_with(WHITEOUT_PREFIX) {
             return Ok(()); // AUFS bookkeeping (.wh..wh.plnk, .wh..wh.aufs)
@@ -310,9 +258,10 @@ fn apply_entry<R: Read>(
             .ctx("mknod whiteout", parent_path.join(target));
     }
 
-    let uid = hdr.uid().map_err(|e| bad(raw, format!("bad uid: {e}")))? as u32;
-    let gid = hdr.gid().map_err(|e| bad(raw, format!("bad gid: {e}")))? as u32;
-    let mode = hdr.mode().map_err(|e| bad(raw, format!("bad mode: {e}")))?;
+    let old = hdr.as_old();
+    let uid = numeric(hdr.uid(), &old.uid, raw, "uid")?;
+    let gid = numeric(hdr.gid(), &old.gid, raw, "gid")?;
+    let mode = numeric(hdr.mode().map(u64::from), &old.mode, raw, "mode")?;
     let mtime = hdr.mtime().unwrap_or(0);
     let xattrs = pax_xattrs(entry, raw)?;
     let kind = hdr.entry_type();
@@ -322,23 +271,14 @@ fn apply_entry<R: Read>(
         match open_dir_beneath(&parent, Path::new(&name)) {
             Ok(_) => {}
             Err(Errno::NOENT) => {
-                mkdirat(&parent, &name, Mode::from_raw_mode(0o700))
-                    .ctx("mkdir", dest.join(&rel))?;
+                mkdirat(&parent, &name, Mode::from_raw_mode(0o700)).ctx("mkdir", dest.join(&rel))?;
             }
             Err(_) => {
                 remove_existing(&parent, &parent_path, Path::new(&name))?;
-                mkdirat(&parent, &name, Mode::from_raw_mode(0o700))
-                    .ctx("mkdir", dest.join(&rel))?;
+                mkdirat(&parent, &name, Mode::from_raw_mode(0o700)).ctx("mkdir", dest.join(&rel))?;
             }
         }
-        dirs.push(DirMeta {
-            rel,
-            uid,
-            gid,
-            mode,
-            mtime,
-            xattrs,
-        });
+        dirs.push(DirMeta { rel, uid, gid, mode, mtime, xattrs });
         return Ok(());
     }
 
@@ -355,15 +295,9 @@ fn apply_entry<R: Read>(
             )
             .ctx("create", dest.join(&rel))?;
             let mut f = File::from(fd);
-            let n =
-                io::copy(entry, &mut f).map_err(|e| bad(raw, format!("reading file data: {e}")))?;
+            let n = io::copy(entry, &mut f).map_err(|e| bad(raw, format!("reading file data: {e}")))?;
             stats.content_bytes += n;
-            fchown(
-                f.as_fd(),
-                Some(Uid::from_raw(uid)),
-                Some(Gid::from_raw(gid)),
-            )
-            .ctx("chown", dest.join(&rel))?;
+            fchown(f.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).ctx("chown", dest.join(&rel))?;
             fchmod(f.as_fd(), Mode::from_raw_mode(mode & 0o7777)).ctx("chmod", dest.join(&rel))?;
             (set_mode, owner) = (None, None);
         }
@@ -381,13 +315,8 @@ fn apply_entry<R: Read>(
                 .map_err(|e| bad(raw, format!("bad link name: {e}")))?
                 .ok_or_else(|| bad(raw, "hardlink without a target"))?;
             let trel = clean_name(&target)?.ok_or_else(|| bad(raw, "hardlink to the root"))?;
-            let tparent =
-                open_dir_beneath(root, trel.parent().unwrap_or(Path::new(""))).map_err(|_| {
-                    bad(
-                        raw,
-                        format!("hardlink target {} is not in this layer", trel.display()),
-                    )
-                })?;
+            let tparent = open_dir_beneath(root, trel.parent().unwrap_or(Path::new("")))
+                .map_err(|_| bad(raw, format!("hardlink target {} is not in this layer", trel.display())))?;
             let tname = trel.file_name().expect("normal component");
             linkat(&tparent, tname, &parent, &name, AtFlags::empty())
                 .map_err(|e| bad(raw, format!("hardlink to {}: {e}", trel.display())))?;
@@ -403,8 +332,7 @@ fn apply_entry<R: Read>(
             let major = hdr.device_major().ok().flatten().unwrap_or(0);
             let minor = hdr.device_minor().ok().flatten().unwrap_or(0);
             let dev = rustix::fs::makedev(major, minor);
-            mknodat(&parent, &name, ft, Mode::from_raw_mode(mode & 0o7777), dev)
-                .ctx("mknod", dest.join(&rel))?;
+            mknodat(&parent, &name, ft, Mode::from_raw_mode(mode & 0o7777), dev).ctx("mknod", dest.join(&rel))?;
         }
         other => return Err(bad(raw, format!("unsupported entry type {other:?}"))),
     }
@@ -417,10 +345,7 @@ mod tests {
 
     #[test]
     fn names_are_cleaned_and_escapes_refused() {
-        assert_eq!(
-            clean_name(Path::new("./a/b")).unwrap(),
-            Some(PathBuf::from("a/b"))
-        );
+        assert_eq!(clean_name(Path::new("./a/b")).unwrap(), Some(PathBuf::from("a/b")));
         assert_eq!(clean_name(Path::new("./")).unwrap(), None);
         assert!(clean_name(Path::new("a/../../etc")).is_err());
         assert!(clean_name(Path::new("/etc/passwd")).is_err());

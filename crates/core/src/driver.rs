@@ -33,9 +33,7 @@ use crate::ids::{random_token, Bytes, ChainId};
 use crate::image;
 use crate::mount::{self, OverlaySpec};
 use crate::options::{Config, FsType};
-use crate::store::{
-    write_atomic, LayerInfo, LayerMeta, Location, Store, FORMAT_VERSION, IMAGE_FILE,
-};
+use crate::store::{write_atomic, LayerInfo, LayerMeta, Location, Store, FORMAT_VERSION, IMAGE_FILE};
 use crate::sys::loopdev;
 
 /// Size of a Docker "-init" layer's image: it holds a handful of files.
@@ -106,9 +104,7 @@ fn check_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {
@@ -134,27 +130,15 @@ impl Driver {
         let host_id = match fs::read_to_string(&host_file) {
             Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
             _ => {
-                let host = rustix::system::uname()
-                    .nodename()
-                    .to_string_lossy()
-                    .into_owned();
-                let host: String = host
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                    .take(32)
-                    .collect();
+                let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+                let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
                 let id = format!("{host}.{}", &random_token()[..12]);
                 write_atomic(&host_file, id.as_bytes())?;
                 id
             }
         };
         let store = Store::new(&cfg, &host_id);
-        let d = Driver {
-            home: home.to_owned(),
-            cfg,
-            store,
-            state: Mutex::new(State::default()),
-        };
+        let d = Driver { home: home.to_owned(), cfg, store, state: Mutex::new(State::default()) };
         d.reconcile()?;
         Ok(d)
     }
@@ -190,10 +174,7 @@ impl Driver {
     }
 
     fn save(&self, l: &LocalLayer) -> Result<()> {
-        write_atomic(
-            &self.layer_file(&l.id),
-            &serde_json::to_vec(l).expect("serialises"),
-        )
+        write_atomic(&self.layer_file(&l.id), &serde_json::to_vec(l).expect("serialises"))
     }
 
     /// Loads local layers, adopts mounts left by a previous run, removes
@@ -210,10 +191,8 @@ impl Driver {
                 continue;
             }
             let text = fs::read(&p).ctx("read", &p)?;
-            let l: LocalLayer = serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
-                path: p.clone(),
-                reason: e.to_string(),
-            })?;
+            let l: LocalLayer =
+                serde_json::from_slice(&text).map_err(|e| Error::Corrupt { path: p.clone(), reason: e.to_string() })?;
             st.layers.insert(l.id.clone(), l);
         }
         let used_chains: HashSet<ChainId> = st
@@ -237,14 +216,7 @@ impl Driver {
             };
             match area.as_str() {
                 "merged" if st.layers.contains_key(&name) => {
-                    st.gets.insert(
-                        name,
-                        GetRef {
-                            count: 1,
-                            dir: m.mount_point.clone(),
-                            mounted: true,
-                        },
-                    );
+                    st.gets.insert(name, GetRef { count: 1, dir: m.mount_point.clone(), mounted: true });
                 }
                 "rwmnt" if st.layers.contains_key(&name) => {
                     st.rw_mounted.insert(name);
@@ -252,13 +224,7 @@ impl Driver {
                 "mnt" => match ChainId::from_dir_name(&name) {
                     Some(c) if used_chains.contains(&c) => match self.store.locate(&c) {
                         Some(info) => {
-                            st.ro.insert(
-                                c,
-                                RoMount {
-                                    info,
-                                    dev: Some(m.source.clone()),
-                                },
-                            );
+                            st.ro.insert(c, RoMount { info, dev: Some(m.source.clone()) });
                         }
                         None => orphans.push(m.mount_point.clone()),
                     },
@@ -282,12 +248,7 @@ impl Driver {
             let _ = fs::remove_dir_all(e.path());
         }
         self.store.sweep_own_tmp();
-        tracing::info!(
-            layers = st.layers.len(),
-            mounted = st.ro.len(),
-            in_use = st.gets.len(),
-            "driver state loaded"
-        );
+        tracing::info!(layers = st.layers.len(), mounted = st.ro.len(), in_use = st.gets.len(), "driver state loaded");
         Ok(())
     }
 
@@ -309,15 +270,10 @@ impl Driver {
         for (k, v) in storage_opt {
             match k.to_ascii_lowercase().as_str() {
                 "size" => {
-                    size =
-                        Some(
-                            Bytes::parse(v)
-                                .filter(|b| b.0 > 0)
-                                .ok_or_else(|| Error::Option {
-                                    option: "size".into(),
-                                    reason: format!("{v:?} is not a size (e.g. 2G)"),
-                                })?,
-                        )
+                    size = Some(Bytes::parse(v).filter(|b| b.0 > 0).ok_or_else(|| Error::Option {
+                        option: "size".into(),
+                        reason: format!("{v:?} is not a size (e.g. 2G)"),
+                    })?)
                 }
                 _ => {
                     return Err(Error::Option {
@@ -334,10 +290,7 @@ impl Driver {
             }
             if let Some(p) = parent {
                 if !st.layers.contains_key(p) {
-                    return Err(Error::ParentNotFound {
-                        id: id.into(),
-                        parent: p.into(),
-                    });
+                    return Err(Error::ParentNotFound { id: id.into(), parent: p.into() });
                 }
             }
         }
@@ -349,19 +302,18 @@ impl Driver {
                         reason: "only writable layers take a size".into(),
                     });
                 }
-                Kind::Image {
-                    chain: None,
-                    size: 0,
-                }
+                Kind::Image { chain: None, size: 0 }
             }
             CreateKind::ReadWrite => {
-                let default = if id.ends_with("-init") {
-                    INIT_LAYER_SIZE
-                } else {
-                    self.cfg.rw_size
-                };
-                let size = size.unwrap_or(default);
                 let fs_type = self.cfg.fs;
+                if let Some(s) = size.filter(|s| *s < fs_type.min_image_size()) {
+                    return Err(Error::Option {
+                        option: "size".into(),
+                        reason: format!("{s} is below the {} minimum of {}", fs_type.name(), fs_type.min_image_size()),
+                    });
+                }
+                let default = if id.ends_with("-init") { INIT_LAYER_SIZE } else { self.cfg.rw_size };
+                let size = size.unwrap_or(default);
                 let img = self.rw_image(id);
                 let dir = img.parent().unwrap();
                 let _ = fs::remove_dir_all(dir);
@@ -373,11 +325,7 @@ impl Driver {
                 Kind::Rw { size, fs: fs_type }
             }
         };
-        let l = LocalLayer {
-            id: id.into(),
-            parent: parent.map(str::to_owned),
-            kind,
-        };
+        let l = LocalLayer { id: id.into(), parent: parent.map(str::to_owned), kind };
         self.save(&l)?;
         self.lock().layers.insert(id.into(), l);
         Ok(CreateAction::Created)
@@ -388,10 +336,8 @@ impl Driver {
         if let Some(m) = st.ro.get(chain) {
             return Ok(m.clone());
         }
-        let info = self
-            .store
-            .locate(chain)
-            .ok_or_else(|| Error::NotFound(format!("{chain} (not in root or fallback)")))?;
+        let info =
+            self.store.locate(chain).ok_or_else(|| Error::NotFound(format!("{chain} (not in root or fallback)")))?;
         let Some(img) = info.image() else {
             let m = RoMount { info, dev: None };
             st.ro.insert(chain.clone(), m.clone());
@@ -400,20 +346,11 @@ impl Driver {
         let fs_type = info.meta.fs.expect("image has a fs");
         let target = self.ro_mnt(chain);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-        let dev = loopdev::attach(
-            &img,
-            loopdev::AttachOptions {
-                read_only: true,
-                direct_io: true,
-            },
-        )
-        .ctx("attach loop device", &img)?;
+        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: true, direct_io: true })
+            .ctx("attach loop device", &img)?;
         mount::mount_layer_ro(dev.path(), &target, fs_type)?;
         tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(), "layer mounted");
-        let m = RoMount {
-            info,
-            dev: Some(dev.path().display().to_string()),
-        };
+        let m = RoMount { info, dev: Some(dev.path().display().to_string()) };
         st.ro.insert(chain.clone(), m.clone());
         Ok(m)
     }
@@ -425,14 +362,8 @@ impl Driver {
         }
         let img = self.rw_image(id);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-        let dev = loopdev::attach(
-            &img,
-            loopdev::AttachOptions {
-                read_only: false,
-                direct_io: true,
-            },
-        )
-        .ctx("attach loop device", &img)?;
+        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io: true })
+            .ctx("attach loop device", &img)?;
         mount::mount_layer_rw(dev.path(), &target, fs_type)?;
         for d in ["upper", "work"] {
             let p = target.join(d);
@@ -449,11 +380,7 @@ impl Driver {
     /// The directory holding layer `id`'s own content, mounted; `None` for
     /// an empty layer.
     fn own_dir(&self, st: &mut State, id: &str) -> Result<Option<PathBuf>> {
-        let l = st
-            .layers
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(id.into()))?;
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
         match &l.kind {
             Kind::Image { chain: None, .. } => Ok(None),
             Kind::Image { chain: Some(c), .. } => {
@@ -473,10 +400,7 @@ impl Driver {
         while let Some(c) = cur {
             depth += 1;
             if depth > 4096 {
-                return Err(Error::Corrupt {
-                    path: self.layer_file(&c),
-                    reason: "parent chain loops".into(),
-                });
+                return Err(Error::Corrupt { path: self.layer_file(&c), reason: "parent chain loops".into() });
             }
             if let Some(d) = self.own_dir(st, &c)? {
                 out.push(d);
@@ -493,11 +417,7 @@ impl Driver {
             g.count += 1;
             return Ok(g.dir.clone());
         }
-        let l = st
-            .layers
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(id.into()))?;
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
         let target = self.merged(id);
         let (dir, mounted) = match &l.kind {
             Kind::Rw { fs, .. } => {
@@ -508,13 +428,7 @@ impl Driver {
                 }
                 fs::create_dir_all(&target).ctx("mkdir", &target)?;
                 let (u, w) = (rw.join("upper"), rw.join("work"));
-                mount::mount_overlay(
-                    &OverlaySpec {
-                        lowers: &lowers,
-                        upper: Some((&u, &w)),
-                    },
-                    &target,
-                )?;
+                mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: Some((&u, &w)) }, &target)?;
                 (target, true)
             }
             Kind::Image { .. } => {
@@ -524,27 +438,14 @@ impl Driver {
                     1 => (lowers[0].clone(), false),
                     _ => {
                         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-                        mount::mount_overlay(
-                            &OverlaySpec {
-                                lowers: &lowers,
-                                upper: None,
-                            },
-                            &target,
-                        )?;
+                        mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: None }, &target)?;
                         (target, true)
                     }
                 }
             }
         };
         tracing::debug!(layer = id, target = %dir.display(), "get");
-        st.gets.insert(
-            id.to_owned(),
-            GetRef {
-                count: 1,
-                dir: dir.clone(),
-                mounted,
-            },
-        );
+        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: dir.clone(), mounted });
         Ok(dir)
     }
 
@@ -576,10 +477,7 @@ impl Driver {
         let parent = none_if_empty(parent);
         let parent_chain = {
             let st = self.lock();
-            let l = st
-                .layers
-                .get(id)
-                .ok_or_else(|| Error::NotFound(id.into()))?;
+            let l = st.layers.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
             if l.parent.as_deref() != parent {
                 return Err(Error::Invalid(format!(
                     "layer {id} has parent {:?}, not {:?}",
@@ -593,32 +491,19 @@ impl Driver {
                     return Err(Error::Invalid(format!("layer {id} already has content")))
                 }
                 Kind::Rw { .. } => {
-                    return Err(Error::Invalid(format!(
-                        "layer {id} is writable; diffs apply to read-only layers"
-                    )))
+                    return Err(Error::Invalid(format!("layer {id} is writable; diffs apply to read-only layers")))
                 }
             }
             match parent.map(|p| st.layers.get(p).map(|l| &l.kind)) {
                 None => None,
                 Some(Some(Kind::Image { chain: Some(c), .. })) => Some(c.clone()),
                 Some(Some(_)) => {
-                    return Err(Error::Invalid(format!(
-                        "parent {} of {id} is not a published layer",
-                        parent.unwrap()
-                    )))
+                    return Err(Error::Invalid(format!("parent {} of {id} is not a published layer", parent.unwrap())))
                 }
-                Some(None) => {
-                    return Err(Error::ParentNotFound {
-                        id: id.into(),
-                        parent: parent.unwrap().into(),
-                    })
-                }
+                Some(None) => return Err(Error::ParentNotFound { id: id.into(), parent: parent.unwrap().into() }),
             }
         };
-        let staging = self
-            .home
-            .join("tmp")
-            .join(format!("apply-{}", random_token()));
+        let staging = self.home.join("tmp").join(format!("apply-{}", random_token()));
         fs::create_dir(&staging).ctx("mkdir", &staging)?;
         let r = fs::create_dir(staging.join(image::LAYER_ROOT))
             .ctx("mkdir", staging.join(image::LAYER_ROOT))
@@ -633,22 +518,14 @@ impl Driver {
         let Some(l) = st.layers.get_mut(id) else {
             return Err(Error::NotFound(id.into()));
         };
-        l.kind = Kind::Image {
-            chain: Some(chain.clone()),
-            size: content,
-        };
+        l.kind = Kind::Image { chain: Some(chain.clone()), size: content };
         let l = l.clone();
         self.save(&l)?;
         tracing::info!(layer = id, chain = %chain, location = info.location.name(), bytes = content, "diff applied");
         Ok(content)
     }
 
-    fn apply_staged(
-        &self,
-        staging: &Path,
-        parent: Option<&ChainId>,
-        tar: &mut dyn Read,
-    ) -> Result<(LayerInfo, u64)> {
+    fn apply_staged(&self, staging: &Path, parent: Option<&ChainId>, tar: &mut dyn Read) -> Result<(LayerInfo, u64)> {
         let stats = apply_tar(tar, &staging.join(image::LAYER_ROOT))?;
         let diff_id = stats.diff_id.clone().expect("set by apply");
         let chain = ChainId::of(parent, &diff_id);
@@ -699,10 +576,7 @@ impl Driver {
             return Ok(());
         };
         if let Some(child) = st.layers.values().find(|c| c.parent.as_deref() == Some(id)) {
-            return Err(Error::InUse {
-                id: id.into(),
-                why: format!("layer {} is built on it", child.id),
-            });
+            return Err(Error::InUse { id: id.into(), why: format!("layer {} is built on it", child.id) });
         }
         if let Some(g) = st.gets.remove(id) {
             tracing::warn!(layer = id, "removing a layer that is still mounted");
@@ -720,19 +594,14 @@ impl Driver {
                 }
                 let dir = self.home.join("rw").join(id);
                 fs::remove_dir_all(&dir)
-                    .or_else(|e| {
-                        if e.kind() == std::io::ErrorKind::NotFound {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })
+                    .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
                     .ctx("remove", &dir)?;
             }
             Kind::Image { chain: Some(c), .. } => {
-                let shared = st.layers.values().any(|o| {
-                    o.id != id && matches!(&o.kind, Kind::Image { chain: Some(oc), .. } if oc == c)
-                });
+                let shared = st
+                    .layers
+                    .values()
+                    .any(|o| o.id != id && matches!(&o.kind, Kind::Image { chain: Some(oc), .. } if oc == c));
                 if !shared {
                     let info = match st.ro.remove(c) {
                         Some(m) => {
@@ -777,33 +646,25 @@ impl Driver {
         Ok(())
     }
 
+    /// The directory whose tree is layer `id`'s own changes, mounted, for
+    /// [`export::export_tar`]. Checked before anything is streamed.
+    pub fn diff_source(&self, id: &str, parent: Option<&str>) -> Result<PathBuf> {
+        let mut st = self.lock();
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+        Self::check_parent(&l, parent)?;
+        Ok(self.own_dir(&mut st, id)?.unwrap_or_else(|| self.home.join("empty")))
+    }
+
     /// Writes the tar of layer `id`'s own changes to `w`.
     pub fn diff(&self, id: &str, parent: Option<&str>, w: &mut dyn Write) -> Result<()> {
-        let dir = {
-            let mut st = self.lock();
-            let l = st
-                .layers
-                .get(id)
-                .cloned()
-                .ok_or_else(|| Error::NotFound(id.into()))?;
-            Self::check_parent(&l, parent)?;
-            self.own_dir(&mut st, id)?
-        };
-        match dir {
-            Some(d) => export::export_tar(&d, w),
-            None => export::export_tar(&self.home.join("empty"), w),
-        }
+        export::export_tar(&self.diff_source(id, parent)?, w)
     }
 
     /// The changes of layer `id` against its parent.
     pub fn changes(&self, id: &str, parent: Option<&str>) -> Result<Vec<Change>> {
         let (dir, lowers) = {
             let mut st = self.lock();
-            let l = st
-                .layers
-                .get(id)
-                .cloned()
-                .ok_or_else(|| Error::NotFound(id.into()))?;
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
             Self::check_parent(&l, parent)?;
             let dir = self.own_dir(&mut st, id)?;
             (dir, self.stack(&mut st, l.parent.as_deref())?)
@@ -818,11 +679,7 @@ impl Driver {
     pub fn diff_size(&self, id: &str, parent: Option<&str>) -> Result<u64> {
         let dir = {
             let mut st = self.lock();
-            let l = st
-                .layers
-                .get(id)
-                .cloned()
-                .ok_or_else(|| Error::NotFound(id.into()))?;
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
             Self::check_parent(&l, parent)?;
             if let Kind::Image { size, .. } = l.kind {
                 return Ok(size);
@@ -835,22 +692,10 @@ impl Driver {
     /// Driver status, as `docker info` lists it.
     pub fn status(&self) -> Vec<(String, String)> {
         let mut v = vec![
-            (
-                "Backing Filesystem".to_owned(),
-                fsmagic::fs_name_of(&self.home),
-            ),
-            (
-                "Loopback Root Directory".to_owned(),
-                self.cfg.root.display().to_string(),
-            ),
-            (
-                "Loopback Fallback Directory".to_owned(),
-                self.cfg.fallback.display().to_string(),
-            ),
-            (
-                "Layer Image Filesystem".to_owned(),
-                self.cfg.fs.name().to_owned(),
-            ),
+            ("Backing Filesystem".to_owned(), fsmagic::fs_name_of(&self.home)),
+            ("Loopback Root Directory".to_owned(), self.cfg.root.display().to_string()),
+            ("Loopback Fallback Directory".to_owned(), self.cfg.fallback.display().to_string()),
+            ("Layer Image Filesystem".to_owned(), self.cfg.fs.name().to_owned()),
         ];
         v.push((
             "Root Directory State".to_owned(),
@@ -861,28 +706,13 @@ impl Driver {
         ));
         for loc in [Location::Root, Location::Fallback] {
             let root_fs = fsmagic::fs_name_of(self.store.base(loc));
-            let n = self
-                .store
-                .count_layers(loc)
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "unavailable".into());
-            let name = if loc == Location::Root {
-                "Root"
-            } else {
-                "Fallback"
-            };
+            let n = self.store.count_layers(loc).map(|n| n.to_string()).unwrap_or_else(|| "unavailable".into());
+            let name = if loc == Location::Root { "Root" } else { "Fallback" };
             v.push((format!("{name} Filesystem"), root_fs));
             v.push((format!("Layers in {name}"), n));
         }
         let st = self.lock();
-        v.push((
-            "Layer Mounts".to_owned(),
-            st.ro
-                .values()
-                .filter(|m| m.dev.is_some())
-                .count()
-                .to_string(),
-        ));
+        v.push(("Layer Mounts".to_owned(), st.ro.values().filter(|m| m.dev.is_some()).count().to_string()));
         v.push(("Host ID".to_owned(), self.store.host_id.clone()));
         v
     }
@@ -890,11 +720,7 @@ impl Driver {
     /// Per-layer details for `docker inspect` (GraphDriver.Data).
     pub fn metadata(&self, id: &str) -> Result<HashMap<String, String>> {
         let mut st = self.lock();
-        let l = st
-            .layers
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(id.into()))?;
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
         let mut m = HashMap::new();
         // Every layer of the stack, topmost first.
         let (mut images, mut locs, mut loops) = (Vec::new(), Vec::new(), Vec::new());
@@ -904,9 +730,7 @@ impl Driver {
                 break;
             };
             match &cl.kind {
-                Kind::Image {
-                    chain: Some(ch), ..
-                } => {
+                Kind::Image { chain: Some(ch), .. } => {
                     let (info, dev) = match st.ro.get(ch) {
                         Some(r) => (Some(r.info.clone()), r.dev.clone()),
                         None => (self.store.locate(ch), None),
@@ -925,9 +749,7 @@ impl Driver {
                     loops.push(
                         mount::mountinfo()
                             .ok()
-                            .and_then(|mi| {
-                                mi.into_iter().find(|e| e.mount_point == self.rw_mnt(&c))
-                            })
+                            .and_then(|mi| mi.into_iter().find(|e| e.mount_point == self.rw_mnt(&c)))
                             .map(|e| e.source)
                             .unwrap_or_else(|| "-".into()),
                     );
@@ -957,11 +779,8 @@ impl Driver {
                 m.insert("MergedDir".into(), self.merged(id).display().to_string());
                 m.insert("WritableSize".into(), size.0.to_string());
                 m.insert("WritableFilesystem".into(), fs.name().into());
-                let lowers: Vec<String> = self
-                    .stack(&mut st, l.parent.as_deref())?
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect();
+                let lowers: Vec<String> =
+                    self.stack(&mut st, l.parent.as_deref())?.iter().map(|p| p.display().to_string()).collect();
                 m.insert("LowerDir".into(), lowers.join(":"));
             }
         }

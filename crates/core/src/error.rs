@@ -42,38 +42,19 @@ pub enum Error {
 
     /// A layer image could not be built.
     #[error("building the {fs} image for layer {layer} failed: {reason}")]
-    Build {
-        layer: String,
-        fs: String,
-        reason: String,
-    },
+    Build { layer: String, fs: String, reason: String },
 
     /// Neither the root nor the fallback directory could take a new layer.
-    #[error(
-        "no usable layer directory: root {root}: {root_err}; fallback {fallback}: {fallback_err}"
-    )]
-    NoStore {
-        root: PathBuf,
-        root_err: String,
-        fallback: PathBuf,
-        fallback_err: String,
-    },
+    #[error("no usable layer directory: root {root}: {root_err}; fallback {fallback}: {fallback_err}")]
+    NoStore { root: PathBuf, root_err: String, fallback: PathBuf, fallback_err: String },
 
     /// A system call failed on a path.
     #[error("{op} {path}: {source}")]
-    Sys {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Sys { op: &'static str, path: PathBuf, source: io::Error },
 
     /// An external tool (mkfs, ...) failed.
     #[error("{tool} failed ({status}): {stderr}")]
-    Tool {
-        tool: String,
-        status: String,
-        stderr: String,
-    },
+    Tool { tool: String, status: String, stderr: String },
 
     /// On-disk state is not what it should be.
     #[error("corrupt state in {path}: {reason}")]
@@ -84,11 +65,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn sys(op: &'static str, path: impl Into<PathBuf>, source: impl Into<io::Error>) -> Self {
-        Error::Sys {
-            op,
-            path: path.into(),
-            source: source.into(),
-        }
+        Error::Sys { op, path: path.into(), source: source.into() }
     }
 
     /// The errno under a system error, if there is one.

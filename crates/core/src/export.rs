@@ -99,32 +99,22 @@ pub fn export_tar<W: Write>(root: &Path, w: W) -> Result<()> {
         if is_whiteout(&md) {
             let name = rel.file_name().expect("named").to_string_lossy();
             let wh = rel.with_file_name(format!("{WHITEOUT_PREFIX}{name}"));
-            b.append_data(&mut empty_file_header(), wh, io::empty())
-                .map_err(tar_err)?;
+            b.append_data(&mut empty_file_header(), wh, io::empty()).map_err(tar_err)?;
             continue;
         }
         let xattrs = xattrs_of(&full);
         if !xattrs.is_empty() {
-            let recs: Vec<(String, &[u8])> = xattrs
-                .iter()
-                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
-                .collect();
-            b.append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), *v)))
-                .map_err(tar_err)?;
+            let recs: Vec<(String, &[u8])> =
+                xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice())).collect();
+            b.append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), *v))).map_err(tar_err)?;
         }
         if ft.is_dir() {
             let mut h = header_for(&md, tar::EntryType::Directory);
             let mut name = rel.clone().into_os_string();
             name.push("/");
-            b.append_data(&mut h, PathBuf::from(name), io::empty())
-                .map_err(tar_err)?;
+            b.append_data(&mut h, PathBuf::from(name), io::empty()).map_err(tar_err)?;
             if is_opaque(&full) {
-                b.append_data(
-                    &mut empty_file_header(),
-                    rel.join(OPAQUE_MARKER),
-                    io::empty(),
-                )
-                .map_err(tar_err)?;
+                b.append_data(&mut empty_file_header(), rel.join(OPAQUE_MARKER), io::empty()).map_err(tar_err)?;
             }
         } else if ft.is_file() {
             let key = (md.dev(), md.ino());
@@ -156,10 +146,8 @@ pub fn export_tar<W: Write>(root: &Path, w: W) -> Result<()> {
             };
             let mut h = header_for(&md, kind);
             let rdev = md.rdev();
-            h.set_device_major(rustix::fs::major(rdev))
-                .map_err(tar_err)?;
-            h.set_device_minor(rustix::fs::minor(rdev))
-                .map_err(tar_err)?;
+            h.set_device_major(rustix::fs::major(rdev)).map_err(tar_err)?;
+            h.set_device_minor(rustix::fs::minor(rdev)).map_err(tar_err)?;
             b.append_data(&mut h, &rel, io::empty()).map_err(tar_err)?;
         }
     }
@@ -218,10 +206,7 @@ pub fn changes(upper: &Path, lowers: &[PathBuf]) -> Result<Vec<Change>> {
             } else {
                 ChangeKind::Add
             };
-            Change {
-                path: format!("/{}", rel.display()),
-                kind,
-            }
+            Change { path: format!("/{}", rel.display()), kind }
         })
         .collect())
 }
@@ -250,10 +235,7 @@ pub fn tree_counts(root: &Path) -> Result<TreeCounts> {
     let mut entries = Vec::new();
     walk(root, Path::new(""), &mut entries)?;
     let mut seen = std::collections::HashSet::new();
-    let mut c = TreeCounts {
-        inodes: 1,
-        blocks: 1,
-    };
+    let mut c = TreeCounts { inodes: 1, blocks: 1 };
     for (_, md) in &entries {
         if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
             continue;

@@ -21,11 +21,8 @@ pub struct DiffId(String);
 pub struct ChainId(String);
 
 fn valid_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    s.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 impl DiffId {
@@ -104,9 +101,7 @@ impl Bytes {
     /// units in powers of 1024, case-insensitive.
     pub fn parse(s: &str) -> Option<Bytes> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let num: f64 = num.parse().ok()?;
         if !num.is_finite() || num < 0.0 {

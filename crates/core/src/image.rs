@@ -43,21 +43,14 @@ fn run(cmd: &mut Command) -> Result<()> {
         if stderr.is_empty() {
             stderr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         }
-        Err(Error::Tool {
-            tool,
-            status: out.status.to_string(),
-            stderr,
-        })
+        // The first lines say what is wrong; usage texts follow.
+        let stderr = stderr.lines().take(3).collect::<Vec<_>>().join("; ");
+        Err(Error::Tool { tool, status: out.status.to_string(), stderr })
     }
 }
 
 fn create_sparse(path: &Path, size: Bytes) -> Result<File> {
-    let f = OpenOptions::new()
-        .write(true)
-        .read(true)
-        .create_new(true)
-        .open(path)
-        .ctx("create", path)?;
+    let f = OpenOptions::new().write(true).read(true).create_new(true).open(path).ctx("create", path)?;
     f.set_len(size.0).ctx("truncate", path)?;
     Ok(f)
 }
@@ -77,12 +70,7 @@ pub fn estimate_size(c: TreeCounts, fs: FsType) -> Bytes {
 
 /// Builds a read-only layer image at `out` (must not exist) from `staging`.
 /// Grows and retries when the first estimate was too small.
-pub fn build_layer_image(
-    staging: &Path,
-    out: &Path,
-    counts: TreeCounts,
-    fs: FsType,
-) -> Result<Bytes> {
+pub fn build_layer_image(staging: &Path, out: &Path, counts: TreeCounts, fs: FsType) -> Result<Bytes> {
     let mut size = estimate_size(counts, fs);
     let mut last = None;
     for _ in 0..5 {
@@ -92,10 +80,7 @@ pub fn build_layer_image(
         };
         match r {
             Ok(()) => {
-                File::open(out)
-                    .ctx("open", out)?
-                    .sync_all()
-                    .ctx("fsync", out)?;
+                File::open(out).ctx("open", out)?.sync_all().ctx("fsync", out)?;
                 return Ok(size);
             }
             Err(e) => {
@@ -113,54 +98,24 @@ fn build_ext4(staging: &Path, out: &Path, size: Bytes, counts: TreeCounts) -> Re
     create_sparse(out, size)?;
     let inodes = (counts.inodes + counts.inodes / 10 + 64).to_string();
     run(Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-b",
-            "4096",
-            "-m",
-            "0",
-            "-N",
-            &inodes,
-            "-L",
-            "sharedloop",
-        ])
-        .args([
-            "-O",
-            "^has_journal,^resize_inode",
-            "-E",
-            "root_owner=0:0,nodiscard",
-            "-d",
-        ])
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N", &inodes, "-L", "sharedloop"])
+        .args(["-O", "^has_journal,^resize_inode", "-E", "root_owner=0:0,nodiscard", "-d"])
         .arg(staging)
         .arg(out))
 }
 
 fn build_xfs(staging: &Path, out: &Path, size: Bytes) -> Result<()> {
     create_sparse(out, size)?;
-    run(Command::new("mkfs.xfs")
-        .args(["-q", "-f", "-K", "-L", "sharedloop"])
-        .arg(out))?;
+    run(Command::new("mkfs.xfs").args(["-q", "-f", "-K", "-L", "sharedloop"]).arg(out))?;
     copy_into_image(staging, out, FsType::Xfs)
 }
 
 fn copy_into_image(staging: &Path, image: &Path, fs: FsType) -> Result<()> {
-    let dev = loopdev::attach(
-        image,
-        loopdev::AttachOptions {
-            read_only: false,
-            direct_io: false,
-        },
-    )
-    .ctx("attach loop device", image)?;
+    let dev = loopdev::attach(image, loopdev::AttachOptions { read_only: false, direct_io: false })
+        .ctx("attach loop device", image)?;
     let mnt = tempdir_near(image)?;
     mount::mount_layer_rw(dev.path(), &mnt, fs)?;
-    let copied = run(Command::new("cp")
-        .args(["-a", "--preserve=all"])
-        .arg(staging.join("."))
-        .arg(&mnt));
+    let copied = run(Command::new("cp").args(["-a", "--preserve=all"]).arg(staging.join(".")).arg(&mnt));
     let unmounted = mount::unmount_path(&mnt);
     let _ = std::fs::remove_dir(&mnt);
     drop(dev);
@@ -179,15 +134,10 @@ pub fn create_rw_image(out: &Path, fs: FsType, size: Bytes) -> Result<()> {
     create_sparse(out, size)?;
     let r = match fs {
         FsType::Ext4 => run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-t", "ext4", "-m", "0", "-L", "sharedloop-rw"])
-            .args([
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
-            ])
+            .args(["-q", "-F", "-t", "ext4", "-m", "0", "-L", "sl-rw"])
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0"])
             .arg(out)),
-        FsType::Xfs => run(Command::new("mkfs.xfs")
-            .args(["-q", "-f", "-K", "-L", "sharedloop-rw"])
-            .arg(out)),
+        FsType::Xfs => run(Command::new("mkfs.xfs").args(["-q", "-f", "-K", "-L", "sl-rw"]).arg(out)),
     };
     if r.is_err() {
         let _ = std::fs::remove_file(out);

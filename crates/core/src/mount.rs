@@ -14,9 +14,8 @@ use std::time::Duration;
 use rustix::fs::CWD;
 use rustix::io::Errno;
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_string, fsmount, fsopen, mount, mount_bind, mount_change,
-    move_mount, unmount, FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags,
-    MountPropagationFlags, MoveMountFlags, UnmountFlags,
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, mount, mount_bind, mount_change, move_mount, unmount,
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags,
 };
 
 use crate::error::{Context, Error, Result};
@@ -26,26 +25,13 @@ use crate::options::FsType;
 /// journal, without device nodes or setuid honoured on the host path.
 pub fn mount_layer_ro(dev: &Path, target: &Path, fs: FsType) -> Result<()> {
     let data = CString::new(fs.ro_mount_data()).expect("no NUL");
-    mount(
-        dev,
-        target,
-        fs.name(),
-        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
-        data.as_c_str(),
-    )
-    .ctx("mount layer image", target)
+    mount(dev, target, fs.name(), MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID, data.as_c_str())
+        .ctx("mount layer image", target)
 }
 
 /// Mounts a writable layer image read-write.
 pub fn mount_layer_rw(dev: &Path, target: &Path, fs: FsType) -> Result<()> {
-    mount(
-        dev,
-        target,
-        fs.name(),
-        MountFlags::NOSUID | MountFlags::NODEV,
-        None,
-    )
-    .ctx("mount writable image", target)
+    mount(dev, target, fs.name(), MountFlags::NOSUID | MountFlags::NODEV, None).ctx("mount writable image", target)
 }
 
 /// What an overlay mount stacks. `lowers[0]` is the topmost lower layer.
@@ -59,9 +45,7 @@ pub struct OverlaySpec<'a> {
 /// Mounts an overlay at `target`.
 pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
     if spec.lowers.is_empty() {
-        return Err(Error::Invalid(
-            "an overlay needs at least one lower layer".into(),
-        ));
+        return Err(Error::Invalid("an overlay needs at least one lower layer".into()));
     }
     match mount_overlay_new_api(spec, target) {
         Ok(()) => Ok(()),
@@ -88,31 +72,17 @@ fn mount_overlay_new_api(spec: &OverlaySpec<'_>, target: &Path) -> rustix::io::R
     fsconfig_set_string(&fs, "index", "off")?;
     fsconfig_set_string(&fs, "redirect_dir", "off")?;
     fsconfig_create(&fs)?;
-    let attrs = if spec.upper.is_none() {
-        MountAttrFlags::MOUNT_ATTR_RDONLY
-    } else {
-        MountAttrFlags::empty()
-    };
+    let attrs = if spec.upper.is_none() { MountAttrFlags::MOUNT_ATTR_RDONLY } else { MountAttrFlags::empty() };
     let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?;
-    move_mount(
-        &mnt,
-        "",
-        CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
+    move_mount(&mnt, "", CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
 }
 
 fn mount_overlay_legacy(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
     let mut lower = String::new();
     for (i, l) in spec.lowers.iter().enumerate() {
-        let s = l
-            .to_str()
-            .ok_or_else(|| Error::Invalid(format!("non-UTF-8 path {}", l.display())))?;
+        let s = l.to_str().ok_or_else(|| Error::Invalid(format!("non-UTF-8 path {}", l.display())))?;
         if s.contains([':', ',']) {
-            return Err(Error::Invalid(format!(
-                "path {s} has ':' or ',' which mount(2) cannot take"
-            )));
+            return Err(Error::Invalid(format!("path {s} has ':' or ',' which mount(2) cannot take")));
         }
         if i > 0 {
             lower.push(':');
@@ -122,11 +92,7 @@ fn mount_overlay_legacy(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
     let mut data = format!("lowerdir={lower},index=off,redirect_dir=off");
     let mut flags = MountFlags::empty();
     match spec.upper {
-        Some((u, w)) => data.push_str(&format!(
-            ",upperdir={},workdir={}",
-            u.display(),
-            w.display()
-        )),
+        Some((u, w)) => data.push_str(&format!(",upperdir={},workdir={}", u.display(), w.display())),
         None => flags |= MountFlags::RDONLY,
     }
     let page = rustix::param::page_size();
@@ -184,10 +150,7 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -218,16 +181,13 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 
 /// This process's mounts.
 pub fn mountinfo() -> Result<Vec<MountEntry>> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").ctx("read", "/proc/self/mountinfo")?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ctx("read", "/proc/self/mountinfo")?;
     Ok(parse_mountinfo(&text))
 }
 
 /// Whether `p` is a mount point (in this mount namespace).
 pub fn is_mountpoint(p: &Path) -> bool {
-    mountinfo()
-        .map(|m| m.iter().any(|e| e.mount_point == p))
-        .unwrap_or(false)
+    mountinfo().map(|m| m.iter().any(|e| e.mount_point == p)).unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -88,10 +88,7 @@ impl Default for Config {
 }
 
 fn bad(option: &str, reason: impl Into<String>) -> Error {
-    Error::Option {
-        option: option.to_owned(),
-        reason: reason.into(),
-    }
+    Error::Option { option: option.to_owned(), reason: reason.into() }
 }
 
 fn need<'a>(key: &str, v: Option<&'a str>) -> Result<&'a str> {
@@ -102,10 +99,7 @@ fn parse_bool(option: &str, v: &str) -> Result<bool> {
     match v.to_ascii_lowercase().as_str() {
         "" | "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(bad(
-            option,
-            format!("{v:?} is not a boolean (true or false)"),
-        )),
+        _ => Err(bad(option, format!("{v:?} is not a boolean (true or false)"))),
     }
 }
 
@@ -135,9 +129,7 @@ impl Config {
             match key.as_str() {
                 "sharedloop.loopback_root" => c.root = parse_dir(&key, need(&key, val)?)?,
                 "sharedloop.loopback_fallback" => c.fallback = parse_dir(&key, need(&key, val)?)?,
-                "sharedloop.override_kernel_check" => {
-                    c.override_kernel_check = parse_bool(&key, val.unwrap_or(""))?
-                }
+                "sharedloop.override_kernel_check" => c.override_kernel_check = parse_bool(&key, val.unwrap_or(""))?,
                 "sharedloop.fs" => c.fs = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
                 "sharedloop.size" => {
                     let v = need(&key, val)?;
@@ -155,10 +147,7 @@ impl Config {
             }
         }
         if c.root == c.fallback {
-            return Err(bad(
-                "sharedloop.loopback_fallback",
-                "must differ from sharedloop.loopback_root",
-            ));
+            return Err(bad("sharedloop.loopback_fallback", "must differ from sharedloop.loopback_root"));
         }
         Ok(c)
     }
@@ -195,10 +184,7 @@ mod tests {
     fn defaults_are_the_spec_defaults() {
         let c = Config::from_opts::<&str>(&[]).unwrap();
         assert_eq!(c.root, PathBuf::from("/var/lib/docker/loopback/root"));
-        assert_eq!(
-            c.fallback,
-            PathBuf::from("/var/lib/docker/loopback/private")
-        );
+        assert_eq!(c.fallback, PathBuf::from("/var/lib/docker/loopback/private"));
         assert!(!c.override_kernel_check);
         assert_eq!(c.fs, FsType::Ext4);
     }
@@ -227,27 +213,18 @@ mod tests {
         for (opt, name) in [
             ("sharedloop.colour=blue", "sharedloop.colour"),
             ("sharedloop.fs=btrfs", "sharedloop.fs"),
-            (
-                "sharedloop.loopback_root=relative/dir",
-                "sharedloop.loopback_root",
-            ),
+            ("sharedloop.loopback_root=relative/dir", "sharedloop.loopback_root"),
             ("sharedloop.loopback_root", "sharedloop.loopback_root"),
-            (
-                "sharedloop.override_kernel_check=maybe",
-                "sharedloop.override_kernel_check",
-            ),
+            ("sharedloop.override_kernel_check=maybe", "sharedloop.override_kernel_check"),
             ("sharedloop.size=huge", "sharedloop.size"),
             ("overlay2.size=1G", "overlay2.size"),
         ] {
             let e = Config::from_opts(&[opt]).unwrap_err().to_string();
             assert!(e.contains(name), "{opt}: {e}");
         }
-        let e = Config::from_opts(&[
-            "sharedloop.loopback_root=/a",
-            "sharedloop.loopback_fallback=/a",
-        ])
-        .unwrap_err()
-        .to_string();
+        let e = Config::from_opts(&["sharedloop.loopback_root=/a", "sharedloop.loopback_fallback=/a"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sharedloop.loopback_fallback"), "{e}");
     }
 
@@ -258,10 +235,7 @@ mod tests {
         assert!(c.check_kernel("4.0.0").is_ok());
         assert!(c.check_kernel("3.10.0-1160.el7.x86_64").is_err());
         assert!(c.check_kernel("garbage").is_err());
-        let c = Config {
-            override_kernel_check: true,
-            ..Config::default()
-        };
+        let c = Config { override_kernel_check: true, ..Config::default() };
         assert!(c.check_kernel("3.10.0-1160.el7.x86_64").is_ok());
         assert_eq!(parse_kernel_release("5.10"), Some((5, 10, 0)));
     }

@@ -97,11 +97,7 @@ pub fn is_fallback_errno(e: Errno) -> bool {
 /// fsync the directory. A state file is never rewritten in place.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().expect("file has a parent");
-    let tmp = dir.join(format!(
-        ".{}.{}",
-        path.file_name().unwrap().to_string_lossy(),
-        random_token()
-    ));
+    let tmp = dir.join(format!(".{}.{}", path.file_name().unwrap().to_string_lossy(), random_token()));
     let r = (|| {
         let mut f = File::create(&tmp).ctx("create", &tmp)?;
         f.write_all(data).ctx("write", &tmp)?;
@@ -116,10 +112,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .ctx("open", dir)?
-        .sync_all()
-        .ctx("fsync", dir)
+    File::open(dir).ctx("open", dir)?.sync_all().ctx("fsync", dir)
 }
 
 /// Result of publishing: ours, or the one another host published first.
@@ -151,11 +144,7 @@ pub struct Store {
 
 impl Store {
     pub fn new(cfg: &Config, host_id: &str) -> Store {
-        Store {
-            root: cfg.root.clone(),
-            fallback: cfg.fallback.clone(),
-            host_id: host_id.to_owned(),
-        }
+        Store { root: cfg.root.clone(), fallback: cfg.fallback.clone(), host_id: host_id.to_owned() }
     }
 
     pub fn base(&self, loc: Location) -> &Path {
@@ -176,13 +165,7 @@ impl Store {
         for loc in [Location::Root, Location::Fallback] {
             let dir = self.base(loc).join("layers").join(chain.dir_name());
             match Self::read_meta(&dir) {
-                Ok(meta) if meta.chain_id == *chain => {
-                    return Some(LayerInfo {
-                        location: loc,
-                        dir,
-                        meta,
-                    })
-                }
+                Ok(meta) if meta.chain_id == *chain => return Some(LayerInfo { location: loc, dir, meta }),
                 Ok(_) => {
                     tracing::warn!(layer = %chain, dir = %dir.display(), "meta.json names another layer; ignored")
                 }
@@ -198,24 +181,19 @@ impl Store {
     /// Publishes a layer built by `build` (which fills the temp dir it is
     /// given and returns the meta), into root or, when root cannot take it,
     /// into fallback.
-    pub fn publish(
-        &self,
-        chain: &ChainId,
-        build: &dyn Fn(&Path) -> Result<LayerMeta>,
-    ) -> Result<Published> {
+    pub fn publish(&self, chain: &ChainId, build: &dyn Fn(&Path) -> Result<LayerMeta>) -> Result<Published> {
         let root_err = match self.publish_in(Location::Root, chain, build) {
             Ok(p) => return Ok(p),
             Err(e) => e,
         };
         tracing::warn!(layer = %chain, root = %self.root.display(), fallback = %self.fallback.display(),
             error = %root_err, "cannot create the layer in the root directory; using the fallback directory");
-        self.publish_in(Location::Fallback, chain, build)
-            .map_err(|fb| Error::NoStore {
-                root: self.root.clone(),
-                root_err: root_err.to_string(),
-                fallback: self.fallback.clone(),
-                fallback_err: fb.to_string(),
-            })
+        self.publish_in(Location::Fallback, chain, build).map_err(|fb| Error::NoStore {
+            root: self.root.clone(),
+            root_err: root_err.to_string(),
+            fallback: self.fallback.clone(),
+            fallback_err: fb.to_string(),
+        })
     }
 
     fn publish_in(
@@ -228,11 +206,7 @@ impl Store {
         if loc == Location::Fallback {
             fs::create_dir_all(base).ctx("mkdir", base)?;
         } else if !base.is_dir() {
-            return Err(Error::sys(
-                "open",
-                base,
-                io::Error::from_raw_os_error(libc::ENOENT),
-            ));
+            return Err(Error::sys("open", base, io::Error::from_raw_os_error(libc::ENOENT)));
         }
         let (tmp_base, layers) = (base.join("tmp"), base.join("layers"));
         for d in [&tmp_base, &layers] {
@@ -255,21 +229,13 @@ impl Store {
             match rustix::fs::rename(&tmp, &dest) {
                 Ok(()) => {
                     fsync_dir(&layers)?;
-                    Ok(Published::Created(LayerInfo {
-                        location: loc,
-                        dir: dest,
-                        meta,
-                    }))
+                    Ok(Published::Created(LayerInfo { location: loc, dir: dest, meta }))
                 }
                 Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => {
                     tracing::info!(layer = %chain, "another host published this layer first; using theirs");
                     let _ = fs::remove_dir_all(&tmp);
                     let meta = Self::read_meta(&dest).ctx("read", dest.join(META_FILE))?;
-                    Ok(Published::Existing(LayerInfo {
-                        location: loc,
-                        dir: dest,
-                        meta,
-                    }))
+                    Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta }))
                 }
                 Err(e) => Err(Error::sys("rename", dest, e)),
             }
@@ -282,9 +248,7 @@ impl Store {
 
     fn ref_path(&self, info: &LayerInfo) -> PathBuf {
         let base = self.base(info.location);
-        base.join("refs")
-            .join(info.meta.chain_id.dir_name())
-            .join(&self.host_id)
+        base.join("refs").join(info.meta.chain_id.dir_name()).join(&self.host_id)
     }
 
     /// Records that this host uses the layer. A read-only root cannot take
@@ -318,9 +282,7 @@ impl Store {
         let _ = fs::remove_dir(refs);
         // Take the name away in one step, then delete at leisure.
         let base = self.base(info.location);
-        let grave = base
-            .join("tmp")
-            .join(format!("{}-rm-{}", self.host_id, random_token()));
+        let grave = base.join("tmp").join(format!("{}-rm-{}", self.host_id, random_token()));
         match fs::rename(&info.dir, &grave) {
             Ok(()) => {
                 fs::remove_dir_all(&grave).ctx("remove", &grave)?;
@@ -351,16 +313,15 @@ impl Store {
 
     /// Counts published layers per location (for status output).
     pub fn count_layers(&self, loc: Location) -> Option<usize> {
-        fs::read_dir(self.base(loc).join("layers"))
-            .ok()
-            .map(|d| d.count())
+        fs::read_dir(self.base(loc).join("layers")).ok().map(|d| d.count())
     }
 
     /// Why root cannot take new layers, if it cannot (probed with a
     /// temporary file).
     pub fn root_problem(&self) -> Option<String> {
         let probe = self.root.join("tmp");
-        let r = fs::create_dir_all(&probe).and_then(|_| {
+        // Never create root itself: a missing root is a reason to fall back.
+        let r = fs::create_dir(&probe).or_else(|e| if probe.is_dir() { Ok(()) } else { Err(e) }).and_then(|_| {
             let p = probe.join(format!(".probe-{}", random_token()));
             File::create(&p).and_then(|_| fs::remove_file(&p))
         });

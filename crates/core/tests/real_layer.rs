@@ -15,10 +15,7 @@ use sharedloop_core::options::FsType;
 use sharedloop_core::sys::loopdev;
 
 fn require_root() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "this test needs root (loop devices, mounts)"
-    );
+    assert!(rustix::process::geteuid().is_root(), "this test needs root (loop devices, mounts)");
 }
 
 fn hdr(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -34,24 +31,9 @@ fn hdr(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 
 fn layer_tar() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    b.append_data(
-        &mut hdr(tar::EntryType::Directory, 0o755, 0),
-        "etc/",
-        std::io::empty(),
-    )
-    .unwrap();
-    b.append_data(
-        &mut hdr(tar::EntryType::Regular, 0o644, 5),
-        "etc/motd",
-        &b"hello"[..],
-    )
-    .unwrap();
-    b.append_data(
-        &mut hdr(tar::EntryType::Regular, 0o4755, 3),
-        "bin/su",
-        &b"su!"[..],
-    )
-    .unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Directory, 0o755, 0), "etc/", std::io::empty()).unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Regular, 0o644, 5), "etc/motd", &b"hello"[..]).unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Regular, 0o4755, 3), "bin/su", &b"su!"[..]).unwrap();
     let mut l = hdr(tar::EntryType::Link, 0o644, 0);
     b.append_link(&mut l, "etc/motd.link", "etc/motd").unwrap();
     let mut s = hdr(tar::EntryType::Symlink, 0o777, 0);
@@ -60,45 +42,14 @@ fn layer_tar() -> Vec<u8> {
     c.set_device_major(1).unwrap();
     c.set_device_minor(3).unwrap();
     b.append_data(&mut c, "dev/null", std::io::empty()).unwrap();
-    b.append_data(
-        &mut hdr(tar::EntryType::Regular, 0, 0),
-        "gone/.wh.old",
-        std::io::empty(),
-    )
-    .unwrap();
-    b.append_data(
-        &mut hdr(tar::EntryType::Directory, 0o750, 0),
-        "opq/",
-        std::io::empty(),
-    )
-    .unwrap();
-    b.append_data(
-        &mut hdr(tar::EntryType::Regular, 0, 0),
-        "opq/.wh..wh..opq",
-        std::io::empty(),
-    )
-    .unwrap();
-    b.append_data(
-        &mut hdr(tar::EntryType::Regular, 0o600, 3),
-        "opq/new",
-        &b"new"[..],
-    )
-    .unwrap();
-    b.append_pax_extensions([("SCHILY.xattr.user.color", &b"blue"[..])])
-        .unwrap();
-    b.append_data(
-        &mut hdr(tar::EntryType::Regular, 0o644, 1),
-        "xattr-file",
-        &b"x"[..],
-    )
-    .unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Regular, 0, 0), "gone/.wh.old", std::io::empty()).unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Directory, 0o750, 0), "opq/", std::io::empty()).unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Regular, 0, 0), "opq/.wh..wh..opq", std::io::empty()).unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Regular, 0o600, 3), "opq/new", &b"new"[..]).unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.user.color", &b"blue"[..])]).unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Regular, 0o644, 1), "xattr-file", &b"x"[..]).unwrap();
     let big = vec![7u8; 3 * 1024 * 1024 + 5];
-    b.append_data(
-        &mut hdr(tar::EntryType::Regular, 0o644, big.len() as u64),
-        "big",
-        &big[..],
-    )
-    .unwrap();
+    b.append_data(&mut hdr(tar::EntryType::Regular, 0o644, big.len() as u64), "big", &big[..]).unwrap();
     b.into_inner().unwrap()
 }
 
@@ -107,53 +58,18 @@ fn check_tree(root: &Path) {
     let md = fs::metadata(root.join("etc/motd")).unwrap();
     assert_eq!((md.uid(), md.gid()), (1000, 1001));
     assert_eq!(md.nlink(), 2, "hardlink kept");
-    assert_eq!(
-        md.ino(),
-        fs::metadata(root.join("etc/motd.link")).unwrap().ino()
-    );
-    assert_eq!(
-        fs::read_link(root.join("etc/motd.sym")).unwrap(),
-        Path::new("/etc/motd")
-    );
-    assert_eq!(
-        fs::metadata(root.join("bin/su"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o7777,
-        0o4755
-    );
+    assert_eq!(md.ino(), fs::metadata(root.join("etc/motd.link")).unwrap().ino());
+    assert_eq!(fs::read_link(root.join("etc/motd.sym")).unwrap(), Path::new("/etc/motd"));
+    assert_eq!(fs::metadata(root.join("bin/su")).unwrap().permissions().mode() & 0o7777, 0o4755);
     let null = fs::symlink_metadata(root.join("dev/null")).unwrap();
     assert!(null.file_type().is_char_device());
-    assert_eq!(
-        (
-            rustix::fs::major(null.rdev()),
-            rustix::fs::minor(null.rdev())
-        ),
-        (1, 3)
-    );
-    assert!(is_whiteout(
-        &fs::symlink_metadata(root.join("gone/old")).unwrap()
-    ));
+    assert_eq!((rustix::fs::major(null.rdev()), rustix::fs::minor(null.rdev())), (1, 3));
+    assert!(is_whiteout(&fs::symlink_metadata(root.join("gone/old")).unwrap()));
     assert!(is_opaque(&root.join("opq")));
-    assert_eq!(
-        fs::metadata(root.join("opq")).unwrap().permissions().mode() & 0o777,
-        0o750
-    );
-    assert_eq!(
-        xattr::get(root.join("xattr-file"), "user.color")
-            .unwrap()
-            .as_deref(),
-        Some(&b"blue"[..])
-    );
-    assert_eq!(
-        fs::metadata(root.join("big")).unwrap().len(),
-        3 * 1024 * 1024 + 5
-    );
-    assert_eq!(
-        fs::metadata(root.join("etc/motd")).unwrap().mtime(),
-        1_700_000_000
-    );
+    assert_eq!(fs::metadata(root.join("opq")).unwrap().permissions().mode() & 0o777, 0o750);
+    assert_eq!(xattr::get(root.join("xattr-file"), "user.color").unwrap().as_deref(), Some(&b"blue"[..]));
+    assert_eq!(fs::metadata(root.join("big")).unwrap().len(), 3 * 1024 * 1024 + 5);
+    assert_eq!(fs::metadata(root.join("etc/motd")).unwrap().mtime(), 1_700_000_000);
 }
 
 fn tar_names(data: &[u8]) -> HashMap<String, tar::EntryType> {
@@ -162,10 +78,7 @@ fn tar_names(data: &[u8]) -> HashMap<String, tar::EntryType> {
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (
-                e.path().unwrap().display().to_string(),
-                e.header().entry_type(),
-            )
+            (e.path().unwrap().display().to_string(), e.header().entry_type())
         })
         .collect()
 }
@@ -190,23 +103,13 @@ fn roundtrip(fs_type: FsType) {
     build_layer_image(&staging, &img, counts, fs_type).unwrap();
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let dev = loopdev::attach(
-        &img,
-        loopdev::AttachOptions {
-            read_only: true,
-            direct_io: true,
-        },
-    )
-    .unwrap();
+    let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: true, direct_io: true }).unwrap();
     mount_layer_ro(dev.path(), &mnt, fs_type).unwrap();
     drop(dev);
     let result = std::panic::catch_unwind(|| {
         let mnt = mnt.join("fs");
         check_tree(&mnt);
-        assert!(
-            fs::write(mnt.join("new"), b"x").is_err(),
-            "layer mount is read-only"
-        );
+        assert!(fs::write(mnt.join("new"), b"x").is_err(), "layer mount is read-only");
         // Export gives back the whiteout and opaque markers.
         let mut out = Vec::new();
         export_tar(&mnt, &mut out).unwrap();
@@ -251,9 +154,7 @@ fn real_overlay_stack_of_many_layers() {
     // 300 lower dirs with long paths: far beyond mount(2)'s one-page limit.
     let mut lowers = Vec::new();
     for i in 0..300 {
-        let d = t.path().join(format!(
-            "a-rather-long-directory-name-to-fill-the-page-{i:04}"
-        ));
+        let d = t.path().join(format!("a-rather-long-directory-name-to-fill-the-page-{i:04}"));
         fs::create_dir(&d).unwrap();
         fs::write(d.join(format!("f{i}")), i.to_string()).unwrap();
         fs::write(d.join("top"), i.to_string()).unwrap();
@@ -261,25 +162,10 @@ fn real_overlay_stack_of_many_layers() {
     }
     let target = t.path().join("merged");
     fs::create_dir(&target).unwrap();
-    mount_overlay(
-        &OverlaySpec {
-            lowers: &lowers,
-            upper: None,
-        },
-        &target,
-    )
-    .unwrap();
+    mount_overlay(&OverlaySpec { lowers: &lowers, upper: None }, &target).unwrap();
     let r = std::panic::catch_unwind(|| {
-        assert_eq!(
-            fs::read_to_string(target.join("top")).unwrap(),
-            "0",
-            "lowers[0] is the top"
-        );
-        assert_eq!(
-            fs::read_to_string(target.join("f299")).unwrap(),
-            "299",
-            "the bottom layer is there"
-        );
+        assert_eq!(fs::read_to_string(target.join("top")).unwrap(), "0", "lowers[0] is the top");
+        assert_eq!(fs::read_to_string(target.join("f299")).unwrap(), "299", "the bottom layer is there");
     });
     unmount_path(&target).unwrap();
     r.unwrap();

@@ -102,14 +102,8 @@ fn configure(dev: &File, cfg: &LoopConfig) -> io::Result<()> {
 
 /// Attaches `backing` to a free loop device.
 pub fn attach(backing: &Path, opts: AttachOptions) -> io::Result<LoopDevice> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!opts.read_only)
-        .open(backing)?;
-    let ctl = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/loop-control")?;
+    let file = OpenOptions::new().read(true).write(!opts.read_only).open(backing)?;
+    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
     let mut flags = LO_FLAGS_AUTOCLEAR;
     if opts.read_only {
         flags |= LO_FLAGS_READ_ONLY;
@@ -120,11 +114,7 @@ pub fn attach(backing: &Path, opts: AttachOptions) -> io::Result<LoopDevice> {
     for _ in 0..64 {
         let n = ioctl_arg(&ctl, LOOP_CTL_GET_FREE, 0)?;
         let path = PathBuf::from(format!("/dev/loop{n}"));
-        let dev = match OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(&path)
-        {
+        let dev = match OpenOptions::new().read(true).write(!opts.read_only).open(&path) {
             Ok(d) => d,
             // The node may not exist yet right after GET_FREE created it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -161,13 +151,7 @@ pub fn attach(backing: &Path, opts: AttachOptions) -> io::Result<LoopDevice> {
                 reserved: [0; 8],
             };
             match configure(&dev, &cfg) {
-                Ok(()) => {
-                    return Ok(LoopDevice {
-                        path,
-                        direct_io: direct,
-                        _fd: dev.into(),
-                    })
-                }
+                Ok(()) => return Ok(LoopDevice { path, direct_io: direct, _fd: dev.into() }),
                 // Direct I/O needs an aligned backing file on a filesystem
                 // that supports O_DIRECT; without it, buffered I/O.
                 Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => direct = false,
@@ -202,9 +186,7 @@ pub fn detach(dev: &Path) -> io::Result<()> {
 pub fn backing_file(dev: &Path) -> Option<PathBuf> {
     let name = dev.file_name()?.to_str()?;
     let s = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
-    Some(PathBuf::from(
-        s.trim_end_matches('\n').trim_end_matches(" (deleted)"),
-    ))
+    Some(PathBuf::from(s.trim_end_matches('\n').trim_end_matches(" (deleted)")))
 }
 
 /// Every attached loop device with its backing file.

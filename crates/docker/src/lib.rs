@@ -1,0 +1,440 @@
+//! The Docker graphdriver plugin front end: the legacy plugin protocol
+//! (HTTP/1.1 + JSON over a unix socket), with the shapes moby's
+//! `daemon/graphdriver/proxy.go` sends and decodes. A thin adapter: each
+//! endpoint decodes, calls the core [`Driver`] on a blocking thread, and
+//! [`respond`] turns the outcome into a reply; core errors become wire
+//! errors there and nowhere else.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sharedloop_core::{Config, CreateKind, Driver};
+
+type Body = BoxBody<Bytes, io::Error>;
+const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1.2+json";
+
+/// `graphDriverRequest`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+struct DriverRequest {
+    #[serde(rename = "ID")]
+    id: String,
+    parent: String,
+    #[allow(dead_code)]
+    mount_label: String,
+    storage_opt: Option<HashMap<String, String>>,
+}
+
+/// `graphDriverInitRequest` (20.10 embeds an IdentityMapping).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "PascalCase")]
+struct InitRequest {
+    home: String,
+    opts: Option<Vec<String>>,
+    #[serde(rename = "UIDMaps")]
+    uid_maps: Option<Vec<Value>>,
+    #[serde(rename = "GIDMaps")]
+    gid_maps: Option<Vec<Value>>,
+}
+
+/// What Init was given, kept in the run directory so that a restarted
+/// plugin serves the same driver: dockerd does not call Init again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InitRecord {
+    pub home: PathBuf,
+    pub opts: Vec<String>,
+}
+
+/// The plugin: at most one initialised driver.
+pub struct Plugin {
+    driver: RwLock<Option<Arc<Driver>>>,
+    init_file: PathBuf,
+}
+
+impl Plugin {
+    /// A plugin that records Init in `run_dir/docker-init.json` and, when a
+    /// record is there from before a restart, reopens that driver.
+    pub fn new(run_dir: &Path) -> Plugin {
+        let init_file = run_dir.join("docker-init.json");
+        let p = Plugin { driver: RwLock::new(None), init_file };
+        if let Ok(text) = std::fs::read(&p.init_file) {
+            match serde_json::from_slice::<InitRecord>(&text) {
+                Ok(rec) => match Config::from_opts(&rec.opts).and_then(|c| Driver::open(&rec.home, c)) {
+                    Ok(d) => {
+                        tracing::info!(home = %rec.home.display(), "restored the driver dockerd initialised before this restart");
+                        *p.driver.write().unwrap() = Some(Arc::new(d));
+                    }
+                    Err(e) => tracing::error!(home = %rec.home.display(), error = %e, "cannot restore the driver"),
+                },
+                Err(e) => tracing::error!(file = %p.init_file.display(), error = %e, "unreadable init record"),
+            }
+        }
+        p
+    }
+
+    fn driver(&self) -> Result<Arc<Driver>, String> {
+        self.driver
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| "the sharedloop driver is not initialised (GraphDriver.Init not called)".to_owned())
+    }
+
+    fn init(&self, req: InitRequest) -> Result<Value, String> {
+        let has_maps = |m: &Option<Vec<Value>>| m.as_ref().is_some_and(|v| !v.is_empty());
+        if has_maps(&req.uid_maps) || has_maps(&req.gid_maps) {
+            return Err("user namespace remapping (--userns-remap) is not supported by sharedloop".into());
+        }
+        if req.home.is_empty() {
+            return Err("Init without a Home directory".into());
+        }
+        let opts = req.opts.unwrap_or_default();
+        let cfg = Config::from_opts(&opts).map_err(|e| e.to_string())?;
+        let home = PathBuf::from(&req.home);
+        // Release the old driver's lock on state before opening the new one.
+        let mut slot = self.driver.write().unwrap_or_else(|p| p.into_inner());
+        *slot = None;
+        let d = Driver::open(&home, cfg).map_err(|e| e.to_string())?;
+        let rec = InitRecord { home, opts };
+        if let Some(dir) = self.init_file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        sharedloop_core::store::write_atomic(&self.init_file, &serde_json::to_vec(&rec).expect("serialises"))
+            .map_err(|e| e.to_string())?;
+        tracing::info!(home = %rec.home.display(), root = %d.config().root.display(),
+            fallback = %d.config().fallback.display(), fs = d.config().fs.name(), "driver initialised");
+        *slot = Some(Arc::new(d));
+        Ok(json!({}))
+    }
+}
+
+fn full(status: StatusCode, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", CONTENT_TYPE)
+        .body(Full::new(Bytes::from(serde_json::to_vec(v).expect("json"))).map_err(|e: Infallible| match e {}).boxed())
+        .expect("valid response")
+}
+
+/// The one place where outcomes become replies: a value is 200 with its
+/// JSON, an error is 500 with `{"Err": message}`, which dockerd's plugin
+/// client turns into the error it reports.
+fn respond(method: &str, r: Result<Value, String>) -> Response<Body> {
+    match r {
+        Ok(v) => full(StatusCode::OK, &v),
+        Err(e) => {
+            tracing::warn!(op = method, error = %e, "request failed");
+            full(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "Err": e }))
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| format!("internal error: {e}"))?
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// A `Read` over request body chunks sent from the async side.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => self.cur = b,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+/// A `Write` whose chunks become response body frames.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let b = Bytes::from(std::mem::take(&mut self.buf));
+            self.tx.blocking_send(Ok(b)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))?;
+        }
+        Ok(())
+    }
+}
+
+fn query_params(q: Option<&str>) -> HashMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn apply_diff(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Value, String> {
+    let q = query_params(req.uri().query());
+    let id = q.get("id").cloned().unwrap_or_default();
+    let parent = q.get("parent").cloned().unwrap_or_default();
+    let driver = plugin.driver()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Bytes>>(32);
+    let mut body = req.into_body();
+    let pump = tokio::spawn(async move {
+        while let Some(frame) = body.frame().await {
+            let item = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(d) => Ok(d),
+                    Err(_) => continue, // trailers
+                },
+                Err(e) => Err(io::Error::other(format!("reading the request body: {e}"))),
+            };
+            let failed = item.is_err();
+            let tx = tx.clone();
+            // The blocking side may be slow (mkfs); never block the runtime.
+            if tokio::task::spawn_blocking(move || tx.send(item)).await.map(|r| r.is_err()).unwrap_or(true) || failed {
+                break;
+            }
+        }
+    });
+    let r = blocking(move || {
+        let mut reader = ChannelReader { rx, cur: Bytes::new() };
+        driver.apply_diff(&id, opt(&parent).as_deref(), &mut reader).map_err(|e| e.to_string())
+    })
+    .await;
+    pump.abort();
+    r.map(|size| json!({ "Size": size }))
+}
+
+async fn diff(plugin: Arc<Plugin>, req: DriverRequest) -> Response<Body> {
+    let driver = match plugin.driver() {
+        Ok(d) => d,
+        Err(e) => return respond("GraphDriver.Diff", Err(e)),
+    };
+    let (id, parent) = (req.id.clone(), opt(&req.parent));
+    let d2 = driver.clone();
+    let src = match blocking(move || d2.diff_source(&id, parent.as_deref()).map_err(|e| e.to_string())).await {
+        Ok(s) => s,
+        Err(e) => return respond("GraphDriver.Diff", Err(e)),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(8);
+    let id = req.id.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter { tx: tx.clone(), buf: Vec::new() };
+        let r = sharedloop_core::export::export_tar(&src, &mut w)
+            .and_then(|_| w.flush().map_err(|e| sharedloop_core::Error::sys("write tar", "<stream>", e)));
+        if let Err(e) = r {
+            tracing::warn!(op = "GraphDriver.Diff", layer = %id, error = %e, "diff stream failed");
+            let _ = tx.blocking_send(Err(io::Error::other(e.to_string())));
+        }
+        drop(driver);
+    });
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|item| (item.map(Frame::data), rx)) },
+        );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("Content-Type", "application/x-tar")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("valid response")
+}
+
+async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, String> {
+    let bytes = req.into_body().collect().await.map_err(|e| format!("reading the request: {e}"))?.to_bytes();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Handles one request.
+pub async fn handle(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().trim_start_matches('/').to_owned();
+    tracing::debug!(op = %path, "request");
+    if path == "Plugin.Activate" {
+        return Ok(full(StatusCode::OK, &json!({ "Implements": ["GraphDriver"] })));
+    }
+    if path == "GraphDriver.ApplyDiff" {
+        let r = apply_diff(plugin, req).await;
+        return Ok(respond(&path, r));
+    }
+    if path == "GraphDriver.Init" {
+        let r = match read_json::<InitRequest>(req).await {
+            Ok(init) => {
+                let p = plugin.clone();
+                blocking(move || p.init(init)).await
+            }
+            Err(e) => Err(e),
+        };
+        return Ok(respond(&path, r));
+    }
+    let r: DriverRequest = match read_json(req).await {
+        Ok(r) => r,
+        Err(e) => return Ok(respond(&path, Err(e))),
+    };
+    if path == "GraphDriver.Diff" {
+        return Ok(diff(plugin, r).await);
+    }
+    let driver = match plugin.driver() {
+        Ok(d) => d,
+        Err(e) => return Ok(respond(&path, Err(e))),
+    };
+    let method = path.clone();
+    let r = blocking(move || call(&driver, &method, r)).await;
+    Ok(respond(&path, r))
+}
+
+/// The JSON endpoints, as core calls.
+fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
+    let err = |e: sharedloop_core::Error| e.to_string();
+    let parent = opt(&r.parent);
+    let parent = parent.as_deref();
+    match method {
+        "GraphDriver.Capabilities" => Ok(json!({ "Capabilities": { "ReproducesExactDiffs": false } })),
+        "GraphDriver.Create" | "GraphDriver.CreateReadWrite" => {
+            let kind = if method == "GraphDriver.Create" { CreateKind::ReadOnly } else { CreateKind::ReadWrite };
+            tracing::debug!(op = method, layer = %r.id, parent = %r.parent, storage_opt = ?r.storage_opt, "create");
+            d.create(&r.id, parent, kind, &r.storage_opt.unwrap_or_default()).map_err(err)?;
+            Ok(json!({}))
+        }
+        "GraphDriver.Remove" => d.remove(&r.id).map(|_| json!({})).map_err(err),
+        "GraphDriver.Get" => d.get(&r.id).map(|dir| json!({ "Dir": dir })).map_err(err),
+        "GraphDriver.Put" => d.put(&r.id).map(|_| json!({})).map_err(err),
+        "GraphDriver.Exists" => Ok(json!({ "Exists": d.exists(&r.id) })),
+        "GraphDriver.Status" => {
+            let s: Vec<[String; 2]> = d.status().into_iter().map(|(k, v)| [k, v]).collect();
+            Ok(json!({ "Status": s }))
+        }
+        "GraphDriver.GetMetadata" => d.metadata(&r.id).map(|m| json!({ "Metadata": m })).map_err(err),
+        "GraphDriver.Cleanup" => d.cleanup().map(|_| json!({})).map_err(err),
+        "GraphDriver.Changes" => {
+            let ch = d.changes(&r.id, parent).map_err(err)?;
+            let v: Vec<Value> = ch.iter().map(|c| json!({ "Path": c.path, "Kind": c.kind as u8 })).collect();
+            Ok(json!({ "Changes": v }))
+        }
+        "GraphDriver.DiffSize" => d.diff_size(&r.id, parent).map(|s| json!({ "Size": s })).map_err(err),
+        other => Err(format!("unknown method {other}")),
+    }
+}
+
+/// Serves the plugin protocol on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    plugin: Arc<Plugin>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let plugin = plugin.clone();
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let svc = hyper::service::service_fn(move |req| handle(plugin.clone(), req));
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Binds the plugin socket: removes a stale one, creates the directory,
+/// and makes the socket root-only.
+pub fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o600))?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        let q = query_params(Some("id=abc&parent=d%3Ae"));
+        assert_eq!(q["id"], "abc");
+        assert_eq!(q["parent"], "d:e");
+        let q = query_params(Some("id=abc&parent="));
+        assert_eq!(q["parent"], "");
+    }
+
+    #[test]
+    fn requests_decode_as_dockerd_sends_them() {
+        let r: DriverRequest =
+            serde_json::from_str(r#"{"ID":"x","Parent":"y","MountLabel":"","StorageOpt":{"size":"2G"}}"#).unwrap();
+        assert_eq!((r.id.as_str(), r.parent.as_str()), ("x", "y"));
+        assert_eq!(r.storage_opt.unwrap()["size"], "2G");
+        let r: DriverRequest = serde_json::from_str(r#"{"ID":"x"}"#).unwrap();
+        assert!(r.storage_opt.is_none());
+        let i: InitRequest =
+            serde_json::from_str(r#"{"Home":"/var/lib/docker/sharedloop","Opts":null,"UIDMaps":null,"GIDMaps":null}"#)
+                .unwrap();
+        assert_eq!(i.home, "/var/lib/docker/sharedloop");
+        assert!(i.opts.is_none());
+    }
+}

@@ -1,0 +1,652 @@
+//! End-to-end test harness: simulated hosts, real daemons.
+//!
+//! A [`Host`] is a private mount and network namespace (held by a `sleep`
+//! process) with a tmpfs on /run, so every program in it uses its default
+//! socket paths: the plugin on /run/docker/plugins/sharedloop.sock, dockerd
+//! and its own containerd. On drop every process in the namespace is
+//! killed, which also drops its mounts; loop devices detach themselves
+//! (autoclear). Hosts of test processes that died are swept at start.
+//!
+//! Nothing here fakes the thing under test: dockerd, containerd, the
+//! kernel's loop devices, ext4/xfs and overlayfs are real. Tests fail
+//! loudly when they cannot run (not root, no dockerd).
+#![allow(dead_code)]
+
+pub mod plugin_client;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub const TEST_ROOT: &str = "/tmp/sharedloop-test";
+pub const DOCKER: &str = "/usr/bin/docker";
+pub const DOCKERD: &str = "/usr/sbin/dockerd";
+
+pub fn sharedloop_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sharedloop"))
+}
+
+/// Fails the test (never skips) when the machine cannot run it.
+pub fn require(what: &[&str]) {
+    assert!(rustix::process::geteuid().is_root(), "this test needs root: it starts daemons and mounts filesystems");
+    for w in what {
+        let ok = match *w {
+            "dockerd" => Path::new(DOCKERD).exists() && Path::new(DOCKER).exists(),
+            "xfs" => which("mkfs.xfs"),
+            "ext4" => which("mkfs.ext4"),
+            "busybox" => Path::new("/bin/busybox").exists(),
+            "overlay" => fs::read_to_string("/proc/filesystems").unwrap_or_default().contains("overlay"),
+            other => which(other),
+        };
+        assert!(ok, "this test needs {w}; install it (scripts/install-deps does)");
+    }
+}
+
+fn which(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs and panics with the output when it fails; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn token() -> String {
+    let mut b = [0u8; 6];
+    getrandom(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn getrandom(b: &mut [u8]) {
+    let mut f = fs::File::open("/dev/urandom").unwrap();
+    std::io::Read::read_exact(&mut f, b).unwrap();
+}
+
+fn mnt_ns(pid: u32) -> Option<u64> {
+    fs::metadata(format!("/proc/{pid}/ns/mnt")).ok().map(|m| m.ino())
+}
+
+/// Kills every process whose mount namespace is `ns`.
+fn kill_namespace(ns: u64) {
+    for _ in 0..50 {
+        let mut found = false;
+        for e in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if mnt_ns(pid as u32) == Some(ns) {
+                found = true;
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid).unwrap(),
+                    rustix::process::Signal::KILL,
+                );
+            }
+        }
+        if !found {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes what test processes that died left behind: their hosts'
+/// processes (and with them mounts), loop devices and directories.
+fn sweep_dead_hosts() {
+    let Ok(rd) = fs::read_dir(TEST_ROOT) else { return };
+    for e in rd.flatten() {
+        let dir = e.path();
+        let owner: Option<u32> = fs::read_to_string(dir.join("owner")).ok().and_then(|s| s.trim().parse().ok());
+        let alive = owner.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if alive {
+            continue;
+        }
+        if let Some(ns) = fs::read_to_string(dir.join("ns")).ok().and_then(|s| s.trim().parse().ok()) {
+            kill_namespace(ns);
+        }
+        detach_loops_under(&dir);
+        let _ = Command::new("umount").arg("-R").arg("-l").arg(&dir).stderr(Stdio::null()).status();
+        let _ = Command::new("chattr").args(["-R", "-i"]).arg(&dir).stderr(Stdio::null()).status();
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// Loop devices whose backing file is below `dir`.
+pub fn loops_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
+    sharedloop_core::sys::loopdev::list().into_iter().filter(|(_, b)| b.starts_with(dir)).collect()
+}
+
+fn detach_loops_under(dir: &Path) {
+    for (dev, _) in loops_under(dir) {
+        let _ = sharedloop_core::sys::loopdev::detach(&dev);
+    }
+}
+
+static SWEEP: Once = Once::new();
+
+/// Options of a simulated host.
+#[derive(Clone, Debug)]
+pub struct HostOpts {
+    /// Bind mounts into the namespace: (host path, path inside, read-only).
+    pub binds: Vec<(PathBuf, PathBuf, bool)>,
+    /// Bind the host's own dir/varlib onto /var/lib/docker (for defaults).
+    pub default_paths: bool,
+}
+
+impl Default for HostOpts {
+    fn default() -> Self {
+        HostOpts { binds: Vec::new(), default_paths: false }
+    }
+}
+
+/// A simulated host: a mount + network namespace with its own /run.
+pub struct Host {
+    pub name: String,
+    pub dir: PathBuf,
+    holder: Child,
+    ns: u64,
+    plugin: Option<Child>,
+    dockerd: Option<Child>,
+    dockerd_args: Vec<String>,
+}
+
+impl Host {
+    pub fn new(name: &str) -> Host {
+        Host::with(name, HostOpts::default())
+    }
+
+    pub fn with(name: &str, opts: HostOpts) -> Host {
+        SWEEP.call_once(sweep_dead_hosts);
+        let dir = PathBuf::from(TEST_ROOT).join(format!("{name}-{}", token()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("owner"), std::process::id().to_string()).unwrap();
+        let mut script =
+            String::from("set -e\nmount -t tmpfs tmpfs /run\nmkdir -p /run/docker/plugins\nip link set lo up\n");
+        if opts.default_paths {
+            fs::create_dir_all(dir.join("varlib")).unwrap();
+            script.push_str(&format!(
+                "mkdir -p /var/lib/docker\nmount --bind {} /var/lib/docker\n",
+                dir.join("varlib").display()
+            ));
+        }
+        for (src, dst, ro) in &opts.binds {
+            script.push_str(&format!("mkdir -p {d}\nmount --bind {s} {d}\n", s = src.display(), d = dst.display()));
+            if *ro {
+                script.push_str(&format!("mount -o remount,bind,ro {}\n", dst.display()));
+            }
+        }
+        script.push_str(&format!("touch {}/ready\nexec sleep infinity\n", dir.display()));
+        let holder = Command::new("unshare")
+            .args(["-m", "-n", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stderr(fs::File::create(dir.join("holder.log")).unwrap())
+            .spawn()
+            .expect("unshare");
+        let t = Instant::now();
+        while !dir.join("ready").exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "host {name} did not come up: {}",
+                fs::read_to_string(dir.join("holder.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ns = mnt_ns(holder.id()).expect("holder namespace");
+        fs::write(dir.join("ns"), ns.to_string()).unwrap();
+        Host { name: name.into(), dir, holder, ns, plugin: None, dockerd: None, dockerd_args: Vec::new() }
+    }
+
+    /// A command that runs inside this host.
+    pub fn cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t").arg(self.holder.id().to_string()).args(["-m", "-n", "--"]).arg(prog);
+        c
+    }
+
+    /// A path inside this host's namespace, as seen from outside.
+    pub fn inside(&self, p: &Path) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.holder.id())).join(p.strip_prefix("/").unwrap_or(p))
+    }
+
+    pub fn mountinfo(&self) -> String {
+        fs::read_to_string(format!("/proc/{}/mountinfo", self.holder.id())).unwrap()
+    }
+
+    pub fn data_root(&self) -> PathBuf {
+        self.dir.join("docker")
+    }
+    pub fn root_dir(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+    pub fn fallback_dir(&self) -> PathBuf {
+        self.dir.join("private")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("docker.sock")
+    }
+
+    pub fn start_plugin(&mut self) {
+        let sock = self.inside(Path::new("/run/docker/plugins/sharedloop.sock"));
+        let _ = fs::remove_file(&sock); // left by a killed plugin
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("sharedloop.log")).unwrap();
+        let child = self
+            .cmd(sharedloop_bin())
+            .args(["serve", "--log-level", "debug"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.plugin = Some(child);
+        let t = Instant::now();
+        while !sock.exists() {
+            if let Some(s) = self.plugin.as_mut().unwrap().try_wait().unwrap() {
+                panic!("sharedloop exited ({s}): {}", self.plugin_log());
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "plugin socket did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the plugin (SIGKILL: nothing it could tidy up) and waits.
+    pub fn kill_plugin(&mut self) {
+        if let Some(mut p) = self.plugin.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    pub fn plugin_log(&self) -> String {
+        fs::read_to_string(self.dir.join("sharedloop.log")).unwrap_or_default()
+    }
+    pub fn dockerd_log(&self) -> String {
+        fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// The storage options for this host's own root and fallback dirs.
+    pub fn default_storage_opts(&self) -> Vec<String> {
+        vec![
+            format!("sharedloop.loopback_root={}", self.root_dir().display()),
+            format!("sharedloop.loopback_fallback={}", self.fallback_dir().display()),
+        ]
+    }
+
+    /// Starts dockerd with `-s sharedloop` and `storage_opts`; waits until it
+    /// answers. Returns the daemon's error output when it exits instead.
+    pub fn try_start_dockerd(&mut self, storage_opts: &[String], data_root: Option<&Path>) -> Result<(), String> {
+        let mut args: Vec<String> = vec![
+            "--experimental".into(),
+            "-s".into(),
+            "sharedloop".into(),
+            "-H".into(),
+            format!("unix://{}", self.socket().display()),
+            "--iptables=false".into(),
+            "--ip-masq=false".into(),
+        ];
+        if let Some(dr) = data_root {
+            args.push(format!("--data-root={}", dr.display()));
+        }
+        for o in storage_opts {
+            args.push("--storage-opt".into());
+            args.push(o.clone());
+        }
+        self.dockerd_args = args.clone();
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("dockerd.log")).unwrap();
+        let mut child = self
+            .cmd(DOCKERD)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return Err(format!("dockerd exited ({s}): {}", self.dockerd_log()));
+            }
+            if self.socket().exists() && self.docker(&["version"]).status.success() {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(90), "dockerd did not come up: {}", self.dockerd_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.dockerd = Some(child);
+        Ok(())
+    }
+
+    pub fn start_dockerd(&mut self, storage_opts: &[String]) {
+        let dr = self.data_root();
+        if let Err(e) = self.try_start_dockerd(storage_opts, Some(&dr)) {
+            panic!("{e}\n--- plugin log ---\n{}", self.plugin_log());
+        }
+    }
+
+    /// Plugin and dockerd on this host's own dirs.
+    pub fn start(&mut self, extra_opts: &[&str]) {
+        self.start_plugin();
+        let mut opts = self.default_storage_opts();
+        opts.extend(extra_opts.iter().map(|s| s.to_string()));
+        self.start_dockerd(&opts);
+    }
+
+    pub fn stop_dockerd(&mut self) {
+        if let Some(mut d) = self.dockerd.take() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(d.id() as i32).unwrap(),
+                rustix::process::Signal::TERM,
+            );
+            let t = Instant::now();
+            while d.try_wait().unwrap().is_none() {
+                if t.elapsed() > Duration::from_secs(30) {
+                    let _ = d.kill();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    pub fn docker(&self, args: &[&str]) -> Output {
+        run(Command::new(DOCKER).arg("-H").arg(format!("unix://{}", self.socket().display())).args(args))
+    }
+
+    /// Runs a docker command that must succeed; returns stdout.
+    pub fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        if !out.status.success() {
+            panic!(
+                "docker {args:?} failed:\n{}\n--- plugin log (tail) ---\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail(&self.plugin_log(), 40)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `docker` with stdin from a file.
+    pub fn docker_stdin(&self, args: &[&str], input: &Path) -> String {
+        run_ok(
+            Command::new(DOCKER)
+                .arg("-H")
+                .arg(format!("unix://{}", self.socket().display()))
+                .args(args)
+                .stdin(fs::File::open(input).unwrap()),
+        )
+    }
+
+    /// The `docker info` lines of the storage driver section.
+    pub fn driver_status(&self) -> String {
+        self.docker_ok(&[
+            "info",
+            "--format",
+            "{{.Driver}}\n{{range .DriverStatus}}{{index . 0}}: {{index . 1}}\n{{end}}",
+        ])
+    }
+
+    /// Mount points in this host's namespace below `dir`.
+    pub fn mounts_under(&self, dir: &Path) -> Vec<String> {
+        sharedloop_core::mount::parse_mountinfo(&self.mountinfo())
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(dir))
+            .map(|m| m.mount_point.display().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop_dockerd();
+        kill_namespace(self.ns);
+        let _ = self.holder.wait();
+        if let Some(mut p) = self.plugin.take() {
+            let _ = p.wait();
+        }
+        // The namespace's mounts are gone with it; give autoclear a moment.
+        let t = Instant::now();
+        while !loops_under(&self.dir).is_empty() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        detach_loops_under(&self.dir);
+        let _ = Command::new("chattr").args(["-R", "-i"]).arg(&self.dir).stderr(Stdio::null()).status();
+        if std::env::var_os("SHAREDLOOP_KEEP_TEST_DIRS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// Test images
+
+/// A busybox-static root filesystem at `dir`.
+pub fn busybox_rootfs(dir: &Path) {
+    for d in ["bin", "etc", "tmp", "root", "usr/share/doc"] {
+        fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    let list = run_ok(Command::new("/bin/busybox").arg("--list"));
+    for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
+    }
+    fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n").unwrap();
+    fs::write(dir.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
+    fs::write(dir.join("usr/share/doc/readme"), "sharedloop test image\n".repeat(100)).unwrap();
+    run_ok(Command::new("chmod").args(["1777"]).arg(dir.join("tmp")));
+}
+
+/// Prints one line per file: path, type, mode, owner, size, checksum or
+/// link target. Run by busybox inside a container and in a chroot of the
+/// expected tree, so both sides format alike.
+pub const MANIFEST_SCRIPT: &str = r#"cd / && find . -xdev | sort | while read -r f; do
+  if [ -L "$f" ]; then echo "$f L $(stat -c '%a %u:%g' "$f") -> $(readlink "$f")";
+  elif [ -f "$f" ]; then echo "$f F $(stat -c '%a %u:%g %s' "$f") $(md5sum < "$f" | cut -c1-32)";
+  elif [ -d "$f" ]; then echo "$f D $(stat -c '%a %u:%g' "$f")";
+  else echo "$f O $(stat -c '%a %u:%g %t:%T %F' "$f")"; fi
+done"#;
+
+/// Paths Docker itself adds to every container (init layer, mounts).
+const DOCKER_ADDED: &[&str] =
+    &["./proc", "./sys", "./dev", "./etc/hosts", "./etc/hostname", "./etc/resolv.conf", "./etc/mtab", "./.dockerenv"];
+
+pub fn filter_manifest(m: &str) -> Vec<String> {
+    m.lines()
+        .filter(|l| {
+            let path = l.split(' ').next().unwrap_or("");
+            path != "." && !DOCKER_ADDED.iter().any(|p| path == *p || path.starts_with(&format!("{p}/")))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The manifest of a tree on this machine (chroot into it).
+pub fn host_manifest(tree: &Path) -> Vec<String> {
+    filter_manifest(&run_ok(Command::new("chroot").arg(tree).args(["/bin/busybox", "sh", "-c", MANIFEST_SCRIPT])))
+}
+
+/// The manifest of an image, from inside a container of it.
+pub fn container_manifest(host: &Host, image: &str) -> Vec<String> {
+    filter_manifest(&host.docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        image,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        MANIFEST_SCRIPT,
+    ]))
+}
+
+pub fn assert_same_manifest(expected: &[String], actual: &[String], what: &str) {
+    if expected != actual {
+        let e: std::collections::BTreeSet<_> = expected.iter().collect();
+        let a: std::collections::BTreeSet<_> = actual.iter().collect();
+        let missing: Vec<_> = e.difference(&a).take(20).collect();
+        let extra: Vec<_> = a.difference(&e).take(20).collect();
+        panic!("{what}: container differs from source\nmissing: {missing:#?}\nunexpected: {extra:#?}");
+    }
+    assert!(expected.len() > 10, "{what}: suspiciously small manifest");
+}
+
+/// One layer of a generated image: what it adds and what it removes.
+#[derive(Default, Clone)]
+pub struct LayerSpec {
+    /// (path, content, mode, uid, gid)
+    pub files: Vec<(String, Vec<u8>, u32, u64, u64)>,
+    pub dirs: Vec<(String, u32)>,
+    pub symlinks: Vec<(String, String)>,
+    pub hardlinks: Vec<(String, String)>,
+    /// Paths removed from below (become `.wh.NAME`).
+    pub whiteouts: Vec<String>,
+    /// Directories whose lower content is hidden (`.wh..wh..opq`).
+    pub opaque: Vec<String>,
+    /// Add the busybox rootfs (for the base layer).
+    pub rootfs: Option<PathBuf>,
+}
+
+fn tar_header(kind: tar::EntryType, mode: u32, size: u64, uid: u64, gid: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    h.set_mtime(1_700_000_000);
+    h
+}
+
+/// The tar of one layer.
+pub fn layer_tar(spec: &LayerSpec) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    if let Some(root) = &spec.rootfs {
+        b.append_dir_all(".", root).unwrap();
+    }
+    for d in &spec.opaque {
+        b.append_data(&mut tar_header(tar::EntryType::Directory, 0o755, 0, 0, 0), format!("{d}/"), std::io::empty())
+            .unwrap();
+        b.append_data(
+            &mut tar_header(tar::EntryType::Regular, 0o644, 0, 0, 0),
+            format!("{d}/.wh..wh..opq"),
+            std::io::empty(),
+        )
+        .unwrap();
+    }
+    for w in &spec.whiteouts {
+        let p = Path::new(w);
+        let name = format!(".wh.{}", p.file_name().unwrap().to_string_lossy());
+        let wh = p.with_file_name(name);
+        b.append_data(&mut tar_header(tar::EntryType::Regular, 0o644, 0, 0, 0), wh, std::io::empty()).unwrap();
+    }
+    for (d, mode) in &spec.dirs {
+        b.append_data(&mut tar_header(tar::EntryType::Directory, *mode, 0, 0, 0), format!("{d}/"), std::io::empty())
+            .unwrap();
+    }
+    for (p, data, mode, uid, gid) in &spec.files {
+        b.append_data(&mut tar_header(tar::EntryType::Regular, *mode, data.len() as u64, *uid, *gid), p, &data[..])
+            .unwrap();
+    }
+    for (p, target) in &spec.symlinks {
+        b.append_link(&mut tar_header(tar::EntryType::Symlink, 0o777, 0, 0, 0), p, target).unwrap();
+    }
+    for (p, target) in &spec.hardlinks {
+        b.append_link(&mut tar_header(tar::EntryType::Link, 0o644, 0, 0, 0), p, target).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Writes a `docker save` style archive of the layers to `out` and returns
+/// the layer tars (bottom first).
+pub fn docker_archive(layers: &[LayerSpec], tag: &str, out: &Path) -> Vec<Vec<u8>> {
+    let tars: Vec<Vec<u8>> = layers.iter().map(layer_tar).collect();
+    let diff_ids: Vec<String> = tars.iter().map(|t| format!("sha256:{}", sha256_hex(t))).collect();
+    let history: Vec<serde_json::Value> = tars
+        .iter()
+        .map(|_| serde_json::json!({"created": "2023-11-14T22:13:20Z", "created_by": "sharedloop test"}))
+        .collect();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "created": "2023-11-14T22:13:20Z",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": history,
+    });
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_name = format!("{}.json", sha256_hex(&config_bytes));
+    let mut b = tar::Builder::new(fs::File::create(out).unwrap());
+    let add = |b: &mut tar::Builder<fs::File>, name: &str, data: &[u8]| {
+        b.append_data(&mut tar_header(tar::EntryType::Regular, 0o644, data.len() as u64, 0, 0), name, data).unwrap();
+    };
+    let mut layer_paths = Vec::new();
+    for (i, t) in tars.iter().enumerate() {
+        let p = format!("layer{i:04}/layer.tar");
+        add(&mut b, &p, t);
+        layer_paths.push(p);
+    }
+    add(&mut b, &config_name, &config_bytes);
+    let manifest = serde_json::json!([{"Config": config_name, "RepoTags": [tag], "Layers": layer_paths}]);
+    add(&mut b, "manifest.json", &serde_json::to_vec(&manifest).unwrap());
+    b.into_inner().unwrap().flush().unwrap();
+    tars
+}
+
+/// Materialises the tree an image of `tars` must show, the way the OCI
+/// image spec defines it (GNU tar for extraction, whiteouts by hand).
+pub fn expected_tree(tars: &[Vec<u8>], dest: &Path) {
+    fs::create_dir_all(dest).unwrap();
+    for t in tars {
+        let mut ar = tar::Archive::new(&t[..]);
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            let p = e.path().unwrap().into_owned();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let parent = dest.join(p.parent().unwrap_or(Path::new("")));
+            if name == ".wh..wh..opq" {
+                if let Ok(rd) = fs::read_dir(&parent) {
+                    for c in rd.flatten() {
+                        let _ = run(Command::new("rm").arg("-rf").arg(c.path()));
+                    }
+                }
+            } else if let Some(victim) = name.strip_prefix(".wh.") {
+                run_ok(Command::new("rm").arg("-rf").arg(parent.join(victim)));
+            }
+        }
+        let tf = dest.with_extension("layer.tar");
+        fs::write(&tf, t).unwrap();
+        run_ok(
+            Command::new("tar")
+                .args(["-x", "--same-owner", "-p", "--exclude=.wh.*", "-f"])
+                .arg(&tf)
+                .arg("-C")
+                .arg(dest),
+        );
+        fs::remove_file(&tf).unwrap();
+    }
+}
