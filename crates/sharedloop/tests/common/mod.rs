@@ -87,29 +87,50 @@ fn mnt_ns(pid: u32) -> Option<u64> {
     fs::metadata(format!("/proc/{pid}/ns/mnt")).ok().map(|m| m.ino())
 }
 
-/// Kills every process whose mount namespace is `ns`.
-fn kill_namespace(ns: u64) {
-    for _ in 0..50 {
-        let mut found = false;
-        for e in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            if mnt_ns(pid as u32) == Some(ns) {
-                found = true;
-                let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_raw(pid).unwrap(),
-                    rustix::process::Signal::KILL,
-                );
-            }
+/// A process's start time (field 22 of /proc/PID/stat), to tell it from a
+/// later process with the same pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn pids_in_namespace(ns: u64, except: Option<u32>) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if Some(pid as u32) != except && mnt_ns(pid as u32) == Some(ns) {
+            out.push(pid);
         }
-        if !found {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    }
+    out
+}
+
+fn kill_pids(pids: &[i32]) {
+    for &pid in pids {
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
     }
 }
 
+/// Kills every process in the namespace `ns`, which `holder` keeps alive
+/// (so its inode number cannot be reused by another host meanwhile), and
+/// the holder last.
+fn kill_namespace(ns: u64, holder: &mut Child) {
+    for _ in 0..100 {
+        let pids = pids_in_namespace(ns, Some(holder.id()));
+        if pids.is_empty() {
+            break;
+        }
+        kill_pids(&pids);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
+
 /// Removes what test processes that died left behind: their hosts'
-/// processes (and with them mounts), loop devices and directories.
+/// processes (and with them mounts), loop devices and directories. A
+/// namespace is only touched when one of its processes names the dead
+/// host's directory, since namespace inode numbers are reused.
 fn sweep_dead_hosts() {
     let Ok(rd) = fs::read_dir(TEST_ROOT) else { return };
     for e in rd.flatten() {
@@ -119,8 +140,24 @@ fn sweep_dead_hosts() {
         if alive {
             continue;
         }
-        if let Some(ns) = fs::read_to_string(dir.join("ns")).ok().and_then(|s| s.trim().parse().ok()) {
-            kill_namespace(ns);
+        if let Some(ns) = fs::read_to_string(dir.join("ns")).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            let pids = pids_in_namespace(ns, None);
+            let holder_alive = fs::read_to_string(dir.join("holder")).ok().is_some_and(|h| {
+                let mut it = h.split_whitespace().filter_map(|x| x.parse::<u64>().ok());
+                match (it.next(), it.next()) {
+                    (Some(pid), Some(st)) => start_time(pid as u32) == Some(st) && mnt_ns(pid as u32) == Some(ns),
+                    _ => false,
+                }
+            });
+            let ours = holder_alive || pids.iter().any(|p| {
+                fs::read(format!("/proc/{p}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+                    .unwrap_or(false)
+            });
+            if ours {
+                kill_pids(&pids);
+                std::thread::sleep(Duration::from_millis(500));
+            }
         }
         detach_loops_under(&dir);
         let _ = Command::new("umount").arg("-R").arg("-l").arg(&dir).stderr(Stdio::null()).status();
@@ -211,6 +248,7 @@ impl Host {
         }
         let ns = mnt_ns(holder.id()).expect("holder namespace");
         fs::write(dir.join("ns"), ns.to_string()).unwrap();
+        fs::write(dir.join("holder"), format!("{} {}", holder.id(), start_time(holder.id()).unwrap_or(0))).unwrap();
         Host { name: name.into(), dir, holder, ns, plugin: None, dockerd: None, dockerd_args: Vec::new() }
     }
 
@@ -414,8 +452,7 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.stop_dockerd();
-        kill_namespace(self.ns);
-        let _ = self.holder.wait();
+        kill_namespace(self.ns, &mut self.holder);
         if let Some(mut p) = self.plugin.take() {
             let _ = p.wait();
         }
@@ -540,11 +577,19 @@ fn tar_header(kind: tar::EntryType, mode: u32, size: u64, uid: u64, gid: u64) ->
 
 /// The tar of one layer.
 pub fn layer_tar(spec: &LayerSpec) -> Vec<u8> {
+    if let Some(root) = &spec.rootfs {
+        // Deterministic: the same tree gives the same bytes (and diff id)
+        // on every host.
+        let out = run(Command::new("tar")
+            .args(["--sort=name", "--mtime=@1700000000", "--owner=0", "--group=0", "--numeric-owner", "-C"])
+            .arg(root)
+            .args(["-cf", "-", "."]));
+        assert!(out.status.success(), "tar of {}: {}", root.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(spec.files.is_empty() && spec.dirs.is_empty(), "a rootfs layer has nothing else");
+        return out.stdout;
+    }
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
-    if let Some(root) = &spec.rootfs {
-        b.append_dir_all(".", root).unwrap();
-    }
     for d in &spec.opaque {
         b.append_data(&mut tar_header(tar::EntryType::Directory, 0o755, 0, 0, 0), format!("{d}/"), std::io::empty())
             .unwrap();
