@@ -346,7 +346,7 @@ impl Driver {
         let fs_type = info.meta.fs.expect("image has a fs");
         let target = self.ro_mnt(chain);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: true, direct_io: true })
+        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: true, direct_io: self.cfg.direct_io })
             .ctx("attach loop device", &img)?;
         mount::mount_layer_ro(dev.path(), &target, fs_type)?;
         tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(), "layer mounted");
@@ -362,7 +362,7 @@ impl Driver {
         }
         let img = self.rw_image(id);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io: true })
+        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io: self.cfg.direct_io })
             .ctx("attach loop device", &img)?;
         mount::mount_layer_rw(dev.path(), &target, fs_type)?;
         for d in ["upper", "work"] {
@@ -696,6 +696,7 @@ impl Driver {
             ("Loopback Root Directory".to_owned(), self.cfg.root.display().to_string()),
             ("Loopback Fallback Directory".to_owned(), self.cfg.fallback.display().to_string()),
             ("Layer Image Filesystem".to_owned(), self.cfg.fs.name().to_owned()),
+            ("Loop Direct I/O".to_owned(), if self.cfg.direct_io { "on" } else { "off" }.to_owned()),
         ];
         v.push((
             "Root Directory State".to_owned(),
@@ -705,8 +706,9 @@ impl Driver {
             },
         ));
         for loc in [Location::Root, Location::Fallback] {
-            let root_fs = fsmagic::fs_name_of(self.store.base(loc));
-            let n = self.store.count_layers(loc).map(|n| n.to_string()).unwrap_or_else(|| "unavailable".into());
+            let base = self.store.base(loc);
+            let root_fs = if base.exists() { fsmagic::fs_name_of(base) } else { "(not created yet)".to_owned() };
+            let n = self.store.count_layers(loc).unwrap_or(0).to_string();
             let name = if loc == Location::Root { "Root" } else { "Fallback" };
             v.push((format!("{name} Filesystem"), root_fs));
             v.push((format!("Layers in {name}"), n));

@@ -73,6 +73,9 @@ pub struct Config {
     pub fs: FsType,
     /// `sharedloop.size`: default size of a writable layer.
     pub rw_size: Bytes,
+    /// `sharedloop.direct_io`: loop devices read their image files with
+    /// O_DIRECT (no second copy in the page cache).
+    pub direct_io: bool,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             override_kernel_check: false,
             fs: FsType::Ext4,
             rw_size: DEFAULT_RW_SIZE,
+            direct_io: true,
         }
     }
 }
@@ -131,6 +135,7 @@ impl Config {
                 "sharedloop.loopback_fallback" => c.fallback = parse_dir(&key, need(&key, val)?)?,
                 "sharedloop.override_kernel_check" => c.override_kernel_check = parse_bool(&key, val.unwrap_or(""))?,
                 "sharedloop.fs" => c.fs = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
+                "sharedloop.direct_io" => c.direct_io = parse_bool(&key, val.unwrap_or(""))?,
                 "sharedloop.size" => {
                     let v = need(&key, val)?;
                     c.rw_size = Bytes::parse(v)
@@ -141,7 +146,7 @@ impl Config {
                     return Err(bad(
                         &key,
                         "unknown option; known: sharedloop.loopback_root, sharedloop.loopback_fallback, \
-                         sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size",
+                         sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size, sharedloop.direct_io",
                     ))
                 }
             }
@@ -197,6 +202,7 @@ mod tests {
             "sharedloop.override_kernel_check",
             "sharedloop.fs=xfs",
             "sharedloop.size=2G",
+            "sharedloop.direct_io=false",
         ])
         .unwrap();
         assert_eq!(c.root, PathBuf::from("/srv/shared"));
@@ -204,6 +210,7 @@ mod tests {
         assert!(c.override_kernel_check);
         assert_eq!(c.fs, FsType::Xfs);
         assert_eq!(c.rw_size, Bytes(2 * Bytes::GIB));
+        assert!(!c.direct_io);
         let c = Config::from_opts(&["sharedloop.override_kernel_check=false"]).unwrap();
         assert!(!c.override_kernel_check);
     }

@@ -409,3 +409,19 @@ fn docker_plugin_restart_keeps_containers_running() {
     let home = host.data_root().join("sharedloop");
     assert_eq!(host.mounts_under(&home), vec![home.display().to_string()], "mounts left");
 }
+
+#[test]
+fn docker_refuses_to_start_with_a_bad_option_and_names_it() {
+    require(&["dockerd"]);
+    let mut host = Host::new("badopt");
+    host.start_plugin();
+    for (opt, name) in
+        [("sharedloop.fs=btrfs", "sharedloop.fs"), ("sharedloop.no_such_thing=1", "sharedloop.no_such_thing")]
+    {
+        let mut opts = host.default_storage_opts();
+        opts.push(opt.into());
+        let dr = host.data_root();
+        let err = host.try_start_dockerd(&opts, Some(&dr)).expect_err("dockerd started with a bad option");
+        assert!(err.contains(name), "dockerd's error does not name {name}: {}", tail(&err, 5));
+    }
+}

@@ -80,7 +80,10 @@ fn fallback_root_read_only_keeps_using_existing_root_layers() {
     let probe = Host::new("ro-reader");
     let root_inside = probe.root_dir();
     drop(probe);
-    let mut host = Host::with("ro-reader", HostOpts { binds: vec![(shared.clone(), root_inside.clone(), true)], ..Default::default() });
+    let mut host = Host::with(
+        "ro-reader",
+        HostOpts { binds: vec![(shared.clone(), root_inside.clone(), true)], ..Default::default() },
+    );
     // the bind target is this host's root dir
     let opts = vec![
         format!("sharedloop.loopback_root={}", root_inside.display()),

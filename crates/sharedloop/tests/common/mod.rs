@@ -107,7 +107,8 @@ fn pids_in_namespace(ns: u64, except: Option<u32>) -> Vec<i32> {
 
 fn kill_pids(pids: &[i32]) {
     for &pid in pids {
-        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
     }
 }
 
@@ -149,11 +150,12 @@ fn sweep_dead_hosts() {
                     _ => false,
                 }
             });
-            let ours = holder_alive || pids.iter().any(|p| {
-                fs::read(format!("/proc/{p}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
-                    .unwrap_or(false)
-            });
+            let ours = holder_alive
+                || pids.iter().any(|p| {
+                    fs::read(format!("/proc/{p}/cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+                        .unwrap_or(false)
+                });
             if ours {
                 kill_pids(&pids);
                 std::thread::sleep(Duration::from_millis(500));
@@ -277,6 +279,13 @@ impl Host {
     pub fn fallback_dir(&self) -> PathBuf {
         self.dir.join("private")
     }
+    pub fn daemon_json(&self) -> PathBuf {
+        let p = self.dir.join("daemon.json");
+        if !p.exists() {
+            fs::write(&p, "{}\n").unwrap();
+        }
+        p
+    }
     pub fn socket(&self) -> PathBuf {
         self.dir.join("docker.sock")
     }
@@ -338,6 +347,8 @@ impl Host {
             format!("unix://{}", self.socket().display()),
             "--iptables=false".into(),
             "--ip-masq=false".into(),
+            // Never the machine's /etc/docker/daemon.json (scripts/setup writes one).
+            format!("--config-file={}", self.daemon_json().display()),
         ];
         if let Some(dr) = data_root {
             args.push(format!("--data-root={}", dr.display()));
