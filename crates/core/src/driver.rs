@@ -11,6 +11,7 @@
 //!   rwmnt/<id>/              the mount of a writable layer's image
 //!   merged/<id>/             overlay mounts handed to the engine
 //!   tmp/                     staging for ApplyDiff, swept at start
+//!   templates/<fs>-<bytes>.img  a formatted empty writable image, cloned per container
 //!   empty/                   an empty directory (lower of a parentless stack)
 //! ```
 //! A layer mount stays mounted while its layer exists on this host, so a
@@ -76,6 +77,8 @@ struct State {
     ro: HashMap<ChainId, RoMount>,
     rw_mounted: HashSet<String>,
     gets: HashMap<String, GetRef>,
+    /// Background removals of writable layers; each sender drops when done.
+    pending: Vec<std::sync::mpsc::Receiver<()>>,
 }
 
 /// Whether the created layer is read-only (an image layer) or writable.
@@ -318,7 +321,7 @@ impl Driver {
                 let dir = img.parent().unwrap();
                 let _ = fs::remove_dir_all(dir);
                 fs::create_dir_all(dir).ctx("mkdir", dir)?;
-                if let Err(e) = image::create_rw_image(&img, fs_type, size) {
+                if let Err(e) = image::create_rw_image(&img, fs_type, size, &self.home.join("templates")) {
                     let _ = fs::remove_dir_all(dir);
                     return Err(e);
                 }
@@ -587,15 +590,34 @@ impl Driver {
         }
         match &l.kind {
             Kind::Rw { .. } => {
-                if st.rw_mounted.remove(id) {
-                    let m = self.rw_mnt(id);
-                    mount::unmount_path(&m)?;
-                    let _ = fs::remove_dir(&m);
-                }
+                // The engine never names a removed id again: take the image
+                // out of the way now, and unmount (a journal commit) and
+                // delete it off the request path. A crash in between leaves
+                // a mount of an unknown id and a tmp/ entry, both of which
+                // the start-up reconcile removes.
+                let mounted = st.rw_mounted.remove(id);
                 let dir = self.home.join("rw").join(id);
-                fs::remove_dir_all(&dir)
-                    .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-                    .ctx("remove", &dir)?;
+                let grave = self.home.join("tmp").join(format!("rm-{}", random_token()));
+                match fs::rename(&dir, &grave) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::sys("rename", dir, e)),
+                }
+                let m = self.rw_mnt(id);
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                std::thread::spawn(move || {
+                    if mounted {
+                        if let Err(e) = mount::unmount_path(&m) {
+                            tracing::warn!(target = %m.display(), error = %e, "cannot unmount a removed writable layer");
+                            return;
+                        }
+                    }
+                    let _ = fs::remove_dir(&m);
+                    let _ = fs::remove_dir_all(&grave);
+                    drop(tx);
+                });
+                st.pending.retain(|r| matches!(r.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)));
+                st.pending.push(rx);
             }
             Kind::Image { chain: Some(c), .. } => {
                 let shared = st
@@ -793,6 +815,9 @@ impl Driver {
     /// `get` stacks on. Called when the engine shuts down.
     pub fn cleanup(&self) -> Result<()> {
         let mut st = self.lock();
+        for rx in std::mem::take(&mut st.pending) {
+            let _ = rx.recv();
+        }
         let held: Vec<String> = st.gets.keys().cloned().collect();
         let mut busy: HashSet<PathBuf> = HashSet::new();
         for id in held {

@@ -30,8 +30,13 @@ pub fn mount_layer_ro(dev: &Path, target: &Path, fs: FsType) -> Result<()> {
 }
 
 /// Mounts a writable layer image read-write.
+/// Writable images are clones of one template, so xfs ones share a UUID.
 pub fn mount_layer_rw(dev: &Path, target: &Path, fs: FsType) -> Result<()> {
-    mount(dev, target, fs.name(), MountFlags::NOSUID | MountFlags::NODEV, None).ctx("mount writable image", target)
+    let data = match fs {
+        FsType::Ext4 => None,
+        FsType::Xfs => Some(c"nouuid"),
+    };
+    mount(dev, target, fs.name(), MountFlags::NOSUID | MountFlags::NODEV, data).ctx("mount writable image", target)
 }
 
 /// What an overlay mount stacks. `lowers[0]` is the topmost lower layer.

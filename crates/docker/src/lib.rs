@@ -301,10 +301,17 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming
     serde_json::from_slice(&bytes).map_err(|e| format!("malformed request: {e}"))
 }
 
-/// Handles one request.
+/// Handles one request, logging its duration at debug level.
 pub async fn handle(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().trim_start_matches('/').to_owned();
-    tracing::debug!(op = %path, "request");
+    let start = std::time::Instant::now();
+    let r = route(plugin, req, &path).await;
+    tracing::debug!(op = %path, ms = start.elapsed().as_secs_f64() * 1000.0, "request");
+    r
+}
+
+async fn route(plugin: Arc<Plugin>, req: Request<Incoming>, path: &str) -> Result<Response<Body>, Infallible> {
+    let path = path.to_owned();
     if path == "Plugin.Activate" {
         return Ok(full(StatusCode::OK, &json!({ "Implements": ["GraphDriver"] })));
     }

@@ -240,8 +240,13 @@ fn image_suite(fs_type: &str) {
     assert_eq!(layer_count(&host.root_dir()), 0, "layer images left in root");
     assert_eq!(layer_count(&host.fallback_dir()), 0, "layer images left in fallback");
     let home = host.data_root().join("sharedloop");
-    assert_eq!(host.mounts_under(&home), vec![home.display().to_string()], "mounts left under {}", home.display());
-    assert!(loops_under(&host.dir).is_empty(), "loop devices left: {:?}", loops_under(&host.dir));
+    assert_eq!(
+        settled_mounts(&host, &home, 1),
+        vec![home.display().to_string()],
+        "mounts left under {}",
+        home.display()
+    );
+    assert_no_loops(&host.dir);
     assert!(fs::read_dir(home.join("rw")).unwrap().next().is_none(), "writable images left");
     let log = host.plugin_log();
     assert!(!log.contains(" ERROR "), "errors in the plugin log:\n{}", tail(&log, 40));
@@ -361,7 +366,7 @@ fn docker_twenty_containers_share_one_mount_per_layer() {
         host.docker_ok(&["rm", "-f", &format!("c{i}")]);
     }
     host.docker_ok(&["rmi", "multi:1"]);
-    assert!(loops_under(&host.dir).is_empty(), "loop devices left: {:?}", loops_under(&host.dir));
+    assert_no_loops(&host.dir);
 }
 
 #[test]
@@ -405,9 +410,9 @@ fn docker_plugin_restart_keeps_containers_running() {
     assert_eq!(out, "gamma\n");
     host.docker_ok(&["rm", "-f", "ca", "cb"]);
     host.docker_ok(&["rmi", "b-committed:1", "multi:1"]);
-    assert!(loops_under(&host.dir).is_empty(), "loop devices left: {:?}", loops_under(&host.dir));
+    assert_no_loops(&host.dir);
     let home = host.data_root().join("sharedloop");
-    assert_eq!(host.mounts_under(&home), vec![home.display().to_string()], "mounts left");
+    assert_eq!(settled_mounts(&host, &home, 1), vec![home.display().to_string()], "mounts left");
 }
 
 #[test]

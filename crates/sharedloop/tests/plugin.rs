@@ -71,7 +71,7 @@ fn plugin_protocol_500_layer_stack() {
     for i in (0..500).rev() {
         c.ok("GraphDriver.Remove", json!({"ID": format!("layer{i:03}")}));
     }
-    assert!(loops_under(&host.dir).is_empty(), "loop devices left");
+    assert_no_loops(&host.dir);
     assert_eq!(fs::read_dir(host.root_dir().join("layers")).unwrap().count(), 0);
 }
 
@@ -145,5 +145,5 @@ fn plugin_rejects_bad_requests_and_keeps_the_store_clean() {
     assert!(c.call("GraphDriver.Remove", json!({"ID": "l1"})).err().unwrap().contains("rw"));
     c.ok("GraphDriver.Remove", json!({"ID": "rw"}));
     c.ok("GraphDriver.Remove", json!({"ID": "l1"}));
-    assert!(loops_under(&host.dir).is_empty());
+    assert_no_loops(&host.dir);
 }

@@ -706,3 +706,26 @@ pub fn expected_tree(tars: &[Vec<u8>], dest: &Path) {
         fs::remove_file(&tf).unwrap();
     }
 }
+
+/// Asserts that no loop device is backed by a file under `dir`, allowing a
+/// few seconds for removals that finish in the background.
+pub fn assert_no_loops(dir: &Path) {
+    let t = Instant::now();
+    while !loops_under(dir).is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = loops_under(dir);
+    assert!(left.is_empty(), "loop devices left: {left:?}");
+}
+
+/// Mount points under `dir` in `host`, once background removals settle.
+pub fn settled_mounts(host: &Host, dir: &Path, expect: usize) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let m = host.mounts_under(dir);
+        if m.len() <= expect || t.elapsed() > Duration::from_secs(10) {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
