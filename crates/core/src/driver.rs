@@ -100,6 +100,24 @@ pub struct Driver {
     cfg: Config,
     store: Store,
     state: Mutex<State>,
+    /// Dropping it stops the heartbeat thread.
+    _heartbeat: std::sync::mpsc::Sender<()>,
+}
+
+/// Writes this host's heartbeat every `secs` until the sender is dropped.
+fn spawn_heartbeat(store: Store, secs: u64) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || loop {
+            store.heartbeat(secs);
+            match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+        })
+        .expect("spawn heartbeat thread");
+    tx
 }
 
 /// Engine ids become path components: keep them plain.
@@ -141,7 +159,8 @@ impl Driver {
             }
         };
         let store = Store::new(&cfg, &host_id);
-        let d = Driver { home: home.to_owned(), cfg, store, state: Mutex::new(State::default()) };
+        let hb = spawn_heartbeat(store.clone(), cfg.heartbeat_secs);
+        let d = Driver { home: home.to_owned(), cfg, store, state: Mutex::new(State::default()), _heartbeat: hb };
         d.reconcile()?;
         Ok(d)
     }
@@ -516,7 +535,6 @@ impl Driver {
         }
         let (info, content) = r?;
         let chain = info.meta.chain_id.clone();
-        self.store.add_ref(&info);
         let mut st = self.lock();
         let Some(l) = st.layers.get_mut(id) else {
             return Err(Error::NotFound(id.into()));
@@ -529,15 +547,14 @@ impl Driver {
     }
 
     fn apply_staged(&self, staging: &Path, parent: Option<&ChainId>, tar: &mut dyn Read) -> Result<(LayerInfo, u64)> {
+        let t0 = std::time::Instant::now();
         let stats = apply_tar(tar, &staging.join(image::LAYER_ROOT))?;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, bytes = stats.tar_bytes, "tar applied to staging");
         let diff_id = stats.diff_id.clone().expect("set by apply");
         let chain = ChainId::of(parent, &diff_id);
-        if let Some(info) = self.store.locate(&chain) {
-            tracing::info!(layer = %chain, location = info.location.name(), "layer already in the store; reusing it");
-            return Ok((info, stats.content_bytes));
-        }
         let fs_type = self.cfg.fs;
         let build = |tmp: &Path| -> Result<LayerMeta> {
+            let t1 = std::time::Instant::now();
             let counts = export::tree_counts(staging)?;
             let empty = counts.inodes <= 2; // the image root and fs/
             let image_bytes = if empty {
@@ -551,6 +568,10 @@ impl Driver {
                     })?
                     .0
             };
+            tracing::debug!(ms = t1.elapsed().as_secs_f64() * 1e3, image_bytes, "image built");
+            let t2 = std::time::Instant::now();
+            let image_sha256 = if empty { None } else { Some(image::sha256_file(&tmp.join(IMAGE_FILE))?) };
+            tracing::debug!(ms = t2.elapsed().as_secs_f64() * 1e3, "image hashed");
             Ok(LayerMeta {
                 format: FORMAT_VERSION,
                 chain_id: chain.clone(),
@@ -562,14 +583,27 @@ impl Driver {
                 tar_bytes: stats.tar_bytes,
                 entries: stats.entries,
                 publisher: self.store.host_id.clone(),
-                created_unix: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
+                created_unix: crate::store::now_unix(),
+                image_sha256,
             })
         };
-        let published = self.store.publish(&chain, &build)?;
-        Ok((published.into_info(), stats.content_bytes))
+        // Use the layer that is there, or publish ours; then take a
+        // reference and confirm the layer survived (a host removing it
+        // concurrently either saw our reference or we publish again).
+        for _ in 0..3 {
+            let info = match self.store.locate(&chain) {
+                Some(info) => {
+                    tracing::info!(layer = %chain, location = info.location.name(), "layer already in the store; reusing it");
+                    info
+                }
+                None => self.store.publish(&chain, &build)?.into_info(),
+            };
+            if let Some(info) = self.store.acquire(&info) {
+                return Ok((info, stats.content_bytes));
+            }
+            tracing::info!(layer = %chain, "the layer was removed while being referenced; publishing it again");
+        }
+        Err(Error::Invalid(format!("layer {chain} keeps disappearing from the store; is another host collecting it?")))
     }
 
     /// Removes layer `id`. Removing what does not exist is not an error.
@@ -639,7 +673,15 @@ impl Driver {
                         }
                         None => self.store.locate(c),
                     };
-                    if let Some(info) = info {
+                    // Where it was mounted from, and where it is now (a
+                    // promote may have moved it).
+                    let mut infos: Vec<LayerInfo> = info.into_iter().collect();
+                    if let Some(now) = self.store.locate(c) {
+                        if !infos.iter().any(|i| i.location == now.location) {
+                            infos.push(now);
+                        }
+                    }
+                    for info in infos {
                         if self.store.release(&info)? {
                             tracing::info!(layer = %c, location = info.location.name(), "layer removed from the store");
                         }

@@ -80,7 +80,9 @@ pub fn build_layer_image(staging: &Path, out: &Path, counts: TreeCounts, fs: FsT
         };
         match r {
             Ok(()) => {
+                let t = std::time::Instant::now();
                 File::open(out).ctx("open", out)?.sync_all().ctx("fsync", out)?;
+                tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "image synced");
                 return Ok(size);
             }
             Err(e) => {
@@ -140,7 +142,7 @@ fn mkfs_rw(out: &Path, fs: FsType) -> Result<()> {
 
 /// Copies the data extents of sparse file `src` into new file `dst`, so a
 /// 10 GiB image with 4 MiB of metadata costs 4 MiB of I/O.
-fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
+pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
     use rustix::fs::{copy_file_range, seek, SeekFrom};
     let from = File::open(src).ctx("open", src)?;
     let len = from.metadata().ctx("stat", src)?.len();
@@ -165,6 +167,15 @@ fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
         pos = hole;
     }
     Ok(())
+}
+
+/// The sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest as _;
+    let mut f = File::open(path).ctx("open", path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).ctx("read", path)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Creates a writable layer image of `size` at `out` (must not exist).

@@ -2,6 +2,7 @@
 //! read-only and stacked with overlayfs. No protocol code lives here; the
 //! Docker plugin and the containerd snapshotter are adapters over
 //! [`driver::Driver`].
+pub mod admin;
 pub mod apply;
 pub mod driver;
 pub mod error;

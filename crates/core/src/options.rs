@@ -13,6 +13,7 @@ use crate::ids::Bytes;
 
 pub const DEFAULT_ROOT: &str = "/var/lib/docker/loopback/root";
 pub const DEFAULT_FALLBACK: &str = "/var/lib/docker/loopback/private";
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 30;
 pub const DEFAULT_RW_SIZE: Bytes = Bytes(10 * Bytes::GIB);
 /// The oldest kernel with overlayfs' multiple lower layers.
 pub const MIN_KERNEL: (u32, u32, u32) = (4, 0, 0);
@@ -76,6 +77,9 @@ pub struct Config {
     /// `sharedloop.direct_io`: loop devices read their image files with
     /// O_DIRECT (no second copy in the page cache).
     pub direct_io: bool,
+    /// `sharedloop.heartbeat_interval`: how often this host says it is
+    /// alive in the store (seconds).
+    pub heartbeat_secs: u64,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             fs: FsType::Ext4,
             rw_size: DEFAULT_RW_SIZE,
             direct_io: true,
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
         }
     }
 }
@@ -135,6 +140,12 @@ impl Config {
                 "sharedloop.loopback_fallback" => c.fallback = parse_dir(&key, need(&key, val)?)?,
                 "sharedloop.override_kernel_check" => c.override_kernel_check = parse_bool(&key, val.unwrap_or(""))?,
                 "sharedloop.fs" => c.fs = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
+                "sharedloop.heartbeat_interval" => {
+                    let v = need(&key, val)?;
+                    c.heartbeat_secs = parse_duration(v)
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| bad(&key, format!("{v:?} is not a duration (e.g. 30s, 5m)")))?
+                }
                 "sharedloop.direct_io" => c.direct_io = parse_bool(&key, val.unwrap_or(""))?,
                 "sharedloop.size" => {
                     let v = need(&key, val)?;
@@ -146,7 +157,8 @@ impl Config {
                     return Err(bad(
                         &key,
                         "unknown option; known: sharedloop.loopback_root, sharedloop.loopback_fallback, \
-                         sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size, sharedloop.direct_io",
+                         sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size, sharedloop.direct_io, \
+                         sharedloop.heartbeat_interval",
                     ))
                 }
             }
@@ -170,6 +182,22 @@ impl Config {
             }),
         }
     }
+}
+
+/// `90`, `90s`, `5m`, `2h`, `1d` -> seconds.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// `6.1.0-18-amd64` -> (6, 1, 0). Missing parts count as 0.
@@ -203,6 +231,7 @@ mod tests {
             "sharedloop.fs=xfs",
             "sharedloop.size=2G",
             "sharedloop.direct_io=false",
+            "sharedloop.heartbeat_interval=2m",
         ])
         .unwrap();
         assert_eq!(c.root, PathBuf::from("/srv/shared"));
@@ -211,6 +240,7 @@ mod tests {
         assert_eq!(c.fs, FsType::Xfs);
         assert_eq!(c.rw_size, Bytes(2 * Bytes::GIB));
         assert!(!c.direct_io);
+        assert_eq!(c.heartbeat_secs, 120);
         let c = Config::from_opts(&["sharedloop.override_kernel_check=false"]).unwrap();
         assert!(!c.override_kernel_check);
     }
@@ -224,6 +254,8 @@ mod tests {
             ("sharedloop.loopback_root", "sharedloop.loopback_root"),
             ("sharedloop.override_kernel_check=maybe", "sharedloop.override_kernel_check"),
             ("sharedloop.size=huge", "sharedloop.size"),
+            ("sharedloop.heartbeat_interval=soon", "sharedloop.heartbeat_interval"),
+            ("sharedloop.direct_io=sometimes", "sharedloop.direct_io"),
             ("overlay2.size=1G", "overlay2.size"),
         ] {
             let e = Config::from_opts(&[opt]).unwrap_err().to_string();

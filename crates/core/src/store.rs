@@ -7,6 +7,7 @@
 //!   layers/<sha256-HEX>/meta.json      LayerMeta
 //!   tmp/<host>-<token>/                builds in progress, never read by others
 //!   refs/<sha256-HEX>/<host-id>        "this host uses the layer"
+//!   hosts/<host-id>                    HostRecord: the host's heartbeat
 //! ```
 //! A layer directory appears by one `rename(2)` of a complete, fsynced
 //! build, so readers never see a half-written layer; when the name already
@@ -59,6 +60,9 @@ pub struct LayerMeta {
     pub entries: u64,
     pub publisher: String,
     pub created_unix: u64,
+    /// sha256 of layer.img as published, for `sharedloop verify`.
+    #[serde(default)]
+    pub image_sha256: Option<String>,
 }
 
 /// A located layer.
@@ -113,6 +117,19 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).ctx("open", dir)?.sync_all().ctx("fsync", dir)
+}
+
+/// `hosts/<host-id>`: a host's heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub host_id: String,
+    pub hostname: String,
+    pub heartbeat_unix: u64,
+    pub interval_secs: u64,
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Result of publishing: ours, or the one another host published first.
@@ -231,13 +248,17 @@ impl Store {
                     fsync_dir(&layers)?;
                     Ok(Published::Created(LayerInfo { location: loc, dir: dest, meta }))
                 }
-                Err(Errno::EXIST) | Err(Errno::NOTEMPTY) => {
-                    tracing::info!(layer = %chain, "another host published this layer first; using theirs");
-                    let _ = fs::remove_dir_all(&tmp);
-                    let meta = Self::read_meta(&dest).ctx("read", dest.join(META_FILE))?;
-                    Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta }))
-                }
-                Err(e) => Err(Error::sys("rename", dest, e)),
+                // EEXIST/ENOTEMPTY locally; network filesystems may answer
+                // otherwise (EPERM, EIO): what counts is whether the name
+                // now holds a complete layer.
+                Err(e) => match Self::read_meta(&dest) {
+                    Ok(meta) if meta.chain_id == *chain => {
+                        tracing::info!(layer = %chain, "another host published this layer first; using theirs");
+                        let _ = fs::remove_dir_all(&tmp);
+                        Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta }))
+                    }
+                    _ => Err(Error::sys("rename", dest, e)),
+                },
             }
         })();
         if r.is_err() {
@@ -262,6 +283,28 @@ impl Store {
         }
     }
 
+    /// The hosts that hold a reference to the layer.
+    pub fn refs(&self, info: &LayerInfo) -> Vec<String> {
+        let dir = self.base(info.location).join("refs").join(info.meta.chain_id.dir_name());
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Records this host's use of the layer and confirms it is still
+    /// there: a deleter that raced us either saw our reference or we see
+    /// that the layer is gone (`None`; publish it again).
+    pub fn acquire(&self, info: &LayerInfo) -> Option<LayerInfo> {
+        self.add_ref(info);
+        let again = self.locate(&info.meta.chain_id)?;
+        if again.location != info.location {
+            self.add_ref(&again);
+        }
+        Some(again)
+    }
+
     /// Drops this host's reference; removes the layer when no host holds
     /// one any more. Returns whether the layer was removed.
     pub fn release(&self, info: &LayerInfo) -> Result<bool> {
@@ -274,26 +317,104 @@ impl Store {
                 return Ok(false);
             }
         }
-        let refs = p.parent().unwrap();
-        let others = fs::read_dir(refs).map(|d| d.count()).unwrap_or(0);
-        if others > 0 {
+        if !self.refs(info).is_empty() {
             return Ok(false);
         }
-        let _ = fs::remove_dir(refs);
-        // Take the name away in one step, then delete at leisure.
+        self.delete_unreferenced(info, &[])
+    }
+
+    /// Deletes a layer that no host in `ignore` (dead hosts) and no other
+    /// host references: rename it away, look at the references again, and
+    /// put it back if one appeared meanwhile. Returns whether it was
+    /// deleted.
+    pub fn delete_unreferenced(&self, info: &LayerInfo, ignore: &[String]) -> Result<bool> {
+        let live = |refs: Vec<String>| refs.into_iter().any(|r| !ignore.contains(&r));
+        if live(self.refs(info)) {
+            return Ok(false);
+        }
         let base = self.base(info.location);
         let grave = base.join("tmp").join(format!("{}-rm-{}", self.host_id, random_token()));
+        let _ = fs::create_dir(base.join("tmp"));
         match fs::rename(&info.dir, &grave) {
-            Ok(()) => {
-                fs::remove_dir_all(&grave).ctx("remove", &grave)?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => {
                 tracing::info!(layer = %info.meta.chain_id, error = %e, "cannot remove the layer; kept");
-                Ok(false)
+                return Ok(false);
             }
         }
+        if live(self.refs(info)) {
+            tracing::info!(layer = %info.meta.chain_id, "a host started using the layer while it was being removed; kept");
+            if fs::rename(&grave, &info.dir).is_err() {
+                // Republished meanwhile: the new copy serves.
+                let _ = fs::remove_dir_all(&grave);
+            }
+            return Ok(false);
+        }
+        let refs = base.join("refs").join(info.meta.chain_id.dir_name());
+        for r in ignore {
+            let _ = fs::remove_file(refs.join(r));
+        }
+        let _ = fs::remove_dir(&refs);
+        fs::remove_dir_all(&grave).ctx("remove", &grave)?;
+        Ok(true)
+    }
+
+    /// Every published layer in `loc`.
+    pub fn layers(&self, loc: Location) -> Vec<LayerInfo> {
+        let dir = self.base(loc).join("layers");
+        let Ok(rd) = fs::read_dir(&dir) else { return Vec::new() };
+        let mut v: Vec<LayerInfo> = rd
+            .flatten()
+            .filter_map(|e| {
+                let chain = ChainId::from_dir_name(&e.file_name().to_string_lossy())?;
+                let meta = Self::read_meta(&e.path()).ok().filter(|m| m.chain_id == chain)?;
+                Some(LayerInfo { location: loc, dir: e.path(), meta })
+            })
+            .collect();
+        v.sort_by(|a, b| a.meta.chain_id.cmp(&b.meta.chain_id));
+        v
+    }
+
+    /// Writes this host's heartbeat into every store directory that exists
+    /// and is writable.
+    pub fn heartbeat(&self, interval_secs: u64) {
+        let rec = HostRecord {
+            host_id: self.host_id.clone(),
+            hostname: rustix::system::uname().nodename().to_string_lossy().into_owned(),
+            heartbeat_unix: now_unix(),
+            interval_secs,
+        };
+        let text = serde_json::to_vec(&rec).expect("serialises");
+        for loc in [Location::Root, Location::Fallback] {
+            let base = self.base(loc);
+            if !base.is_dir() {
+                continue;
+            }
+            let dir = base.join("hosts");
+            let r = match fs::create_dir(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(Error::sys("mkdir", &dir, e)),
+            }
+            .and_then(|_| write_atomic(&dir.join(&self.host_id), &text));
+            if let Err(e) = r {
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot write the heartbeat");
+            }
+        }
+    }
+
+    /// The hosts registered in `loc`.
+    pub fn hosts(&self, loc: Location) -> Vec<HostRecord> {
+        let dir = self.base(loc).join("hosts");
+        let Ok(rd) = fs::read_dir(&dir) else { return Vec::new() };
+        let mut v: Vec<HostRecord> = rd
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| fs::read(e.path()).ok().and_then(|t| serde_json::from_slice(&t).ok()))
+            .collect();
+        v.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+        v
     }
 
     /// Removes this host's leftovers in `tmp/` (builds of a previous run).

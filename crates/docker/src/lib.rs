@@ -148,17 +148,17 @@ fn opt(s: &str) -> Option<String> {
 
 /// A `Read` over request body chunks sent from the async side.
 struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Bytes>>,
+    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
     cur: Bytes,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.cur.is_empty() {
-            match self.rx.recv() {
-                Ok(Ok(b)) => self.cur = b,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
             }
         }
         let n = buf.len().min(self.cur.len());
@@ -230,7 +230,7 @@ async fn apply_diff(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Value
     let id = q.get("id").cloned().unwrap_or_default();
     let parent = q.get("parent").cloned().unwrap_or_default();
     let driver = plugin.driver()?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Bytes>>(32);
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(64);
     let mut body = req.into_body();
     let pump = tokio::spawn(async move {
         while let Some(frame) = body.frame().await {
@@ -242,9 +242,8 @@ async fn apply_diff(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Value
                 Err(e) => Err(io::Error::other(format!("reading the request body: {e}"))),
             };
             let failed = item.is_err();
-            let tx = tx.clone();
-            // The blocking side may be slow (mkfs); never block the runtime.
-            if tokio::task::spawn_blocking(move || tx.send(item)).await.map(|r| r.is_err()).unwrap_or(true) || failed {
+            // Waits (without blocking the runtime) while the reader is busy.
+            if tx.send(item).await.is_err() || failed {
                 break;
             }
         }

@@ -1,0 +1,290 @@
+//! Store administration with the daemon up or down: garbage collection,
+//! verification and promotion of fallback layers into root. See
+//! docs/multi-host.md for the rules.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::error::{Context, Error, Result};
+use crate::ids::{random_token, ChainId};
+use crate::options::FsType;
+use crate::store::{fsync_dir, now_unix, LayerInfo, Location, Store, IMAGE_FILE, META_FILE};
+
+/// When hosts count as dead and unreferenced layers may go.
+#[derive(Debug, Clone, Copy)]
+pub struct GcPolicy {
+    /// A host whose last heartbeat is older than this is dead: its
+    /// references no longer pin layers.
+    pub host_timeout_secs: u64,
+    /// An unreferenced layer (or temp entry) younger than this is kept: its
+    /// publisher may not have recorded its reference yet.
+    pub grace_secs: u64,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub removed_layers: Vec<RemovedLayer>,
+    pub dropped_refs: Vec<DroppedRef>,
+    pub swept_tmp: Vec<PathBuf>,
+    pub dead_hosts: Vec<String>,
+    pub kept_layers: usize,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RemovedLayer {
+    pub chain_id: ChainId,
+    pub location: Location,
+    pub image_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DroppedRef {
+    pub chain_id: ChainId,
+    pub host_id: String,
+}
+
+fn age_secs(p: &Path, now: u64) -> u64 {
+    fs::symlink_metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| now.saturating_sub(d.as_secs()))
+        .unwrap_or(u64::MAX)
+}
+
+/// Hosts whose references still count in `loc`: a fresh heartbeat, or a
+/// reference file written within the timeout (a host that just started).
+fn live_ref(
+    store: &Store,
+    loc: Location,
+    chain: &ChainId,
+    host: &str,
+    live_hosts: &HashSet<String>,
+    p: &GcPolicy,
+    now: u64,
+) -> bool {
+    if live_hosts.contains(host) {
+        return true;
+    }
+    let f = store.base(loc).join("refs").join(chain.dir_name()).join(host);
+    age_secs(&f, now) <= p.host_timeout_secs
+}
+
+/// Collects garbage in root and fallback.
+pub fn gc(store: &Store, p: &GcPolicy) -> Result<GcReport> {
+    let now = now_unix();
+    let mut rep = GcReport { dry_run: p.dry_run, ..Default::default() };
+    for loc in [Location::Root, Location::Fallback] {
+        let base = store.base(loc);
+        if !base.is_dir() {
+            continue;
+        }
+        let hosts = store.hosts(loc);
+        let live: HashSet<String> = hosts
+            .iter()
+            .filter(|h| now.saturating_sub(h.heartbeat_unix) <= p.host_timeout_secs)
+            .map(|h| h.host_id.clone())
+            .collect();
+        for h in &hosts {
+            if !live.contains(&h.host_id) && !rep.dead_hosts.contains(&h.host_id) {
+                rep.dead_hosts.push(h.host_id.clone());
+            }
+        }
+        for layer in store.layers(loc) {
+            let chain = layer.meta.chain_id.clone();
+            let refs = store.refs(&layer);
+            let (alive, dead): (Vec<String>, Vec<String>) =
+                refs.into_iter().partition(|h| live_ref(store, loc, &chain, h, &live, p, now));
+            let old = now.saturating_sub(layer.meta.created_unix) > p.grace_secs;
+            if alive.is_empty() && old {
+                let removed = if p.dry_run { true } else { store.delete_unreferenced(&layer, &dead)? };
+                if removed {
+                    tracing::info!(layer = %chain, location = loc.name(), dry_run = p.dry_run, "collected");
+                    rep.removed_layers.push(RemovedLayer {
+                        chain_id: chain,
+                        location: loc,
+                        image_bytes: layer.meta.image_bytes,
+                    });
+                    continue;
+                }
+            }
+            rep.kept_layers += 1;
+            for h in dead {
+                if !p.dry_run {
+                    let _ = fs::remove_file(base.join("refs").join(chain.dir_name()).join(&h));
+                }
+                rep.dropped_refs.push(DroppedRef { chain_id: chain.clone(), host_id: h });
+            }
+        }
+        // Builds and removals left by hosts that died (or by ourselves).
+        if let Ok(rd) = fs::read_dir(base.join("tmp")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let owner_live = live.iter().any(|h| name.starts_with(&format!("{h}-")));
+                if !owner_live && age_secs(&e.path(), now) > p.grace_secs.min(p.host_timeout_secs) {
+                    if !p.dry_run {
+                        let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+                    }
+                    rep.swept_tmp.push(e.path());
+                }
+            }
+        }
+        // Records of dead hosts that pin nothing any more.
+        if !p.dry_run {
+            let refs_dir = base.join("refs");
+            let still: HashSet<String> = fs::read_dir(&refs_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().flatten())
+                .map(|r| r.file_name().to_string_lossy().into_owned())
+                .collect();
+            for h in hosts.iter().filter(|h| !live.contains(&h.host_id) && !still.contains(&h.host_id)) {
+                let _ = fs::remove_file(base.join("hosts").join(&h.host_id));
+            }
+        }
+    }
+    Ok(rep)
+}
+
+/// What verification found for one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Verdict {
+    Ok,
+    /// An empty layer has no image to check.
+    Empty,
+    Missing {
+        path: PathBuf,
+    },
+    DigestMismatch {
+        expected: String,
+        actual: String,
+    },
+    NoDigest,
+    FsckFailed {
+        output: String,
+    },
+}
+
+impl Verdict {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Verdict::Ok | Verdict::Empty)
+    }
+}
+
+/// Checks a layer image against the digest recorded at publish time and
+/// with a read-only fsck. `progress` is told how many bytes were hashed.
+pub fn verify(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict> {
+    let (Some(img), Some(fs_type)) = (info.image(), info.meta.fs) else { return Ok(Verdict::Empty) };
+    if !img.exists() {
+        return Ok(Verdict::Missing { path: img });
+    }
+    let actual = {
+        use sha2::Digest as _;
+        use std::io::Read as _;
+        let mut f = fs::File::open(&img).ctx("open", &img)?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).ctx("read", &img)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            progress(n as u64);
+        }
+        hex::encode(h.finalize())
+    };
+    match &info.meta.image_sha256 {
+        None => return Ok(Verdict::NoDigest),
+        Some(expected) if *expected != actual => {
+            return Ok(Verdict::DigestMismatch { expected: expected.clone(), actual })
+        }
+        Some(_) => {}
+    }
+    let out = match fs_type {
+        FsType::Ext4 => Command::new("e2fsck").args(["-f", "-n"]).arg(&img).output(),
+        FsType::Xfs => Command::new("xfs_repair").args(["-n", "-f"]).arg(&img).output(),
+    }
+    .map_err(|e| Error::Tool { tool: "fsck".into(), status: "not started".into(), stderr: e.to_string() })?;
+    if out.status.success() {
+        Ok(Verdict::Ok)
+    } else {
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Ok(Verdict::FsckFailed { output: text.lines().take(8).collect::<Vec<_>>().join("\n") })
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PromoteReport {
+    /// Copied into root.
+    pub moved: Vec<ChainId>,
+    /// Root had them already: the fallback copy was dropped.
+    pub deduplicated: Vec<ChainId>,
+    pub bytes_copied: u64,
+}
+
+/// Moves every fallback layer into root: copy into root's tmp, fsync,
+/// rename into place (or keep root's copy when it has one), move the
+/// references, then drop the fallback copy. Mounted layers keep working
+/// (their open image stays until unmounted); their next mount uses root.
+pub fn promote(store: &Store, progress: &mut dyn FnMut(u64)) -> Result<PromoteReport> {
+    if let Some(why) = store.root_problem() {
+        return Err(Error::Invalid(format!("the root directory {} cannot take layers: {why}", store.root.display())));
+    }
+    let mut rep = PromoteReport::default();
+    let root_layers = store.root.join("layers");
+    fs::create_dir_all(&root_layers).ctx("mkdir", &root_layers)?;
+    for layer in store.layers(Location::Fallback) {
+        let chain = layer.meta.chain_id.clone();
+        let dest = root_layers.join(chain.dir_name());
+        if dest.join(META_FILE).exists() {
+            rep.deduplicated.push(chain.clone());
+        } else {
+            let tmp = store.root.join("tmp").join(format!("{}-{}", store.host_id, random_token()));
+            fs::create_dir_all(&tmp).ctx("mkdir", &tmp)?;
+            let r = (|| -> Result<()> {
+                if let Some(img) = layer.image() {
+                    crate::image::sparse_copy(&img, &tmp.join(IMAGE_FILE))?;
+                    fs::File::open(tmp.join(IMAGE_FILE))
+                        .ctx("open", tmp.join(IMAGE_FILE))?
+                        .sync_all()
+                        .ctx("fsync", &tmp)?;
+                    rep.bytes_copied += layer.meta.image_bytes;
+                    progress(layer.meta.image_bytes);
+                }
+                let text = fs::read(layer.dir.join(META_FILE)).ctx("read", layer.dir.join(META_FILE))?;
+                crate::store::write_atomic(&tmp.join(META_FILE), &text)?;
+                fsync_dir(&tmp)?;
+                if fs::rename(&tmp, &dest).is_err() && !dest.join(META_FILE).exists() {
+                    return Err(Error::sys("rename", &dest, std::io::Error::last_os_error()));
+                }
+                fsync_dir(&root_layers)
+            })();
+            let _ = fs::remove_dir_all(&tmp);
+            r?;
+            rep.moved.push(chain.clone());
+        }
+        // References follow the layer.
+        for h in store.refs(&layer) {
+            let to = store.root.join("refs").join(chain.dir_name());
+            fs::create_dir_all(&to).ctx("mkdir", &to)?;
+            fs::File::create(to.join(&h)).ctx("create", to.join(&h))?;
+        }
+        let fb = &store.fallback;
+        let grave = fb.join("tmp").join(format!("{}-rm-{}", store.host_id, random_token()));
+        let _ = fs::create_dir_all(fb.join("tmp"));
+        fs::rename(&layer.dir, &grave).ctx("rename", &layer.dir)?;
+        let _ = fs::remove_dir_all(&grave);
+        let _ = fs::remove_dir_all(fb.join("refs").join(chain.dir_name()));
+        tracing::info!(layer = %chain, "promoted into root");
+    }
+    Ok(rep)
+}
