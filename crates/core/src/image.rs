@@ -140,6 +140,21 @@ fn mkfs_rw(out: &Path, fs: FsType) -> Result<()> {
     }
 }
 
+fn copy_range(from: &File, to: &File, start: u64, end: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = start;
+    while pos < end {
+        let n = from.read_at(&mut buf[..((end - pos) as usize).min(1 << 20)], pos)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
 /// Copies the data extents of sparse file `src` into new file `dst`, so a
 /// 10 GiB image with 4 MiB of metadata costs 4 MiB of I/O.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
@@ -159,9 +174,20 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
         let (mut off_in, mut off_out) = (data, data);
         while off_in < hole {
             let want = (hole - off_in) as usize;
-            let n = copy_file_range(&from, Some(&mut off_in), &to, Some(&mut off_out), want).ctx("copy", dst)?;
-            if n == 0 {
-                break;
+            match copy_file_range(&from, Some(&mut off_in), &to, Some(&mut off_out), want) {
+                Ok(0) => break,
+                Ok(_) => {}
+                // Across filesystems (or where the kernel cannot): by hand.
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP,
+                ) => {
+                    copy_range(&from, &to, off_in, hole).ctx("copy", dst)?;
+                    off_in = hole;
+                }
+                Err(e) => return Err(Error::sys("copy", dst, e)),
             }
         }
         pos = hole;

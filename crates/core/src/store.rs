@@ -25,6 +25,8 @@ use crate::ids::{random_token, ChainId, DiffId};
 use crate::options::{Config, FsType};
 
 pub const FORMAT_VERSION: u32 = 1;
+/// Below this much free space, `docker info` says root cannot take layers.
+const MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
 pub const IMAGE_FILE: &str = "layer.img";
 pub const META_FILE: &str = "meta.json";
 
@@ -95,6 +97,16 @@ pub fn is_fallback_errno(e: Errno) -> bool {
             | Errno::NOSPC
             | Errno::DQUOT
     )
+}
+
+/// Removes a temporary tree, logging (not failing) when it cannot; `gc`
+/// sweeps what is left.
+pub fn remove_tree(p: &Path) {
+    match fs::remove_dir_all(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot remove a temporary directory"),
+    }
 }
 
 /// Writes `data` to `path` crash-atomically: temp file, fsync, rename,
@@ -238,9 +250,13 @@ impl Store {
         let r = (|| {
             let meta = build(&tmp)?;
             let text = serde_json::to_vec_pretty(&meta).expect("meta serialises");
-            let mut f = File::create(tmp.join(META_FILE)).ctx("create", tmp.join(META_FILE))?;
-            f.write_all(&text).ctx("write", tmp.join(META_FILE))?;
-            f.sync_all().ctx("fsync", tmp.join(META_FILE))?;
+            {
+                // Closed before anything may remove the directory: a network
+                // filesystem keeps open, deleted files (.fuse_hidden*, .nfs*).
+                let mut f = File::create(tmp.join(META_FILE)).ctx("create", tmp.join(META_FILE))?;
+                f.write_all(&text).ctx("write", tmp.join(META_FILE))?;
+                f.sync_all().ctx("fsync", tmp.join(META_FILE))?;
+            }
             fsync_dir(&tmp)?;
             let dest = layers.join(chain.dir_name());
             match rustix::fs::rename(&tmp, &dest) {
@@ -254,7 +270,7 @@ impl Store {
                 Err(e) => match Self::read_meta(&dest) {
                     Ok(meta) if meta.chain_id == *chain => {
                         tracing::info!(layer = %chain, "another host published this layer first; using theirs");
-                        let _ = fs::remove_dir_all(&tmp);
+                        remove_tree(&tmp);
                         Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta }))
                     }
                     _ => Err(Error::sys("rename", dest, e)),
@@ -262,7 +278,7 @@ impl Store {
             }
         })();
         if r.is_err() {
-            let _ = fs::remove_dir_all(&tmp);
+            remove_tree(&tmp);
         }
         r
     }
@@ -443,9 +459,21 @@ impl Store {
         let probe = self.root.join("tmp");
         // Never create root itself: a missing root is a reason to fall back.
         let r = fs::create_dir(&probe).or_else(|e| if probe.is_dir() { Ok(()) } else { Err(e) }).and_then(|_| {
+            // Some data, not just a name: a full filesystem still takes
+            // empty files.
             let p = probe.join(format!(".probe-{}", random_token()));
-            File::create(&p).and_then(|_| fs::remove_file(&p))
+            let w = File::create(&p).and_then(|mut f| f.write_all(&[0u8; 65536]).and_then(|_| f.sync_all()));
+            let _ = fs::remove_file(&p);
+            w
         });
-        r.err().map(|e| e.to_string())
+        if let Err(e) = r {
+            return Some(e.to_string());
+        }
+        match rustix::fs::statvfs(&self.root) {
+            Ok(s) if s.f_bavail.saturating_mul(s.f_frsize) < MIN_FREE_BYTES => {
+                Some(format!("{} free, less than a layer needs", crate::ids::Bytes(s.f_bavail * s.f_frsize)))
+            }
+            _ => None,
+        }
     }
 }

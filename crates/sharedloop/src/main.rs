@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod admin;
+
 #[derive(Parser)]
 #[command(
     name = "sharedloop",
@@ -15,7 +17,12 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter).
-    #[arg(long, global = true, env = "SHAREDLOOP_LOG", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHAREDLOOP_LOG",
+        default_value = "warn,sharedloop=info,sharedloop_core=info,sharedloop_docker=info"
+    )]
     log_level: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -34,6 +41,47 @@ enum Cmd {
         #[arg(long, default_value = "/run/sharedloop")]
         run_dir: PathBuf,
     },
+    /// Show the store: directories, where new layers go, hosts.
+    Status {
+        #[command(flatten)]
+        store: admin::StoreArgs,
+        /// A host whose heartbeat is older than this counts as dead.
+        #[arg(long, default_value = admin::HOST_TIMEOUT)]
+        host_timeout: String,
+    },
+    /// List published layers: where each lives, its size, which hosts use it.
+    Layers {
+        #[command(flatten)]
+        store: admin::StoreArgs,
+    },
+    /// Remove layers no live host uses, references of dead hosts, and
+    /// leftovers of interrupted builds.
+    Gc {
+        #[command(flatten)]
+        store: admin::StoreArgs,
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// A host whose heartbeat is older than this counts as dead.
+        #[arg(long, default_value = admin::HOST_TIMEOUT)]
+        host_timeout: String,
+        /// Keep unreferenced layers and leftovers younger than this.
+        #[arg(long, default_value = "1h")]
+        grace: String,
+    },
+    /// Check layer images against the digest recorded at publish and with a
+    /// read-only fsck. Exit status 1 when any layer has a problem.
+    Verify {
+        #[command(flatten)]
+        store: admin::StoreArgs,
+        /// Layers to check (chain id or a unique prefix); all when none.
+        layers: Vec<String>,
+    },
+    /// Move layers from the fallback directory into root.
+    Promote {
+        #[command(flatten)]
+        store: admin::StoreArgs,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,8 +91,20 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match cli.cmd {
-        Cmd::Serve { docker_socket, run_dir } => serve(docker_socket, run_dir),
+    let code = match cli.cmd {
+        Cmd::Serve { docker_socket, run_dir } => return serve(docker_socket, run_dir),
+        Cmd::Status { store, host_timeout } => admin::status(&store, &host_timeout),
+        Cmd::Layers { store } => admin::layers(&store),
+        Cmd::Gc { store, dry_run, host_timeout, grace } => admin::gc(&store, dry_run, &host_timeout, &grace),
+        Cmd::Verify { store, layers } => admin::verify(&store, &layers),
+        Cmd::Promote { store } => admin::promote(&store),
+    };
+    match code {
+        Ok(c) => std::process::exit(c),
+        Err(e) => {
+            eprintln!("sharedloop: {e:#}");
+            std::process::exit(if e.is::<admin::Usage>() { 2 } else { 1 })
+        }
     }
 }
 

@@ -161,6 +161,19 @@ fn sweep_dead_hosts() {
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
+        // sshd, sshfs and anything else started with the directory in its
+        // command line.
+        let strays: Vec<i32> = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter(|p| {
+                fs::read(format!("/proc/{p}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+                    .unwrap_or(false)
+            })
+            .collect();
+        kill_pids(&strays);
         detach_loops_under(&dir);
         let _ = Command::new("umount").arg("-R").arg("-l").arg(&dir).stderr(Stdio::null()).status();
         let _ = Command::new("chattr").args(["-R", "-i"]).arg(&dir).stderr(Stdio::null()).status();
@@ -182,18 +195,15 @@ fn detach_loops_under(dir: &Path) {
 static SWEEP: Once = Once::new();
 
 /// Options of a simulated host.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct HostOpts {
     /// Bind mounts into the namespace: (host path, path inside, read-only).
     pub binds: Vec<(PathBuf, PathBuf, bool)>,
     /// Bind the host's own dir/varlib onto /var/lib/docker (for defaults).
     pub default_paths: bool,
-}
-
-impl Default for HostOpts {
-    fn default() -> Self {
-        HostOpts { binds: Vec::new(), default_paths: false }
-    }
+    /// Receive mount events from shared mounts outside ([`SharedDir`]), so
+    /// a filesystem unmounted or mounted there changes under the host.
+    pub slave: bool,
 }
 
 /// A simulated host: a mount + network namespace with its own /run.
@@ -234,7 +244,7 @@ impl Host {
         }
         script.push_str(&format!("touch {}/ready\nexec sleep infinity\n", dir.display()));
         let holder = Command::new("unshare")
-            .args(["-m", "-n", "--propagation", "private", "sh", "-c", &script])
+            .args(["-m", "-n", "--propagation", if opts.slave { "slave" } else { "private" }, "sh", "-c", &script])
             .stdin(Stdio::null())
             .stderr(fs::File::create(dir.join("holder.log")).unwrap())
             .spawn()
@@ -311,6 +321,23 @@ impl Host {
             assert!(t.elapsed() < Duration::from_secs(20), "plugin socket did not appear");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kills every process of this host (kill -9 of a whole machine), but
+    /// keeps the namespace for inspection.
+    pub fn kill_all(&mut self) {
+        kill_pids(&pids_in_namespace(self.ns, Some(self.holder.id())));
+        if let Some(mut p) = self.plugin.take() {
+            let _ = p.wait();
+        }
+        if let Some(mut d) = self.dockerd.take() {
+            let _ = d.wait();
+        }
+    }
+
+    /// Runs the sharedloop admin CLI inside this host.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run(self.cmd(sharedloop_bin()).args(args))
     }
 
     /// Kills the plugin (SIGKILL: nothing it could tidy up) and waits.
@@ -727,5 +754,123 @@ pub fn settled_mounts(host: &Host, dir: &Path, expect: usize) -> Vec<String> {
             return m;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A directory that is a shared mount, so mounts and unmounts below it
+/// reach hosts created with `HostOpts { slave: true, .. }`.
+pub struct SharedDir {
+    pub path: PathBuf,
+}
+
+impl SharedDir {
+    pub fn new(name: &str) -> SharedDir {
+        SWEEP.call_once(sweep_dead_hosts);
+        let path = PathBuf::from(TEST_ROOT).join(format!("{name}-{}", token()));
+        fs::create_dir_all(&path).unwrap();
+        fs::write(path.join("owner"), std::process::id().to_string()).unwrap();
+        run_ok(Command::new("mount").arg("--bind").arg(&path).arg(&path));
+        run_ok(Command::new("mount").arg("--make-shared").arg(&path));
+        SharedDir { path }
+    }
+
+    /// Mounts a fresh ext4 filesystem of `mb` MiB at `path/name` (a stand-in
+    /// for a network filesystem's mount point).
+    pub fn mount_ext4(&self, name: &str, mb: u64) -> PathBuf {
+        let img = self.path.join(format!("{name}.img"));
+        if !img.exists() {
+            run_ok(Command::new("truncate").arg("-s").arg(format!("{mb}M")).arg(&img));
+            run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        }
+        let mnt = self.path.join(name);
+        fs::create_dir_all(&mnt).unwrap();
+        run_ok(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt));
+        mnt
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-R", "-l"]).arg(&self.path).status();
+        let _ = Command::new("chattr").args(["-R", "-i"]).arg(&self.path).stderr(Stdio::null()).status();
+        detach_loops_under(&self.path);
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// An sshfs mount of a local directory through an sshd of our own on
+/// 127.0.0.1 (own config, keys and port): a real network filesystem.
+pub struct Sshfs {
+    pub mountpoint: PathBuf,
+    pub exported: PathBuf,
+    dir: PathBuf,
+    sshd: Child,
+}
+
+impl Sshfs {
+    pub fn new(name: &str) -> Sshfs {
+        require(&["sshfs", "/usr/sbin/sshd"]);
+        SWEEP.call_once(sweep_dead_hosts);
+        let dir = PathBuf::from(TEST_ROOT).join(format!("{name}-{}", token()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("owner"), std::process::id().to_string()).unwrap();
+        let (exported, mountpoint) = (dir.join("exported"), dir.join("mnt"));
+        fs::create_dir_all(&exported).unwrap();
+        fs::create_dir_all(&mountpoint).unwrap();
+        for k in ["hostkey", "userkey"] {
+            run_ok(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.join(k)));
+        }
+        fs::copy(dir.join("userkey.pub"), dir.join("authorized_keys")).unwrap();
+        fs::create_dir_all("/run/sshd").unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cfg = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n\
+             PidFile {d}/sshd.pid\nSubsystem sftp internal-sftp\n",
+            d = dir.display()
+        );
+        fs::write(dir.join("sshd_config"), cfg).unwrap();
+        let sshd = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stderr(fs::File::create(dir.join("sshd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        loop {
+            let out = run(Command::new("sshfs")
+                .arg(format!("root@127.0.0.1:{}", exported.display()))
+                .arg(&mountpoint)
+                .args(["-p", &port.to_string(), "-o"])
+                .arg(format!(
+                    "IdentityFile={}/userkey,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes",
+                    dir.display()
+                )));
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "sshfs mount failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let fstype = sharedloop_core::fsmagic::fs_name_of(&mountpoint);
+        assert_eq!(fstype, "fuse", "{} is not an sshfs mount", mountpoint.display());
+        Sshfs { mountpoint, exported, dir, sshd }
+    }
+}
+
+impl Drop for Sshfs {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").args(["-u", "-z"]).arg(&self.mountpoint).stderr(Stdio::null()).status();
+        let _ = self.sshd.kill();
+        let _ = self.sshd.wait();
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
