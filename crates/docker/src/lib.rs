@@ -312,6 +312,8 @@ pub async fn handle(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Respo
 async fn route(plugin: Arc<Plugin>, req: Request<Incoming>, path: &str) -> Result<Response<Body>, Infallible> {
     let path = path.to_owned();
     if path == "Plugin.Activate" {
+        // Drain the (empty or `null`) body so the connection stays usable.
+        let _ = req.into_body().collect().await;
         return Ok(full(StatusCode::OK, &json!({ "Implements": ["GraphDriver"] })));
     }
     if path == "GraphDriver.ApplyDiff" {

@@ -33,20 +33,35 @@ impl PluginClient {
         PluginClient { socket: socket.to_owned() }
     }
 
-    fn request(&self, path: &str, body: &mut dyn FnMut(&mut UnixStream), chunked: bool, len: Option<usize>) -> Reply {
+    fn request(&self, path: &str, body: Body<'_>) -> Reply {
         let mut s =
             UnixStream::connect(&self.socket).unwrap_or_else(|e| panic!("connect {}: {e}", self.socket.display()));
         let mut head = format!(
             "POST /{path} HTTP/1.1\r\nHost: plugin\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nConnection: close\r\n"
         );
-        if chunked {
-            head.push_str("Transfer-Encoding: chunked\r\n");
-        } else {
-            head.push_str(&format!("Content-Length: {}\r\n", len.unwrap_or(0)));
+        match body {
+            Body::Json(data) => {
+                // Headers and body in one write, as Go's client does.
+                head.push_str(&format!("Content-Length: {}\r\n\r\n", data.len()));
+                let mut msg = head.into_bytes();
+                msg.extend_from_slice(data);
+                s.write_all(&msg).unwrap_or_else(|e| panic!("{path}: sending the request: {e}"));
+            }
+            Body::Chunked(tar) => {
+                head.push_str("Transfer-Encoding: chunked\r\n\r\n");
+                s.write_all(head.as_bytes()).unwrap_or_else(|e| panic!("{path}: sending the request: {e}"));
+                for chunk in tar.chunks(32 * 1024) {
+                    // A plugin that already answered (a bad tar) may close early.
+                    if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err()
+                        || s.write_all(chunk).is_err()
+                        || s.write_all(b"\r\n").is_err()
+                    {
+                        break;
+                    }
+                }
+                let _ = s.write_all(b"0\r\n\r\n");
+            }
         }
-        head.push_str("\r\n");
-        s.write_all(head.as_bytes()).unwrap();
-        body(&mut s);
         let mut r = BufReader::new(s);
         let mut status_line = String::new();
         r.read_line(&mut status_line).unwrap();
@@ -96,7 +111,7 @@ impl PluginClient {
     /// A JSON call, as `Client.Call` makes it.
     pub fn call(&self, method: &str, args: serde_json::Value) -> Reply {
         let data = serde_json::to_vec(&args).unwrap();
-        self.request(method, &mut |s| s.write_all(&data).unwrap(), false, Some(data.len()))
+        self.request(method, Body::Json(&data))
     }
 
     /// A JSON call that must succeed.
@@ -113,22 +128,11 @@ impl PluginClient {
 
     /// `GraphDriver.ApplyDiff?id=&parent=` with a chunked raw tar body.
     pub fn apply_diff(&self, id: &str, parent: &str, tar: &[u8]) -> Reply {
-        self.request(
-            &format!("GraphDriver.ApplyDiff?id={id}&parent={parent}"),
-            &mut |s| {
-                for chunk in tar.chunks(32 * 1024) {
-                    // A peer that already answered may close early.
-                    if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err()
-                        || s.write_all(chunk).is_err()
-                        || s.write_all(b"\r\n").is_err()
-                    {
-                        return;
-                    }
-                }
-                let _ = s.write_all(b"0\r\n\r\n");
-            },
-            true,
-            None,
-        )
+        self.request(&format!("GraphDriver.ApplyDiff?id={id}&parent={parent}"), Body::Chunked(tar))
     }
+}
+
+enum Body<'a> {
+    Json(&'a [u8]),
+    Chunked(&'a [u8]),
 }
