@@ -322,10 +322,9 @@ fn docker_deepest_image_dockerd_allows_runs() {
     );
 }
 
-#[test]
-fn docker_twenty_containers_share_one_mount_per_layer() {
-    require(&["dockerd", "busybox", "overlay"]);
-    let mut host = Host::new("twenty");
+/// A host with root and fallback of its own and `multi:1` (4 layers) loaded.
+fn loaded_host(name: &str) -> Host {
+    let mut host = Host::new(name);
     fs::create_dir_all(host.root_dir()).unwrap();
     host.start(&[]);
     let rootfs = host.dir.join("rootfs");
@@ -333,6 +332,13 @@ fn docker_twenty_containers_share_one_mount_per_layer() {
     let archive = host.dir.join("img.tar");
     docker_archive(&base_layers(&rootfs), "multi:1", &archive);
     host.docker_stdin(&["load"], &archive);
+    host
+}
+
+#[test]
+fn docker_twenty_containers_share_one_mount_per_layer() {
+    require(&["dockerd", "busybox", "overlay"]);
+    let host = loaded_host("twenty");
     let layers = layer_count(&host.root_dir());
     assert_eq!(layers, 4);
     let handles: Vec<_> = (0..20)
@@ -372,14 +378,7 @@ fn docker_twenty_containers_share_one_mount_per_layer() {
 #[test]
 fn docker_plugin_restart_keeps_containers_running() {
     require(&["dockerd", "busybox", "overlay"]);
-    let mut host = Host::new("restart");
-    fs::create_dir_all(host.root_dir()).unwrap();
-    host.start(&[]);
-    let rootfs = host.dir.join("rootfs");
-    busybox_rootfs(&rootfs);
-    let archive = host.dir.join("img.tar");
-    docker_archive(&base_layers(&rootfs), "multi:1", &archive);
-    host.docker_stdin(&["load"], &archive);
+    let mut host = loaded_host("restart");
     for c in ["ca", "cb"] {
         host.docker_ok(&[
             "run",

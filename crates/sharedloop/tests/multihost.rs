@@ -199,21 +199,7 @@ fn multihost_kill_during_load_leaves_no_partial_layer() {
 
     // once the killed host counts as dead, gc sweeps its leftovers and its references
     std::thread::sleep(Duration::from_secs(3));
-    let root = c.root.display().to_string();
-    let out = c.hosts[1].cli(&[
-        "gc",
-        "--root",
-        &root,
-        "--fallback",
-        "/nonexistent",
-        "--host-timeout",
-        "2s",
-        "--grace",
-        "0s",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rep = gc_json(&c.hosts[1], &c.root, "2s", "0s", false);
     assert!(rep["removed_layers"].as_array().unwrap().is_empty(), "gc removed layers host 1 uses: {rep}");
     let left: Vec<_> =
         fs::read_dir(c.root.join("tmp")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
@@ -238,20 +224,7 @@ fn multihost_rmi_on_one_host_keeps_the_other_running() {
     b.docker_ok(&["run", "-d", "--name", "keep", "--network", "none", "shared:1", "sleep", "1000"]);
     a.docker_ok(&["rmi", "shared:1"]);
     assert_eq!(layer_dirs(&c.root).len(), 10, "host A's rmi removed layers host B uses");
-    let root = c.root.display().to_string();
-    let gc = b.cli(&[
-        "gc",
-        "--root",
-        &root,
-        "--fallback",
-        "/nonexistent",
-        "--grace",
-        "0s",
-        "--host-timeout",
-        "1h",
-        "--json",
-    ]);
-    let rep: serde_json::Value = serde_json::from_slice(&gc.stdout).unwrap();
+    let rep = gc_json(b, &c.root, "1h", "0s", false);
     assert!(rep["removed_layers"].as_array().unwrap().is_empty(), "{rep}");
     assert_eq!(b.docker_ok(&["exec", "keep", "cat", "/data/l9/f1"]).len(), "layer 9 file 1\n".len() * 201);
     // B lets go: the last reference goes and the layers with it
@@ -267,26 +240,7 @@ fn multihost_dead_host_stops_pinning_after_the_timeout() {
     let mut c = cluster(1, &shared.path.join("root"), false);
     c.hosts[0].docker_stdin(&["load"], &c.archive);
     let root = c.root.display().to_string();
-    let gc = |h: &Host, dry: bool| {
-        let mut args = vec![
-            "gc",
-            "--root",
-            &root,
-            "--fallback",
-            "/nonexistent",
-            "--host-timeout",
-            "3s",
-            "--grace",
-            "0s",
-            "--json",
-        ];
-        if dry {
-            args.push("--dry-run");
-        }
-        let out = h.cli(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
+    let gc = |h: &Host, dry: bool| gc_json(h, &c.root, "3s", "0s", dry);
     let status = c.hosts[0].cli(&["status", "--root", &root, "--fallback", "/nonexistent", "--json"]);
     let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(st[0]["hosts"][0]["live"], true, "{st}");
@@ -303,6 +257,29 @@ fn multihost_dead_host_stops_pinning_after_the_timeout() {
     let rep = gc(&c.hosts[0], false);
     assert_eq!(rep["removed_layers"].as_array().unwrap().len(), 10, "{rep}");
     assert_eq!(layer_dirs(&c.root).len(), 0);
+}
+
+/// `sharedloop gc --json` on the cluster's root, run inside `h`.
+fn gc_json(h: &Host, root: &Path, host_timeout: &str, grace: &str, dry_run: bool) -> serde_json::Value {
+    let root = root.display().to_string();
+    let mut args = vec![
+        "gc",
+        "--root",
+        &root,
+        "--fallback",
+        "/nonexistent",
+        "--host-timeout",
+        host_timeout,
+        "--grace",
+        grace,
+        "--json",
+    ];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let out = h.cli(&args);
+    assert!(out.status.success(), "gc: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn new_image(c: &Cluster, h: &Host, tag: &str, content: &str) {
@@ -326,6 +303,9 @@ fn fallback_layers(h: &Host) -> usize {
     fs::read_dir(h.fallback_dir().join("layers")).map(|d| d.count()).unwrap_or(0)
 }
 
+/// A way to break root, and the way to heal it.
+type FailureMode<'a> = (&'a str, &'a dyn Fn(), &'a dyn Fn());
+
 /// Root read-only, unwritable, full, and unmounted under running daemons:
 /// new layers land in fallback, running containers keep running, and
 /// promote moves the layers into root once it is back.
@@ -340,7 +320,7 @@ fn multihost_root_failures_fall_back_and_promote_restores() {
     for h in &c.hosts {
         h.docker_ok(&["run", "-d", "--name", "running", "--network", "none", "shared:1", "sleep", "1000"]);
     }
-    let modes: [(&str, &dyn Fn(), &dyn Fn()); 4] = [
+    let modes: [FailureMode; 4] = [
         (
             "read-only",
             &|| {
