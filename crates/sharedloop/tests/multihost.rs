@@ -168,6 +168,9 @@ fn multihost_kill_during_load_leaves_no_partial_layer() {
         layers.push(LayerSpec { files: vec![(format!("big/{i}"), data, 0o644, 0, 0)], ..Default::default() });
     }
     docker_archive(&layers, "big:1", &big);
+    // a container on the host that dies: it must die with it
+    c.hosts[0].docker_stdin(&["load"], &c.archive);
+    c.hosts[0].docker_ok(&["run", "-d", "--network", "none", "shared:1", "sleep", "7654321"]);
     let sock = c.hosts[0].socket();
     let loader = std::thread::spawn({
         let big = big.clone();
@@ -180,19 +183,25 @@ fn multihost_kill_during_load_leaves_no_partial_layer() {
         }
     });
     let t = std::time::Instant::now();
-    while layer_dirs(&c.root).len() < 3 {
+    while layer_dirs(&c.root).len() < 10 + 3 {
         assert!(t.elapsed() < Duration::from_secs(60), "the load did not get going");
         std::thread::sleep(Duration::from_millis(10));
     }
     c.hosts[0].kill_all();
     let _ = loader.join();
+    let survivors = run(Command::new("pgrep").args(["-f", "sleep 7654321"]));
+    assert!(
+        !survivors.status.success(),
+        "a container outlived its killed host: {}",
+        String::from_utf8_lossy(&survivors.stdout)
+    );
     let published = layer_dirs(&c.root).len();
-    assert!(published < 12, "the kill came too late to test anything");
+    assert!(published < 10 + 11, "the kill came too late to test anything");
     assert_layers_complete(&c.root);
 
     // the other host loads the same image: it reuses what is there, builds the rest
     c.hosts[1].docker_stdin(&["load"], &big);
-    assert_eq!(layer_dirs(&c.root).len(), 12);
+    assert_eq!(layer_dirs(&c.root).len(), 10 + 11, "shared:1's 10 layers (busybox shared) and big:1's 11 more");
     assert_layers_complete(&c.root);
     let out = c.hosts[1].docker_ok(&["run", "--rm", "--network", "none", "big:1", "sh", "-c", "ls /big | wc -l"]);
     assert_eq!(out.trim(), "11");
@@ -200,7 +209,12 @@ fn multihost_kill_during_load_leaves_no_partial_layer() {
     // once the killed host counts as dead, gc sweeps its leftovers and its references
     std::thread::sleep(Duration::from_secs(3));
     let rep = gc_json(&c.hosts[1], &c.root, "2s", "0s", false);
-    assert!(rep["removed_layers"].as_array().unwrap().is_empty(), "gc removed layers host 1 uses: {rep}");
+    // Only the dead host used shared:1's upper nine layers; host 1 uses big:1
+    // (whose base layer is shared:1's base) and keeps all of it.
+    assert_eq!(rep["removed_layers"].as_array().unwrap().len(), 9, "{rep}");
+    assert_eq!(rep["kept_layers"], 12, "{rep}");
+    let out = c.hosts[1].docker_ok(&["run", "--rm", "--network", "none", "big:1", "sh", "-c", "ls /big | wc -l"]);
+    assert_eq!(out.trim(), "11", "host 1's image broke after gc");
     let left: Vec<_> =
         fs::read_dir(c.root.join("tmp")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "leftovers not swept: {left:?}");

@@ -94,6 +94,28 @@ fn start_time(pid: u32) -> Option<u64> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether `pid` belongs to the PID namespace of `init`, or to one nested
+/// in it (a container): it, or an ancestor of it, shares init's namespace.
+/// (Processes started with `nsenter -p` are children of an nsenter outside.)
+fn in_pid_ns_of(pid: u32, init: u32) -> bool {
+    let ns = |p: u32| fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let Some(target) = ns(init) else { return false };
+    let mut cur = pid;
+    for _ in 0..64 {
+        if ns(cur).as_ref() == Some(&target) {
+            return true;
+        }
+        let parent = fs::read_to_string(format!("/proc/{cur}/stat")).ok().and_then(|s| {
+            s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()))
+        });
+        match parent {
+            Some(p) if p > 1 => cur = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
 fn pids_in_namespace(ns: u64, except: Option<u32>) -> Vec<i32> {
     let mut out = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
@@ -115,17 +137,19 @@ fn kill_pids(pids: &[i32]) {
 /// Kills every process in the namespace `ns`, which `holder` keeps alive
 /// (so its inode number cannot be reused by another host meanwhile), and
 /// the holder last.
-fn kill_namespace(ns: u64, holder: &mut Child) {
+fn kill_namespace(ns: u64, init: u32, holder: &mut Child) {
+    // The PID namespace's init: the kernel takes every process of the
+    // namespace with it.
+    kill_pids(&[init as i32]);
+    let _ = holder.wait();
     for _ in 0..100 {
-        let pids = pids_in_namespace(ns, Some(holder.id()));
+        let pids = pids_in_namespace(ns, None);
         if pids.is_empty() {
             break;
         }
         kill_pids(&pids);
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = holder.kill();
-    let _ = holder.wait();
 }
 
 /// Removes what test processes that died left behind: their hosts'
@@ -156,6 +180,13 @@ fn sweep_dead_hosts() {
                         .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
                         .unwrap_or(false)
                 });
+            if holder_alive {
+                // The PID namespace's init: its containers go with it.
+                let init = fs::read_to_string(dir.join("holder"))
+                    .ok()
+                    .and_then(|h| h.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()));
+                kill_pids(&init.into_iter().collect::<Vec<_>>());
+            }
             if ours {
                 kill_pids(&pids);
                 std::thread::sleep(Duration::from_millis(500));
@@ -211,6 +242,8 @@ pub struct Host {
     pub name: String,
     pub dir: PathBuf,
     holder: Child,
+    /// PID 1 of the host's PID namespace (as seen from outside).
+    init: u32,
     ns: u64,
     plugin: Option<Child>,
     dockerd: Option<Child>,
@@ -243,8 +276,20 @@ impl Host {
             }
         }
         script.push_str(&format!("touch {}/ready\nexec sleep infinity\n", dir.display()));
+        // A PID namespace too, whose init is the holder: when it dies the
+        // kernel kills every process in it, containers (in nested PID
+        // namespaces) included, which a kill by mount namespace misses.
         let holder = Command::new("unshare")
-            .args(["-m", "-n", "--propagation", if opts.slave { "slave" } else { "private" }, "sh", "-c", &script])
+            .args([
+                "-m",
+                "-n",
+                "-p",
+                "-f",
+                "--mount-proc",
+                "--propagation",
+                if opts.slave { "slave" } else { "private" },
+            ])
+            .args(["sh", "-c", &script])
             .stdin(Stdio::null())
             .stderr(fs::File::create(dir.join("holder.log")).unwrap())
             .spawn()
@@ -258,26 +303,31 @@ impl Host {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let ns = mnt_ns(holder.id()).expect("holder namespace");
+        // unshare forks: its child is PID 1 of the new PID namespace.
+        let init = fs::read_to_string(format!("/proc/{}/task/{}/children", holder.id(), holder.id()))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+            .expect("the host's init process");
+        let ns = mnt_ns(init).expect("holder namespace");
         fs::write(dir.join("ns"), ns.to_string()).unwrap();
-        fs::write(dir.join("holder"), format!("{} {}", holder.id(), start_time(holder.id()).unwrap_or(0))).unwrap();
-        Host { name: name.into(), dir, holder, ns, plugin: None, dockerd: None, dockerd_args: Vec::new() }
+        fs::write(dir.join("holder"), format!("{} {}", init, start_time(init).unwrap_or(0))).unwrap();
+        Host { name: name.into(), dir, holder, init, ns, plugin: None, dockerd: None, dockerd_args: Vec::new() }
     }
 
     /// A command that runs inside this host.
     pub fn cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg("-t").arg(self.holder.id().to_string()).args(["-m", "-n", "--"]).arg(prog);
+        c.arg("-t").arg(self.init.to_string()).args(["-m", "-n", "-p", "--"]).arg(prog);
         c
     }
 
     /// A path inside this host's namespace, as seen from outside.
     pub fn inside(&self, p: &Path) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/root", self.holder.id())).join(p.strip_prefix("/").unwrap_or(p))
+        PathBuf::from(format!("/proc/{}/root", self.init)).join(p.strip_prefix("/").unwrap_or(p))
     }
 
     pub fn mountinfo(&self) -> String {
-        fs::read_to_string(format!("/proc/{}/mountinfo", self.holder.id())).unwrap()
+        fs::read_to_string(format!("/proc/{}/mountinfo", self.init)).unwrap()
     }
 
     pub fn data_root(&self) -> PathBuf {
@@ -326,7 +376,15 @@ impl Host {
     /// Kills every process of this host (kill -9 of a whole machine), but
     /// keeps the namespace for inspection.
     pub fn kill_all(&mut self) {
-        kill_pids(&pids_in_namespace(self.ns, Some(self.holder.id())));
+        // Everything but the init (which keeps the namespace): daemons,
+        // shims, and the containers in their own namespaces below ours.
+        let all: Vec<i32> = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter(|&p| p as u32 != self.init && in_pid_ns_of(p as u32, self.init))
+            .collect();
+        kill_pids(&all);
         if let Some(mut p) = self.plugin.take() {
             let _ = p.wait();
         }
@@ -490,7 +548,7 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.stop_dockerd();
-        kill_namespace(self.ns, &mut self.holder);
+        kill_namespace(self.ns, self.init, &mut self.holder);
         if let Some(mut p) = self.plugin.take() {
             let _ = p.wait();
         }
