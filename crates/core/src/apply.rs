@@ -318,8 +318,10 @@ fn apply_entry<R: Read>(
             let tparent = open_dir_beneath(root, trel.parent().unwrap_or(Path::new("")))
                 .map_err(|_| bad(raw, format!("hardlink target {} is not in this layer", trel.display())))?;
             let tname = trel.file_name().expect("normal component");
-            linkat(&tparent, tname, &parent, &name, AtFlags::empty())
-                .map_err(|e| bad(raw, format!("hardlink to {}: {e}", trel.display())))?;
+            linkat(&tparent, tname, &parent, &name, AtFlags::empty()).map_err(|e| match e {
+                Errno::NOENT => bad(raw, format!("hardlink target {} is not in this layer", trel.display())),
+                e => bad(raw, format!("hardlink to {}: {e}", trel.display())),
+            })?;
             // A hardlink shares the target's inode: no metadata of its own.
             return Ok(());
         }

@@ -10,7 +10,7 @@
 //!   mnt/<sha256-HEX>/        the read-only mount of a published layer
 //!   rwmnt/<id>/              the mount of a writable layer's image
 //!   merged/<id>/             overlay mounts handed to the engine
-//!   tmp/                     staging for ApplyDiff, swept at start
+//!   tmp/                     staging for ApplyDiff (nodev,nosuid,noexec), swept at start
 //!   templates/<fs>-<bytes>.img  a formatted empty writable image, cloned per container
 //!   empty/                   an empty directory (lower of a parentless stack)
 //! ```
@@ -147,6 +147,7 @@ impl Driver {
             fs::create_dir_all(&p).ctx("mkdir", &p)?;
         }
         mount::make_private(home)?;
+        mount::make_inert(&home.join("tmp"))?;
         let host_file = home.join("host-id");
         let host_id = match fs::read_to_string(&host_file) {
             Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
@@ -262,6 +263,13 @@ impl Driver {
             tracing::info!(target = %p.display(), "unmounting a leftover mount");
             if let Err(e) = mount::unmount_path(&p) {
                 tracing::warn!(target = %p.display(), error = %e, "cannot unmount leftover");
+            }
+        }
+        // Writable layers whose removal a crash interrupted.
+        let rw = self.home.join("rw");
+        for e in fs::read_dir(&rw).ctx("read dir", &rw)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".rm-") {
+                let _ = fs::remove_dir_all(e.path());
             }
         }
         // Staging of interrupted ApplyDiffs.
@@ -631,7 +639,8 @@ impl Driver {
                 // the start-up reconcile removes.
                 let mounted = st.rw_mounted.remove(id);
                 let dir = self.home.join("rw").join(id);
-                let grave = self.home.join("tmp").join(format!("rm-{}", random_token()));
+                // Same mount as rw/ (tmp/ is a mount of its own).
+                let grave = self.home.join("rw").join(format!(".rm-{}", random_token()));
                 match fs::rename(&dir, &grave) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

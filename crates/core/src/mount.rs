@@ -141,6 +141,21 @@ pub fn make_private(dir: &Path) -> Result<()> {
     mount_change(dir, MountPropagationFlags::PRIVATE).ctx("make mount private", dir)
 }
 
+/// Makes `dir` a `nodev,nosuid,noexec` bind mount of itself, so device
+/// nodes, setuid files and executables that a layer tar puts there are
+/// inert on the host until they are inside a layer image.
+pub fn make_inert(dir: &Path) -> Result<()> {
+    if !is_mountpoint(dir) {
+        mount_bind(dir, dir).ctx("bind mount", dir)?;
+    }
+    rustix::mount::mount_remount(
+        dir,
+        MountFlags::BIND | MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC,
+        "",
+    )
+    .ctx("remount nodev,nosuid,noexec", dir)
+}
+
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
