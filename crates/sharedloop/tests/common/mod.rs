@@ -87,6 +87,21 @@ fn mnt_ns(pid: u32) -> Option<u64> {
     fs::metadata(format!("/proc/{pid}/ns/mnt")).ok().map(|m| m.ino())
 }
 
+/// Signals the program that `nsenter -p` runs for `child`: nsenter forks to
+/// enter the PID namespace and does not forward signals, so the program is
+/// nsenter's child.
+fn signal_inner(child: &Child, sig: rustix::process::Signal) {
+    let id = child.id();
+    let inner = fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()));
+    if let Some(pid) = inner {
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), sig);
+    } else {
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(id as i32).unwrap(), sig);
+    }
+}
+
 /// A process's start time (field 22 of /proc/PID/stat), to tell it from a
 /// later process with the same pid.
 fn start_time(pid: u32) -> Option<u64> {
@@ -401,7 +416,7 @@ impl Host {
     /// Kills the plugin (SIGKILL: nothing it could tidy up) and waits.
     pub fn kill_plugin(&mut self) {
         if let Some(mut p) = self.plugin.take() {
-            let _ = p.kill();
+            signal_inner(&p, rustix::process::Signal::KILL);
             let _ = p.wait();
         }
     }
@@ -484,10 +499,7 @@ impl Host {
 
     pub fn stop_dockerd(&mut self) {
         if let Some(mut d) = self.dockerd.take() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(d.id() as i32).unwrap(),
-                rustix::process::Signal::TERM,
-            );
+            signal_inner(&d, rustix::process::Signal::TERM);
             let t = Instant::now();
             while d.try_wait().unwrap().is_none() {
                 if t.elapsed() > Duration::from_secs(30) {
