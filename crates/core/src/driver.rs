@@ -265,10 +265,14 @@ impl Driver {
                 tracing::warn!(target = %p.display(), error = %e, "cannot unmount leftover");
             }
         }
-        // Writable layers whose removal a crash interrupted.
+        // Writable layers whose removal a crash interrupted, and images of
+        // creates a crash interrupted before their record was saved.
         let rw = self.home.join("rw");
         for e in fs::read_dir(&rw).ctx("read dir", &rw)?.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".rm-") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".rm-") || !st.layers.contains_key(&name) {
+                tracing::info!(path = %e.path().display(), "removing a leftover writable image");
+                let _ = mount::unmount_path(&self.rw_mnt(&name));
                 let _ = fs::remove_dir_all(e.path());
             }
         }
@@ -348,10 +352,12 @@ impl Driver {
                 let dir = img.parent().unwrap();
                 let _ = fs::remove_dir_all(dir);
                 fs::create_dir_all(dir).ctx("mkdir", dir)?;
+                crate::fault::point("create", "directory made");
                 if let Err(e) = image::create_rw_image(&img, fs_type, size, &self.home.join("templates")) {
                     let _ = fs::remove_dir_all(dir);
                     return Err(e);
                 }
+                crate::fault::point("create", "image made");
                 Kind::Rw { size, fs: fs_type }
             }
         };
@@ -452,7 +458,9 @@ impl Driver {
         let (dir, mounted) = match &l.kind {
             Kind::Rw { fs, .. } => {
                 let rw = self.ensure_rw(&mut st, id, *fs)?;
+                crate::fault::point("get", "writable image mounted");
                 let mut lowers = self.stack(&mut st, l.parent.as_deref())?;
+                crate::fault::point("get", "layers mounted");
                 if lowers.is_empty() {
                     lowers.push(self.home.join("empty"));
                 }
@@ -542,6 +550,7 @@ impl Driver {
             tracing::warn!(path = %staging.display(), error = %e, "cannot remove staging directory");
         }
         let (info, content) = r?;
+        crate::fault::point("apply", "published and referenced");
         let chain = info.meta.chain_id.clone();
         let mut st = self.lock();
         let Some(l) = st.layers.get_mut(id) else {
@@ -556,7 +565,9 @@ impl Driver {
 
     fn apply_staged(&self, staging: &Path, parent: Option<&ChainId>, tar: &mut dyn Read) -> Result<(LayerInfo, u64)> {
         let t0 = std::time::Instant::now();
+        crate::fault::point("apply", "staging made");
         let stats = apply_tar(tar, &staging.join(image::LAYER_ROOT))?;
+        crate::fault::point("apply", "tar applied to staging");
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, bytes = stats.tar_bytes, "tar applied to staging");
         let diff_id = stats.diff_id.clone().expect("set by apply");
         let chain = ChainId::of(parent, &diff_id);
@@ -699,6 +710,7 @@ impl Driver {
             }
             Kind::Image { chain: None, .. } => {}
         }
+        crate::fault::point("remove", "mounts released");
         let f = self.layer_file(id);
         fs::remove_file(&f).ctx("remove", &f)?;
         crate::store::fsync_dir(f.parent().unwrap())?;

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod driver;
 pub mod error;
 pub mod export;
+pub mod fault;
 pub mod fsmagic;
 pub mod ids;
 pub mod image;

@@ -248,7 +248,9 @@ impl Store {
         let tmp = tmp_base.join(format!("{}-{}", self.host_id, random_token()));
         fs::create_dir(&tmp).ctx("mkdir", &tmp)?;
         let r = (|| {
+            crate::fault::point("publish", "temp dir made");
             let meta = build(&tmp)?;
+            crate::fault::point("publish", "image built");
             let text = serde_json::to_vec_pretty(&meta).expect("meta serialises");
             {
                 // Closed before anything may remove the directory: a network
@@ -258,9 +260,11 @@ impl Store {
                 f.sync_all().ctx("fsync", tmp.join(META_FILE))?;
             }
             fsync_dir(&tmp)?;
+            crate::fault::point("publish", "meta written and synced");
             let dest = layers.join(chain.dir_name());
             match rustix::fs::rename(&tmp, &dest) {
                 Ok(()) => {
+                    crate::fault::point("publish", "renamed into place");
                     fsync_dir(&layers)?;
                     Ok(Published::Created(LayerInfo { location: loc, dir: dest, meta }))
                 }
@@ -333,6 +337,7 @@ impl Store {
                 return Ok(false);
             }
         }
+        crate::fault::point("remove", "reference dropped");
         if !self.refs(info).is_empty() {
             return Ok(false);
         }
@@ -359,6 +364,7 @@ impl Store {
                 return Ok(false);
             }
         }
+        crate::fault::point("remove", "layer renamed away");
         if live(self.refs(info)) {
             tracing::info!(layer = %info.meta.chain_id, "a host started using the layer while it was being removed; kept");
             if fs::rename(&grave, &info.dir).is_err() {

@@ -366,12 +366,18 @@ impl Host {
     }
 
     pub fn start_plugin(&mut self) {
+        self.start_plugin_env(&[]);
+    }
+
+    /// Starts the plugin with extra environment (fault injection).
+    pub fn start_plugin_env(&mut self, env: &[(&str, &str)]) {
         let sock = self.inside(Path::new("/run/docker/plugins/sharedloop.sock"));
         let _ = fs::remove_file(&sock); // left by a killed plugin
         let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("sharedloop.log")).unwrap();
         let child = self
             .cmd(sharedloop_bin())
             .args(["serve", "--log-level", "debug"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -417,6 +423,13 @@ impl Host {
     pub fn kill_plugin(&mut self) {
         if let Some(mut p) = self.plugin.take() {
             signal_inner(&p, rustix::process::Signal::KILL);
+            let _ = p.wait();
+        }
+    }
+
+    /// Waits for a plugin that aborted (fault injection) to be gone.
+    pub fn reap_plugin(&mut self) {
+        if let Some(mut p) = self.plugin.take() {
             let _ = p.wait();
         }
     }

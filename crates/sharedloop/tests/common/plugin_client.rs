@@ -17,6 +17,10 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The plugin died before answering.
+    pub fn aborted(&self) -> bool {
+        self.status == 0
+    }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
@@ -64,7 +68,11 @@ impl PluginClient {
         }
         let mut r = BufReader::new(s);
         let mut status_line = String::new();
-        r.read_line(&mut status_line).unwrap();
+        let _ = r.read_line(&mut status_line);
+        if status_line.is_empty() {
+            // The plugin went away without answering (a crash).
+            return Reply { status: 0, body: Vec::new() };
+        }
         let status: u16 = status_line
             .split(' ')
             .nth(1)
