@@ -120,6 +120,97 @@ fn spawn_heartbeat(store: Store, secs: u64) -> std::sync::mpsc::Sender<()> {
     tx
 }
 
+/// Size of the scratch filesystem used for staging when the home
+/// directory cannot hold overlayfs whiteouts (a sparse file).
+const SCRATCH_SIZE: Bytes = Bytes(256 * Bytes::GIB);
+
+/// Whether `dir` can hold what staging needs: 0:0 character devices
+/// (whiteouts) and `trusted.*` attributes (opaque directories).
+fn can_stage_in(dir: &Path) -> bool {
+    let wh = dir.join(format!(".probe-wh-{}", random_token()));
+    let d = dir.join(format!(".probe-opq-{}", random_token()));
+    let dev =
+        rustix::fs::mknodat(rustix::fs::CWD, &wh, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0);
+    let _ = fs::remove_file(&wh);
+    let xattr = fs::create_dir(&d).map_err(|_| ()).and_then(|_| {
+        rustix::fs::lsetxattr(&d, crate::apply::OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty()).map_err(|_| ())
+    });
+    let _ = fs::remove_dir(&d);
+    dev.is_ok() && xattr.is_ok()
+}
+
+/// Makes `<home>/tmp` the staging area: a `nodev,nosuid,noexec` bind of
+/// itself where the home filesystem can hold whiteouts, otherwise (NFS,
+/// sshfs, ...) a loop-mounted sparse ext4 scratch image kept in the home
+/// directory, which can hold anything a layer has.
+fn prepare_staging(home: &Path) -> Result<()> {
+    let tmp = home.join("tmp");
+    if mount::is_mountpoint(&tmp) {
+        return Ok(()); // from before a restart
+    }
+    if can_stage_in(&tmp) {
+        return mount::make_inert(&tmp);
+    }
+    let img = home.join("scratch.img");
+    if !img.exists() {
+        tracing::info!(home = %home.display(), "the home filesystem cannot hold whiteouts; staging in a scratch image");
+        let part = home.join(format!(".scratch-{}", random_token()));
+        let made = fs::File::create(&part)
+            .and_then(|f| f.set_len(SCRATCH_SIZE.0))
+            .ctx("create", &part)
+            .and_then(|_| {
+                let out = std::process::Command::new("mkfs.ext4")
+                    .args([
+                        "-q",
+                        "-F",
+                        "-O",
+                        "^has_journal",
+                        "-m",
+                        "0",
+                        "-E",
+                        "lazy_itable_init=1,nodiscard",
+                        "-L",
+                        "sl-scratch",
+                    ])
+                    .arg(&part)
+                    .output()
+                    .map_err(|e| Error::Tool {
+                        tool: "mkfs.ext4".into(),
+                        status: "not started".into(),
+                        stderr: e.to_string(),
+                    })?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(Error::Tool {
+                        tool: "mkfs.ext4".into(),
+                        status: out.status.to_string(),
+                        stderr: String::from_utf8_lossy(&out.stderr).into(),
+                    })
+                }
+            })
+            .and_then(|_| fs::rename(&part, &img).ctx("rename", &img));
+        if let Err(e) = made {
+            let _ = fs::remove_file(&part);
+            return Err(e);
+        }
+    }
+    let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io: false })
+        .ctx("attach loop device", &img)?;
+    // discard: freed staging blocks are punched out of the sparse file.
+    rustix::mount::mount(
+        dev.path(),
+        &tmp,
+        "ext4",
+        rustix::mount::MountFlags::NODEV | rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NOEXEC,
+        c"discard",
+    )
+    .ctx("mount scratch image", &tmp)?;
+    let lf = tmp.join("lost+found");
+    let _ = fs::remove_dir(&lf);
+    Ok(())
+}
+
 /// Engine ids become path components: keep them plain.
 fn check_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
@@ -147,7 +238,7 @@ impl Driver {
             fs::create_dir_all(&p).ctx("mkdir", &p)?;
         }
         mount::make_private(home)?;
-        mount::make_inert(&home.join("tmp"))?;
+        prepare_staging(home)?;
         let host_file = home.join("host-id");
         let host_id = match fs::read_to_string(&host_file) {
             Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),

@@ -147,3 +147,55 @@ fn plugin_rejects_bad_requests_and_keeps_the_store_clean() {
     c.ok("GraphDriver.Remove", json!({"ID": "l1"}));
     assert_no_loops(&host.dir);
 }
+
+/// The engine's data root on a filesystem that can hold neither overlayfs
+/// whiteouts nor an overlay upper directory (sshfs, like NFS without
+/// xattrs): staging moves to a scratch image, writable layers are images,
+/// and containers work.
+#[test]
+fn plugin_home_on_a_network_filesystem() {
+    require(&["busybox", "overlay", "ext4", "sshfs"]);
+    let net = Sshfs::new("home-sshfs");
+    let (mut host, c) = plugin_host("netfs-home");
+    fs::create_dir_all(host.root_dir()).unwrap();
+    let home = net.mountpoint.join("home");
+    c.ok("GraphDriver.Init", json!({"Home": home, "Opts": host.default_storage_opts()}));
+    let scratch_mounted = host
+        .mountinfo()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(home.join("tmp").to_str().unwrap()) && l.contains(" - ext4 "));
+    assert!(scratch_mounted, "staging is not on a scratch filesystem:\n{}", host.mountinfo());
+    let rootfs = host.dir.join("rootfs");
+    busybox_rootfs(&rootfs);
+    c.ok("GraphDriver.Create", json!({"ID": "base"}));
+    assert!(c
+        .apply_diff("base", "", &layer_tar(&LayerSpec { rootfs: Some(rootfs), ..Default::default() }))
+        .err()
+        .is_none());
+    let top = LayerSpec {
+        whiteouts: vec!["etc/group".into()],
+        opaque: vec!["usr/share/doc".into()],
+        files: vec![("usr/share/doc/new".into(), b"new\n".to_vec(), 0o644, 0, 0)],
+        ..Default::default()
+    };
+    c.ok("GraphDriver.Create", json!({"ID": "top", "Parent": "base"}));
+    let r = c.apply_diff("top", "base", &layer_tar(&top));
+    assert!(r.err().is_none(), "{:?}", r.err());
+    c.ok("GraphDriver.CreateReadWrite", json!({"ID": "ctr", "Parent": "top", "StorageOpt": {"size": "128M"}}));
+    let dir = c.ok("GraphDriver.Get", json!({"ID": "ctr"}))["Dir"].as_str().unwrap().to_owned();
+    let out = run_ok(host.cmd("chroot").arg(&dir).args([
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "test -e /etc/group && echo group-still-there; ls /usr/share/doc; echo w > /w; cat /w",
+    ]));
+    assert_eq!(out, "new\nw\n");
+    // The writable image and the published layers really are where they should be.
+    assert!(fs::metadata(home.join("rw/ctr/rw.img")).is_ok(), "the writable image is not on the network filesystem");
+    c.ok("GraphDriver.Put", json!({"ID": "ctr"}));
+    for id in ["ctr", "top", "base"] {
+        c.ok("GraphDriver.Remove", json!({"ID": id}));
+    }
+    assert_no_loops(&host.root_dir());
+    host.kill_plugin();
+}
