@@ -4,8 +4,7 @@
 //! It is written once and then only read, so it has no
 //! journal and no reserved blocks, and is sized to fit its content.
 //! - ext4: `mkfs.ext4 -d STAGING` writes the tree straight into the image
-//!   file without a mount (the faster of the measured candidates; see
-//!   docs/architecture.md).
+//!   file without a mount (see "Decisions" in docs/architecture.md).
 //! - xfs: mkfs, loop-mount read-write, copy, unmount (mkfs.xfs in Debian 12
 //!   cannot populate from a directory). xfsprogs refuses filesystems under
 //!   300 MiB, so xfs layer images are at least that large (sparse).
