@@ -155,41 +155,8 @@ fn prepare_staging(home: &Path) -> Result<()> {
     if !img.exists() {
         tracing::info!(home = %home.display(), "the home filesystem cannot hold whiteouts; staging in a scratch image");
         let part = home.join(format!(".scratch-{}", random_token()));
-        let made = fs::File::create(&part)
-            .and_then(|f| f.set_len(SCRATCH_SIZE.0))
-            .ctx("create", &part)
-            .and_then(|_| {
-                let out = std::process::Command::new("mkfs.ext4")
-                    .args([
-                        "-q",
-                        "-F",
-                        "-O",
-                        "^has_journal",
-                        "-m",
-                        "0",
-                        "-E",
-                        "lazy_itable_init=1,nodiscard",
-                        "-L",
-                        "sl-scratch",
-                    ])
-                    .arg(&part)
-                    .output()
-                    .map_err(|e| Error::Tool {
-                        tool: "mkfs.ext4".into(),
-                        status: "not started".into(),
-                        stderr: e.to_string(),
-                    })?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(Error::Tool {
-                        tool: "mkfs.ext4".into(),
-                        status: out.status.to_string(),
-                        stderr: String::from_utf8_lossy(&out.stderr).into(),
-                    })
-                }
-            })
-            .and_then(|_| fs::rename(&part, &img).ctx("rename", &img));
+        let made =
+            image::create_scratch_image(&part, SCRATCH_SIZE).and_then(|_| fs::rename(&part, &img).ctx("rename", &img));
         if let Err(e) = made {
             let _ = fs::remove_file(&part);
             return Err(e);

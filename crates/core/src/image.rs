@@ -194,6 +194,19 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A sparse, journal-less ext4 image of `size` at `out` (must not exist),
+/// used as scratch space for staging.
+pub fn create_scratch_image(out: &Path, size: Bytes) -> Result<()> {
+    drop(create_sparse(out, size)?);
+    let r = run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-E", "lazy_itable_init=1,nodiscard", "-L", "sl-scratch"])
+        .arg(out));
+    if r.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    r
+}
+
 /// The sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest as _;
