@@ -504,6 +504,29 @@ impl Driver {
         Ok(out)
     }
 
+    /// The directories of layer `id` and its ancestors (topmost first), as
+    /// `stack` would mount them, without mounting anything: for reports and
+    /// bookkeeping. Layers known to be empty are left out.
+    fn stack_paths(&self, st: &State, id: Option<&str>) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut cur = id.map(str::to_owned);
+        while let Some(c) = cur {
+            let Some(l) = st.layers.get(&c) else { break };
+            match &l.kind {
+                Kind::Image { chain: Some(ch), .. } if st.ro.get(ch).is_none_or(|m| m.dev.is_some()) => {
+                    out.push(self.ro_mnt(ch).join(image::LAYER_ROOT))
+                }
+                Kind::Rw { .. } => out.push(self.rw_mnt(&c).join("upper")),
+                Kind::Image { .. } => {}
+            }
+            if out.len() > 4096 {
+                break;
+            }
+            cur = l.parent.clone();
+        }
+        out
+    }
+
     /// Mounts layer `id` and returns the directory with its full view.
     pub fn get(&self, id: &str) -> Result<PathBuf> {
         let mut st = self.lock();
@@ -864,9 +887,10 @@ impl Driver {
 
     /// Per-layer details for `docker inspect` (GraphDriver.Data).
     pub fn metadata(&self, id: &str) -> Result<HashMap<String, String>> {
-        let mut st = self.lock();
+        let st = self.lock();
         let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
         let mut m = HashMap::new();
+        let mounts = mount::mountinfo().unwrap_or_default();
         // Every layer of the stack, topmost first.
         let (mut images, mut locs, mut loops) = (Vec::new(), Vec::new(), Vec::new());
         let mut cur = Some(id.to_owned());
@@ -891,11 +915,12 @@ impl Driver {
                 Kind::Rw { .. } => {
                     images.push(self.rw_image(&c).display().to_string());
                     locs.push("local".into());
+                    let mnt = self.rw_mnt(&c);
                     loops.push(
-                        mount::mountinfo()
-                            .ok()
-                            .and_then(|mi| mi.into_iter().find(|e| e.mount_point == self.rw_mnt(&c)))
-                            .map(|e| e.source)
+                        mounts
+                            .iter()
+                            .find(|e| e.mount_point == mnt)
+                            .map(|e| e.source.clone())
                             .unwrap_or_else(|| "-".into()),
                     );
                 }
@@ -925,7 +950,7 @@ impl Driver {
                 m.insert("WritableSize".into(), size.0.to_string());
                 m.insert("WritableFilesystem".into(), fs.name().into());
                 let lowers: Vec<String> =
-                    self.stack(&mut st, l.parent.as_deref())?.iter().map(|p| p.display().to_string()).collect();
+                    self.stack_paths(&st, l.parent.as_deref()).iter().map(|p| p.display().to_string()).collect();
                 m.insert("LowerDir".into(), lowers.join(":"));
             }
         }
@@ -939,17 +964,7 @@ impl Driver {
         for rx in std::mem::take(&mut st.pending) {
             let _ = rx.recv();
         }
-        let held: Vec<String> = st.gets.keys().cloned().collect();
-        let mut busy: HashSet<PathBuf> = HashSet::new();
-        for id in held {
-            let parent = st.layers.get(&id).and_then(|l| l.parent.clone());
-            if let Ok(d) = self.own_dir(&mut st, &id) {
-                busy.extend(d);
-            }
-            if let Ok(s) = self.stack(&mut st, parent.as_deref()) {
-                busy.extend(s);
-            }
-        }
+        let busy: HashSet<PathBuf> = st.gets.keys().flat_map(|id| self.stack_paths(&st, Some(id))).collect();
         let ro: Vec<ChainId> = st.ro.keys().cloned().collect();
         for c in ro {
             let p = self.ro_mnt(&c);

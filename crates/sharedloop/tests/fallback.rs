@@ -77,9 +77,11 @@ fn fallback_root_read_only_keeps_using_existing_root_layers() {
         shared
     };
     let shared_guard = scopeguard(&shared);
-    let probe = Host::new("ro-reader");
-    let root_inside = probe.root_dir();
-    drop(probe);
+    // Where the reader sees the store: a read-only bind inside its namespace
+    // (the mount point is created on this machine's filesystem, so it is
+    // removed with the guard).
+    let root_inside = Path::new(TEST_ROOT).join(format!("ro-root-{}", std::process::id()));
+    let mount_point_guard = scopeguard(&root_inside);
     let mut host = Host::with(
         "ro-reader",
         HostOpts { binds: vec![(shared.clone(), root_inside.clone(), true)], ..Default::default() },
@@ -105,6 +107,7 @@ fn fallback_root_read_only_keeps_using_existing_root_layers() {
     host.docker_ok(&["rmi", "img:2"]);
     assert_eq!(layers_in(&shared), 1, "a layer in a read-only root was removed");
     drop(host);
+    drop(mount_point_guard);
     drop(shared_guard);
 }
 
