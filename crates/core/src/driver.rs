@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -819,11 +819,6 @@ impl Driver {
         let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
         Self::check_parent(&l, parent)?;
         Ok(self.own_dir(&mut st, id)?.unwrap_or_else(|| self.home.join("empty")))
-    }
-
-    /// Writes the tar of layer `id`'s own changes to `w`.
-    pub fn diff(&self, id: &str, parent: Option<&str>, w: &mut dyn Write) -> Result<()> {
-        export::export_tar(&self.diff_source(id, parent)?, w)
     }
 
     /// The changes of layer `id` against its parent.

@@ -20,10 +20,6 @@ pub enum Error {
     #[error("layer {0} does not exist")]
     NotFound(String),
 
-    /// An id the engine wants to create is already there.
-    #[error("layer {0} already exists")]
-    AlreadyExists(String),
-
     /// The parent of a new layer does not exist.
     #[error("parent layer {parent} of {id} does not exist")]
     ParentNotFound { id: String, parent: String },

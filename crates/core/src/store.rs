@@ -152,11 +152,6 @@ pub enum Published {
 }
 
 impl Published {
-    pub fn info(&self) -> &LayerInfo {
-        match self {
-            Published::Created(i) | Published::Existing(i) => i,
-        }
-    }
     pub fn into_info(self) -> LayerInfo {
         match self {
             Published::Created(i) | Published::Existing(i) => i,
