@@ -7,7 +7,10 @@
 //!   host-id                  this engine instance's stable id in the store
 //!   layers/<id>.json         LocalLayer: parent id and kind
 //!   rw/<id>/rw.img           a writable layer's image (upper/ and work/ inside)
-//!   mnt/<sha256-HEX>/        the read-only mount of a published layer
+//!   mnt/<sha256-HEX>/        the read-only mount of a published layer (when
+//!                            the driver is alone; `sharedloop serve` keeps
+//!                            them in one directory for all its drivers,
+//!                            see [`crate::layermounts`])
 //!   rwmnt/<id>/              the mount of a writable layer's image
 //!   merged/<id>/             overlay mounts handed to the engine
 //!   tmp/                     staging for ApplyDiff (nodev,nosuid,noexec), swept at start
@@ -22,7 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -30,8 +33,10 @@ use crate::apply::apply_tar;
 use crate::error::{Context, Error, Result};
 use crate::export::{self, Change};
 use crate::fsmagic;
+use crate::ids::DiffId;
 use crate::ids::{random_token, Bytes, ChainId};
 use crate::image;
+use crate::layermounts::LayerMounts;
 use crate::mount::{self, OverlaySpec};
 use crate::options::{Config, FsType};
 use crate::store::{write_atomic, LayerInfo, LayerMeta, Location, Store, FORMAT_VERSION, IMAGE_FILE};
@@ -95,10 +100,66 @@ pub enum CreateAction {
     Identity,
 }
 
+/// One mount for an engine to perform, as containerd's `mount.Mount`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub fs_type: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+impl MountSpec {
+    fn bind(dir: &Path, rw: bool) -> MountSpec {
+        MountSpec {
+            fs_type: "bind".into(),
+            source: dir.display().to_string(),
+            options: vec![if rw { "rw" } else { "ro" }.into(), "rbind".into()],
+        }
+    }
+
+    fn overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> MountSpec {
+        let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+        let mut options = vec!["index=off".to_owned(), "redirect_dir=off".to_owned()];
+        if let Some((u, w)) = upper {
+            options.push(format!("workdir={}", w.display()));
+            options.push(format!("upperdir={}", u.display()));
+        } else {
+            options.push("ro".into());
+        }
+        options.push(format!("lowerdir={}", lower.join(":")));
+        MountSpec { fs_type: "overlay".into(), source: "overlay".into(), options }
+    }
+}
+
+/// What the store records about a layer's tree besides its image.
+struct TreeFacts {
+    diff_id: Option<DiffId>,
+    content_bytes: u64,
+    tar_bytes: u64,
+    entries: u64,
+}
+
+/// A writer that only hashes.
+#[derive(Default)]
+struct HashingSink {
+    hasher: sha2::Sha256,
+}
+
+impl std::io::Write for HashingSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(&mut self.hasher, b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub struct Driver {
     home: PathBuf,
     cfg: Config,
     store: Store,
+    mounts: Arc<LayerMounts>,
     state: Mutex<State>,
     /// Dropping it stops the heartbeat thread.
     _heartbeat: std::sync::mpsc::Sender<()>,
@@ -199,6 +260,16 @@ impl Driver {
     /// Opens (creating) the driver state in `home`, checks the kernel and
     /// reconciles with what is mounted.
     pub fn open(home: &Path, cfg: Config) -> Result<Driver> {
+        Self::open_with(home, cfg, None)
+    }
+
+    /// Opens a driver whose layer mounts live in `mounts`, shared with the
+    /// process's other drivers.
+    pub fn open_shared(home: &Path, cfg: Config, mounts: Arc<LayerMounts>) -> Result<Driver> {
+        Self::open_with(home, cfg, Some(mounts))
+    }
+
+    fn open_with(home: &Path, cfg: Config, mounts: Option<Arc<LayerMounts>>) -> Result<Driver> {
         cfg.check_kernel(&rustix::system::uname().release().to_string_lossy())?;
         for d in ["", "layers", "rw", "mnt", "rwmnt", "merged", "tmp", "empty"] {
             let p = home.join(d);
@@ -217,9 +288,14 @@ impl Driver {
                 id
             }
         };
+        let mounts = match mounts {
+            Some(m) => m,
+            None => LayerMounts::open(&home.join("mnt"), false)?,
+        };
         let store = Store::new(&cfg, &host_id);
         let hb = spawn_heartbeat(store.clone(), cfg.heartbeat_secs);
-        let d = Driver { home: home.to_owned(), cfg, store, state: Mutex::new(State::default()), _heartbeat: hb };
+        let d =
+            Driver { home: home.to_owned(), cfg, store, mounts, state: Mutex::new(State::default()), _heartbeat: hb };
         d.reconcile()?;
         Ok(d)
     }
@@ -248,7 +324,7 @@ impl Driver {
         self.home.join("rwmnt").join(id)
     }
     fn ro_mnt(&self, chain: &ChainId) -> PathBuf {
-        self.home.join("mnt").join(chain.dir_name())
+        self.mounts.path(chain)
     }
     fn merged(&self, id: &str) -> PathBuf {
         self.home.join("merged").join(id)
@@ -284,6 +360,26 @@ impl Driver {
                 _ => None,
             })
             .collect();
+        // Claim the layer mounts this driver's layers stand on.
+        self.mounts.forget_user(&self.home);
+        for c in &used_chains {
+            let Some(dev) = self.mounts.claim(c, &self.home) else {
+                continue;
+            };
+            match self.store.locate(c) {
+                Some(info) => {
+                    st.ro.insert(c.clone(), RoMount { info, dev: Some(dev) });
+                }
+                None => {
+                    tracing::warn!(layer = %c, "a mounted layer is no longer in the store");
+                    let _ = self.mounts.release(c, &self.home);
+                }
+            }
+        }
+        if self.mounts.may_sweep() {
+            self.mounts.sweep();
+        }
+        let own_mnt = self.mounts.dir() == self.home.join("mnt");
         let mounts = mount::mountinfo()?;
         // Deepest first, so merged overlays go before the layers under them.
         let mut orphans = Vec::new();
@@ -302,15 +398,8 @@ impl Driver {
                 "rwmnt" if st.layers.contains_key(&name) => {
                     st.rw_mounted.insert(name);
                 }
-                "mnt" => match ChainId::from_dir_name(&name) {
-                    Some(c) if used_chains.contains(&c) => match self.store.locate(&c) {
-                        Some(info) => {
-                            st.ro.insert(c, RoMount { info, dev: Some(m.source.clone()) });
-                        }
-                        None => orphans.push(m.mount_point.clone()),
-                    },
-                    _ => orphans.push(m.mount_point.clone()),
-                },
+                // Layer mounts of an earlier layout, when they live elsewhere now.
+                "mnt" if !own_mnt => orphans.push(m.mount_point.clone()),
                 "merged" | "rwmnt" | "tmp" => orphans.push(m.mount_point.clone()),
                 _ => {}
             }
@@ -342,6 +431,11 @@ impl Driver {
         self.store.sweep_own_tmp();
         tracing::info!(layers = st.layers.len(), mounted = st.ro.len(), in_use = st.gets.len(), "driver state loaded");
         Ok(())
+    }
+
+    /// Every local layer id.
+    pub fn layer_ids(&self) -> Vec<String> {
+        self.lock().layers.keys().cloned().collect()
     }
 
     pub fn exists(&self, id: &str) -> bool {
@@ -438,13 +532,8 @@ impl Driver {
             return Ok(m);
         };
         let fs_type = info.meta.fs.expect("image has a fs");
-        let target = self.ro_mnt(chain);
-        fs::create_dir_all(&target).ctx("mkdir", &target)?;
-        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: true, direct_io: self.cfg.direct_io })
-            .ctx("attach loop device", &img)?;
-        mount::mount_layer_ro(dev.path(), &target, fs_type)?;
-        tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(), "layer mounted");
-        let m = RoMount { info, dev: Some(dev.path().display().to_string()) };
+        let dev = self.mounts.acquire(chain, &self.home, &img, fs_type, self.cfg.direct_io)?;
+        let m = RoMount { info, dev: Some(dev) };
         st.ro.insert(chain.clone(), m.clone());
         Ok(m)
     }
@@ -568,6 +657,85 @@ impl Driver {
         Ok(dir)
     }
 
+    /// The mounts that show layer `id` (a writable layer, or a read-only
+    /// one standing for a view), for an engine that mounts them itself
+    /// (containerd). The layers under it are mounted here, once per host;
+    /// an overlay whose options would not fit in one page for `mount(2)`
+    /// is mounted here too and handed over as a bind mount.
+    pub fn mounts_for(&self, id: &str) -> Result<Vec<MountSpec>> {
+        let mut st = self.lock();
+        if let Some(g) = st.gets.get(id) {
+            let rw = matches!(st.layers.get(id).map(|l| &l.kind), Some(Kind::Rw { .. }));
+            return Ok(vec![MountSpec::bind(&g.dir, rw)]);
+        }
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+        let (lowers, upper) = match &l.kind {
+            Kind::Rw { fs, .. } => {
+                let rw = self.ensure_rw(&mut st, id, *fs)?;
+                (self.stack(&mut st, l.parent.as_deref())?, Some((rw.join("upper"), rw.join("work"))))
+            }
+            Kind::Image { .. } => (self.stack(&mut st, Some(id))?, None),
+        };
+        match (&upper, lowers.len()) {
+            (Some((u, _)), 0) => return Ok(vec![MountSpec::bind(u, true)]),
+            (None, 0) => return Ok(vec![MountSpec::bind(&self.home.join("empty"), false)]),
+            (None, 1) => return Ok(vec![MountSpec::bind(&lowers[0], false)]),
+            _ => {}
+        }
+        let spec = MountSpec::overlay(&lowers, upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path())));
+        let size: usize = spec.options.iter().map(|o| o.len() + 1).sum();
+        if size + 512 < rustix::param::page_size() {
+            return Ok(vec![spec]);
+        }
+        let target = self.merged(id);
+        fs::create_dir_all(&target).ctx("mkdir", &target)?;
+        let upper_refs = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
+        mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: upper_refs }, &target)?;
+        tracing::debug!(layer = id, layers = lowers.len(), target = %target.display(), "overlay mounted for the engine");
+        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: target.clone(), mounted: true });
+        Ok(vec![MountSpec::bind(&target, upper.is_some())])
+    }
+
+    /// Bytes and inodes of writable layer `id`'s own changes.
+    pub fn rw_usage(&self, id: &str) -> Result<(u64, u64)> {
+        let upper = {
+            let mut st = self.lock();
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+            let Kind::Rw { fs, .. } = l.kind else {
+                return Err(Error::Invalid(format!("layer {id} is not writable")));
+            };
+            self.ensure_rw(&mut st, id, fs)?.join("upper")
+        };
+        Ok((export::tree_size(&upper)?, export::tree_counts(&upper)?.inodes.saturating_sub(1)))
+    }
+
+    /// Bytes of content and entries of published layer `id`, as recorded
+    /// in the store.
+    pub fn image_usage(&self, id: &str) -> Result<(u64, u64)> {
+        let st = self.lock();
+        match st.layers.get(id).map(|l| &l.kind) {
+            Some(Kind::Image { chain: Some(c), size }) => {
+                let entries = st
+                    .ro
+                    .get(c)
+                    .map(|m| m.info.meta.entries)
+                    .or_else(|| self.store.locate(c).map(|i| i.meta.entries))
+                    .unwrap_or(0);
+                Ok((*size, entries))
+            }
+            Some(_) => Ok((0, 0)),
+            None => Err(Error::NotFound(id.into())),
+        }
+    }
+
+    /// Waits for background removals to finish.
+    pub fn settle(&self) {
+        let pending = std::mem::take(&mut self.lock().pending);
+        for rx in pending {
+            let _ = rx.recv();
+        }
+    }
+
     /// Releases one `get`. Releasing what is not held is not an error.
     pub fn put(&self, id: &str) -> Result<()> {
         let mut st = self.lock();
@@ -652,6 +820,25 @@ impl Driver {
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, bytes = stats.tar_bytes, "tar applied to staging");
         let diff_id = stats.diff_id.clone().expect("set by apply");
         let chain = ChainId::of(parent, &diff_id);
+        let tree = TreeFacts {
+            diff_id: Some(diff_id),
+            content_bytes: stats.content_bytes,
+            tar_bytes: stats.tar_bytes,
+            entries: stats.entries,
+        };
+        let info = self.publish_tree(staging, &chain, parent, &tree)?;
+        Ok((info, stats.content_bytes))
+    }
+
+    /// Publishes the tree under `staging/fs` as layer `chain` (or uses the
+    /// layer of that name already in the store) and takes a reference.
+    fn publish_tree(
+        &self,
+        staging: &Path,
+        chain: &ChainId,
+        parent: Option<&ChainId>,
+        tree: &TreeFacts,
+    ) -> Result<LayerInfo> {
         let fs_type = self.cfg.fs;
         let build = |tmp: &Path| -> Result<LayerMeta> {
             let t1 = std::time::Instant::now();
@@ -675,13 +862,13 @@ impl Driver {
             Ok(LayerMeta {
                 format: FORMAT_VERSION,
                 chain_id: chain.clone(),
-                diff_id: diff_id.clone(),
+                diff_id: tree.diff_id.clone(),
                 parent: parent.cloned(),
                 fs: (!empty).then_some(fs_type),
                 image_bytes,
-                content_bytes: stats.content_bytes,
-                tar_bytes: stats.tar_bytes,
-                entries: stats.entries,
+                content_bytes: tree.content_bytes,
+                tar_bytes: tree.tar_bytes,
+                entries: tree.entries,
                 publisher: self.store.host_id.clone(),
                 created_unix: crate::store::now_unix(),
                 image_sha256,
@@ -691,19 +878,132 @@ impl Driver {
         // reference and confirm the layer survived (a host removing it
         // concurrently either saw our reference or we publish again).
         for _ in 0..3 {
-            let info = match self.store.locate(&chain) {
+            let info = match self.store.locate(chain) {
                 Some(info) => {
                     tracing::info!(layer = %chain, location = info.location.name(), "layer already in the store; reusing it");
                     info
                 }
-                None => self.store.publish(&chain, &build)?.into_info(),
+                None => self.store.publish(chain, &build)?.into_info(),
             };
             if let Some(info) = self.store.acquire(&info) {
-                return Ok((info, stats.content_bytes));
+                return Ok(info);
             }
             tracing::info!(layer = %chain, "the layer was removed while being referenced; publishing it again");
         }
         Err(Error::Invalid(format!("layer {chain} keeps disappearing from the store; is another host collecting it?")))
+    }
+
+    /// The chain id of published layer `id`; `None` for no layer.
+    fn chain_of(st: &State, id: Option<&str>) -> Result<Option<ChainId>> {
+        let Some(id) = id else { return Ok(None) };
+        match st.layers.get(id).map(|l| &l.kind) {
+            Some(Kind::Image { chain: Some(c), .. }) => Ok(Some(c.clone())),
+            Some(_) => Err(Error::Invalid(format!("layer {id} is not a published layer"))),
+            None => Err(Error::NotFound(id.into())),
+        }
+    }
+
+    /// The chain id of the published layer `id` stands for, if it is one.
+    pub fn layer_chain(&self, id: &str) -> Option<ChainId> {
+        Self::chain_of(&self.lock(), Some(id)).ok().flatten()
+    }
+
+    /// Creates read-only layer `id` over `parent` from layer `chain`, which
+    /// is in the store already: no content moves, a reference is taken.
+    /// Returns `false` (and creates nothing) when the store lacks `chain`
+    /// or it sits on another parent.
+    pub fn create_from_store(&self, id: &str, parent: Option<&str>, chain: &ChainId) -> Result<bool> {
+        check_id(id)?;
+        let mut st = self.lock();
+        if st.layers.contains_key(id) {
+            return Err(Error::AlreadyExists(format!("layer {id}")));
+        }
+        let parent_chain = Self::chain_of(&st, parent)?;
+        let Some(info) = self.store.locate(chain) else { return Ok(false) };
+        if info.meta.parent != parent_chain {
+            tracing::warn!(layer = %chain, "the published layer sits on another parent; not reusing it");
+            return Ok(false);
+        }
+        let Some(info) = self.store.acquire(&info) else { return Ok(false) };
+        let l = LocalLayer {
+            id: id.into(),
+            parent: parent.map(str::to_owned),
+            kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
+        };
+        if let Err(e) = self.save(&l) {
+            let _ = self.store.release(&info);
+            return Err(e);
+        }
+        tracing::info!(layer = %chain, location = info.location.name(), "using the published layer; nothing to unpack");
+        st.layers.insert(id.into(), l);
+        Ok(true)
+    }
+
+    /// Turns writable layer `rw_id` into the published read-only layer
+    /// `new_id` on the same parent: its upper directory becomes a layer
+    /// image named `chain` (or, without one, by the digest of its content
+    /// as a tar); then the writable layer goes. Returns the chain id.
+    pub fn commit(&self, rw_id: &str, new_id: &str, chain: Option<ChainId>) -> Result<ChainId> {
+        check_id(new_id)?;
+        let (parent, parent_chain, upper) = {
+            let mut st = self.lock();
+            if st.layers.contains_key(new_id) {
+                return Err(Error::AlreadyExists(format!("layer {new_id}")));
+            }
+            let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(rw_id.into()))?;
+            let Kind::Rw { fs, .. } = l.kind else {
+                return Err(Error::FailedPrecondition(format!("layer {rw_id} is not writable")));
+            };
+            let parent_chain = Self::chain_of(&st, l.parent.as_deref())?;
+            let upper = self.ensure_rw(&mut st, rw_id, fs)?.join("upper");
+            (l.parent, parent_chain, upper)
+        };
+        // The tree goes into the image under /fs: bind the upper there.
+        let staging = self.home.join("tmp").join(format!("commit-{}", random_token()));
+        let fs_dir = staging.join(image::LAYER_ROOT);
+        fs::create_dir_all(&fs_dir).ctx("mkdir", &fs_dir)?;
+        let r = rustix::mount::mount_bind(&upper, &fs_dir)
+            .ctx("bind", &fs_dir)
+            .and_then(|_| self.commit_staged(&staging, &upper, chain, parent_chain.as_ref()));
+        let _ = mount::unmount_path(&fs_dir);
+        let _ = fs::remove_dir_all(&staging);
+        let info = r?;
+        let chain = info.meta.chain_id.clone();
+        let l = LocalLayer {
+            id: new_id.into(),
+            parent,
+            kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
+        };
+        if let Err(e) = self.save(&l) {
+            let _ = self.store.release(&info);
+            return Err(e);
+        }
+        self.lock().layers.insert(new_id.into(), l);
+        tracing::info!(layer = %chain, from = rw_id, location = info.location.name(), "writable layer committed");
+        self.remove(rw_id)?;
+        Ok(chain)
+    }
+
+    fn commit_staged(
+        &self,
+        staging: &Path,
+        upper: &Path,
+        chain: Option<ChainId>,
+        parent: Option<&ChainId>,
+    ) -> Result<LayerInfo> {
+        let counts = export::tree_counts(upper)?;
+        let content_bytes = export::tree_size(upper)?;
+        let (chain, diff_id) = match chain {
+            Some(c) => (c, None),
+            None => {
+                let mut h = HashingSink::default();
+                export::export_tar(upper, &mut h)?;
+                let diff = DiffId::from_sha256(&sha2::Digest::finalize(h.hasher));
+                (ChainId::of(parent, &diff), Some(diff))
+            }
+        };
+        let tree = TreeFacts { diff_id, content_bytes, tar_bytes: 0, entries: counts.inodes.saturating_sub(1) };
+        self.publish_tree(staging, &chain, parent, &tree)
     }
 
     /// Removes layer `id`. Removing what does not exist is not an error.
@@ -743,8 +1043,14 @@ impl Driver {
                 std::thread::spawn(move || {
                     if mounted {
                         if let Err(e) = mount::unmount_path(&m) {
-                            tracing::warn!(target = %m.display(), error = %e, "cannot unmount a removed writable layer");
-                            return;
+                            // Still under an engine's overlay (containerd
+                            // commits while its mount is up): detach; the
+                            // filesystem and loop device go with the last user.
+                            tracing::info!(target = %m.display(), error = %e, "writable layer busy; detaching it");
+                            if let Err(e) = mount::detach_path(&m) {
+                                tracing::warn!(target = %m.display(), error = %e, "cannot unmount a removed writable layer");
+                                return;
+                            }
                         }
                     }
                     let _ = fs::remove_dir(&m);
@@ -763,12 +1069,10 @@ impl Driver {
                     let info = match st.ro.remove(c) {
                         Some(m) => {
                             if m.dev.is_some() {
-                                let p = self.ro_mnt(c);
-                                if let Err(e) = mount::unmount_path(&p) {
+                                if let Err(e) = self.mounts.release(c, &self.home) {
                                     st.ro.insert(c.clone(), m);
                                     return Err(e);
                                 }
-                                let _ = fs::remove_dir(&p);
                             }
                             Some(m.info)
                         }
@@ -964,8 +1268,7 @@ impl Driver {
         for c in ro {
             let p = self.ro_mnt(&c);
             if st.ro[&c].dev.is_some() && !busy.contains(&p.join(image::LAYER_ROOT)) {
-                mount::unmount_path(&p)?;
-                let _ = fs::remove_dir(&p);
+                self.mounts.release(&c, &self.home)?;
             }
             if !busy.contains(&p.join(image::LAYER_ROOT)) {
                 st.ro.remove(&c);

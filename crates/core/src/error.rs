@@ -28,6 +28,15 @@ pub enum Error {
     #[error("layer {id} is in use: {why}")]
     InUse { id: String, why: String },
 
+    /// A snapshot or layer of that name exists already.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+
+    /// The object is not in the state the request needs (a commit of a
+    /// snapshot that is not active, a removal of a snapshot with children).
+    #[error("{0}")]
+    FailedPrecondition(String),
+
     /// The request is not valid for this layer (wrong kind, bad argument).
     #[error("{0}")]
     Invalid(String),

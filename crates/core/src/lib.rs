@@ -11,11 +11,13 @@ pub mod fault;
 pub mod fsmagic;
 pub mod ids;
 pub mod image;
+pub mod layermounts;
 pub mod mount;
 pub mod options;
+pub mod snapshots;
 pub mod store;
 pub mod sys;
 
-pub use driver::{CreateAction, CreateKind, Driver};
+pub use driver::{CreateAction, CreateKind, Driver, MountSpec};
 pub use error::{Error, Result};
 pub use options::Config;

@@ -113,6 +113,14 @@ fn mount_overlay_legacy(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
     mount("overlay", target, "overlay", flags, data.as_c_str()).ctx("mount overlay", target)
 }
 
+/// Detaches `target` now; the filesystem goes when its last user does.
+pub fn detach_path(target: &Path) -> Result<()> {
+    match unmount(target, UnmountFlags::NOFOLLOW | UnmountFlags::DETACH) {
+        Ok(()) | Err(Errno::INVAL) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(Error::sys("unmount", target, e)),
+    }
+}
+
 /// Unmounts `target`, retrying a busy mount a bounded number of times.
 /// A target that is not mounted is fine.
 pub fn unmount_path(target: &Path) -> Result<()> {

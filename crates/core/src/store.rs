@@ -52,7 +52,10 @@ impl Location {
 pub struct LayerMeta {
     pub format: u32,
     pub chain_id: ChainId,
-    pub diff_id: DiffId,
+    /// The layer tar's digest; `None` for a layer committed from a
+    /// containerd snapshot, which is named by the chain id containerd gave.
+    #[serde(default)]
+    pub diff_id: Option<DiffId>,
     pub parent: Option<ChainId>,
     /// Filesystem of layer.img; `None` for an empty layer (no image).
     pub fs: Option<FsType>,

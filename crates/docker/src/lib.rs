@@ -17,6 +17,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sharedloop_core::layermounts::LayerMounts;
 use sharedloop_core::{Config, CreateKind, Driver};
 
 type Body = BoxBody<Bytes, io::Error>;
@@ -58,17 +59,21 @@ pub struct InitRecord {
 pub struct Plugin {
     driver: RwLock<Option<Arc<Driver>>>,
     init_file: PathBuf,
+    /// The process's layer mounts, shared with its other front ends.
+    mounts: Arc<LayerMounts>,
 }
 
 impl Plugin {
     /// A plugin that records Init in `run_dir/docker-init.json` and, when a
     /// record is there from before a restart, reopens that driver.
-    pub fn new(run_dir: &Path) -> Plugin {
+    pub fn new(run_dir: &Path, mounts: Arc<LayerMounts>) -> Plugin {
         let init_file = run_dir.join("docker-init.json");
-        let p = Plugin { driver: RwLock::new(None), init_file };
+        let p = Plugin { driver: RwLock::new(None), init_file, mounts };
         if let Ok(text) = std::fs::read(&p.init_file) {
             match serde_json::from_slice::<InitRecord>(&text) {
-                Ok(rec) => match Config::from_opts(&rec.opts).and_then(|c| Driver::open(&rec.home, c)) {
+                Ok(rec) => match Config::from_opts(&rec.opts)
+                    .and_then(|c| Driver::open_shared(&rec.home, c, p.mounts.clone()))
+                {
                     Ok(d) => {
                         tracing::info!(home = %rec.home.display(), "restored the driver dockerd initialised before this restart");
                         *p.driver.write().unwrap() = Some(Arc::new(d));
@@ -103,7 +108,7 @@ impl Plugin {
         // Release the old driver's lock on state before opening the new one.
         let mut slot = self.driver.write().unwrap_or_else(|p| p.into_inner());
         *slot = None;
-        let d = Driver::open(&home, cfg).map_err(|e| e.to_string())?;
+        let d = Driver::open_shared(&home, cfg, self.mounts.clone()).map_err(|e| e.to_string())?;
         let rec = InitRecord { home, opts };
         if let Some(dir) = self.init_file.parent() {
             let _ = std::fs::create_dir_all(dir);

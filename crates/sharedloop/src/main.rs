@@ -1,13 +1,11 @@
-//! `sharedloop`: serves the Docker graphdriver plugin (and, later, the
-//! containerd snapshotter) over one layer store.
-
-use std::path::PathBuf;
-use std::sync::Arc;
+//! `sharedloop`: serves the Docker graphdriver plugin and the containerd
+//! snapshotter over one layer store, and administers the store.
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -30,17 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve the Docker graphdriver plugin protocol.
-    Serve {
-        /// The plugin socket; dockerd finds plugins in /run/docker/plugins/.
-        #[arg(long, default_value = "/run/docker/plugins/sharedloop.sock")]
-        docker_socket: PathBuf,
-        /// Where the plugin keeps what dockerd told it at Init, so a
-        /// restarted plugin serves the same driver (dockerd does not call
-        /// Init again).
-        #[arg(long, default_value = "/run/sharedloop")]
-        run_dir: PathBuf,
-    },
+    /// Serve the Docker graphdriver plugin and/or the containerd
+    /// snapshotter, over one store and one set of layer mounts.
+    Serve(serve::ServeArgs),
     /// Show the store: directories, where new layers go, hosts.
     Status {
         #[command(flatten)]
@@ -92,7 +82,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let code = match cli.cmd {
-        Cmd::Serve { docker_socket, run_dir } => return serve(docker_socket, run_dir),
+        Cmd::Serve(args) => return serve::serve(args),
         Cmd::Status { store, host_timeout } => admin::status(&store, &host_timeout),
         Cmd::Layers { store } => admin::layers(&store),
         Cmd::Gc { store, dry_run, host_timeout, grace } => admin::gc(&store, dry_run, &host_timeout, &grace),
@@ -106,28 +96,4 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(if e.is::<admin::Usage>() { 2 } else { 1 })
         }
     }
-}
-
-fn serve(docker_socket: PathBuf, run_dir: PathBuf) -> anyhow::Result<()> {
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(64).enable_all().build()?;
-    rt.block_on(async move {
-        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-        let plugin = Arc::new(tokio::task::spawn_blocking(move || sharedloop_docker::Plugin::new(&run_dir)).await?);
-        let listener = sharedloop_docker::bind(&docker_socket)
-            .with_context(|| format!("binding the plugin socket {}", docker_socket.display()))?;
-        tracing::info!(socket = %docker_socket.display(), "serving the Docker graphdriver plugin");
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutting down; layer mounts stay for running containers");
-        };
-        sharedloop_docker::serve(listener, plugin, shutdown).await?;
-        let _ = std::fs::remove_file(&docker_socket);
-        Ok(())
-    })
 }

@@ -1,0 +1,172 @@
+//! The read-only mounts of published layers on this host, one per layer,
+//! shared by every driver of the process: the Docker plugin's and the
+//! containerd snapshotter's. A mount records which drivers (by home
+//! directory) use it and goes when the last one lets go.
+//!
+//! ```text
+//! <dir>/<sha256-HEX>/     the layer image, mounted read-only
+//! ```
+//! On open, mounts found under `<dir>` (from before a restart) are adopted
+//! without users; drivers claim what they use, and [`LayerMounts::sweep`]
+//! unmounts the rest once every driver has had its say.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Context, Result};
+use crate::ids::ChainId;
+use crate::mount;
+use crate::options::FsType;
+use crate::sys::loopdev;
+
+#[derive(Debug)]
+struct Entry {
+    /// The loop device, as mountinfo names it.
+    dev: String,
+    users: HashSet<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct LayerMounts {
+    dir: PathBuf,
+    /// Shared between drivers: leftovers are swept by the owner of the
+    /// table, not by the first driver to open.
+    shared: bool,
+    /// Set by the first sweep: every driver there was at start has opened.
+    settled: std::sync::atomic::AtomicBool,
+    table: Mutex<HashMap<ChainId, Entry>>,
+}
+
+impl LayerMounts {
+    /// Opens the mount directory `dir` (a private mount of its own) and
+    /// adopts the layer mounts already there.
+    pub fn open(dir: &Path, shared: bool) -> Result<Arc<LayerMounts>> {
+        fs::create_dir_all(dir).ctx("mkdir", dir)?;
+        mount::make_private(dir)?;
+        let mut table = HashMap::new();
+        let mut strays = Vec::new();
+        for m in mount::mountinfo()? {
+            let Ok(rel) = m.mount_point.strip_prefix(dir) else { continue };
+            let mut comps = rel.iter();
+            let (Some(name), None) = (comps.next(), comps.next()) else {
+                if rel.iter().count() > 1 {
+                    strays.push(m.mount_point.clone());
+                }
+                continue;
+            };
+            match ChainId::from_dir_name(&name.to_string_lossy()) {
+                Some(c) => {
+                    table.insert(c, Entry { dev: m.source.clone(), users: HashSet::new() });
+                }
+                None => strays.push(m.mount_point.clone()),
+            }
+        }
+        for p in strays {
+            tracing::info!(target = %p.display(), "unmounting a stray mount in the layer mount directory");
+            let _ = mount::unmount_path(&p);
+        }
+        Ok(Arc::new(LayerMounts { dir: dir.to_owned(), shared, settled: Default::default(), table: Mutex::new(table) }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether drivers opening now may sweep: a private table, or a shared
+    /// one after its start-up sweep.
+    pub fn may_sweep(&self) -> bool {
+        !self.shared || self.settled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Drops every claim of `user` (a driver reopening its home), keeping
+    /// the mounts for the claims it makes next.
+    pub fn forget_user(&self, user: &Path) {
+        for e in self.lock().values_mut() {
+            e.users.remove(user);
+        }
+    }
+
+    /// Where layer `chain` is (or would be) mounted.
+    pub fn path(&self, chain: &ChainId) -> PathBuf {
+        self.dir.join(chain.dir_name())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<ChainId, Entry>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims an adopted mount of `chain` for `user`; returns its device,
+    /// or `None` when the layer is not mounted.
+    pub fn claim(&self, chain: &ChainId, user: &Path) -> Option<String> {
+        let mut t = self.lock();
+        let e = t.get_mut(chain)?;
+        e.users.insert(user.to_owned());
+        Some(e.dev.clone())
+    }
+
+    /// Mounts `image` (layer `chain`) read-only unless it is mounted, and
+    /// records `user` as using it. Returns the loop device.
+    pub fn acquire(
+        &self,
+        chain: &ChainId,
+        user: &Path,
+        image: &Path,
+        fs_type: FsType,
+        direct_io: bool,
+    ) -> Result<String> {
+        let mut t = self.lock();
+        if let Some(e) = t.get_mut(chain) {
+            e.users.insert(user.to_owned());
+            return Ok(e.dev.clone());
+        }
+        let target = self.path(chain);
+        fs::create_dir_all(&target).ctx("mkdir", &target)?;
+        let dev = loopdev::attach(image, loopdev::AttachOptions { read_only: true, direct_io })
+            .ctx("attach loop device", image)?;
+        mount::mount_layer_ro(dev.path(), &target, fs_type)?;
+        tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(), "layer mounted");
+        let dev = dev.path().display().to_string();
+        t.insert(chain.clone(), Entry { dev: dev.clone(), users: HashSet::from([user.to_owned()]) });
+        Ok(dev)
+    }
+
+    /// `user` no longer uses `chain`; the mount goes when nobody does.
+    pub fn release(&self, chain: &ChainId, user: &Path) -> Result<()> {
+        let mut t = self.lock();
+        let Some(e) = t.get_mut(chain) else { return Ok(()) };
+        e.users.remove(user);
+        if !e.users.is_empty() {
+            return Ok(());
+        }
+        let p = self.path(chain);
+        mount::unmount_path(&p)?;
+        let _ = fs::remove_dir(&p);
+        t.remove(chain);
+        Ok(())
+    }
+
+    /// Unmounts the layers no driver uses (leftovers adopted at open).
+    pub fn sweep(&self) {
+        self.settled.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut t = self.lock();
+        let idle: Vec<ChainId> = t.iter().filter(|(_, e)| e.users.is_empty()).map(|(c, _)| c.clone()).collect();
+        for c in idle {
+            let p = self.path(&c);
+            tracing::info!(layer = %c, "unmounting a layer no driver uses");
+            match mount::unmount_path(&p) {
+                Ok(()) => {
+                    let _ = fs::remove_dir(&p);
+                    t.remove(&c);
+                }
+                Err(e) => tracing::warn!(target = %p.display(), error = %e, "cannot unmount an unused layer"),
+            }
+        }
+    }
+
+    /// Layers mounted now.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+}

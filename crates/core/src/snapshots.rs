@@ -1,0 +1,599 @@
+//! containerd's snapshot model over the driver: snapshots named by key,
+//! with parents, labels and three kinds (active, view, committed), kept
+//! in a small metadata store beside the driver's local layers.
+//!
+//! ```text
+//! <home>/snapshots/<sha256(key)>.json   one record per snapshot
+//! ```
+//! | snapshot  | driver layer                                            |
+//! |-----------|---------------------------------------------------------|
+//! | active    | a writable layer (its own image) over the parent        |
+//! | view      | an empty read-only layer over the parent                |
+//! | committed | a read-only layer standing for a published image        |
+//!
+//! Commit turns the active layer's upper directory into a layer image in
+//! the shared store, named by chain id. Errors follow containerd's own
+//! snapshotters (`snapshots/storage`): a missing key is `NotFound`, a
+//! taken key `AlreadyExists`, a parent that is not committed
+//! `Invalid` (InvalidArgument), a commit of a non-active snapshot and a
+//! removal of a snapshot with children `FailedPrecondition`.
+//!
+//! One lock serialises the operations: commits (which build an image)
+//! hold up other requests on this snapshotter while they run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::driver::{CreateKind, Driver, MountSpec};
+use crate::error::{Context, Error, Result};
+use crate::ids::{random_token, ChainId};
+use crate::store::write_atomic;
+
+/// The label containerd's unpacker puts on the snapshot of a layer: the
+/// chain id it will commit the layer as.
+pub const REF_LABEL: &str = "containerd.io/snapshot.ref";
+/// A label that sets the size of an active snapshot's writable image.
+pub const SIZE_LABEL: &str = "containerd.io/snapshot/sharedloop.size";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapKind {
+    View,
+    Active,
+    Committed,
+}
+
+impl SnapKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapKind::View => "view",
+            SnapKind::Active => "active",
+            SnapKind::Committed => "committed",
+        }
+    }
+}
+
+/// A snapshot as containerd sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapInfo {
+    pub name: String,
+    pub kind: SnapKind,
+    /// Empty for none.
+    pub parent: String,
+    pub labels: BTreeMap<String, String>,
+    /// Nanoseconds since the epoch.
+    pub created_ns: u64,
+    pub updated_ns: u64,
+    /// The driver layer behind it.
+    pub layer: String,
+}
+
+impl SnapInfo {
+    pub fn created(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.created_ns)
+    }
+    pub fn updated(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.updated_ns)
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Resource use of one snapshot, without its parents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+pub struct Snapshotter {
+    driver: Driver,
+    dir: PathBuf,
+    snaps: Mutex<HashMap<String, SnapInfo>>,
+}
+
+impl Snapshotter {
+    /// Opens the snapshot records in `<driver home>/snapshots` and drops
+    /// records whose layer a crash left behind (or never made).
+    pub fn open(driver: Driver) -> Result<Snapshotter> {
+        let dir = driver.home().join("snapshots");
+        fs::create_dir_all(&dir).ctx("mkdir", &dir)?;
+        let mut snaps = HashMap::new();
+        for e in fs::read_dir(&dir).ctx("read dir", &dir)?.flatten() {
+            let p = e.path();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                let _ = fs::remove_file(&p); // interrupted atomic write
+                continue;
+            }
+            let text = fs::read(&p).ctx("read", &p)?;
+            let s: SnapInfo =
+                serde_json::from_slice(&text).map_err(|e| Error::Corrupt { path: p.clone(), reason: e.to_string() })?;
+            if !driver.exists(&s.layer) {
+                tracing::warn!(snapshot = %s.name, layer = %s.layer, "dropping a snapshot whose layer is gone");
+                let _ = fs::remove_file(&p);
+                continue;
+            }
+            snaps.insert(s.name.clone(), s);
+        }
+        let sn = Snapshotter { driver, dir, snaps: Mutex::new(snaps) };
+        sn.remove_stray_layers();
+        tracing::info!(snapshots = sn.lock().len(), "snapshots loaded");
+        Ok(sn)
+    }
+
+    /// Driver layers no snapshot names: a crash between making a layer and
+    /// recording its snapshot. Children before parents.
+    fn remove_stray_layers(&self) {
+        let named: std::collections::HashSet<String> = self.lock().values().map(|s| s.layer.clone()).collect();
+        let mut stray: Vec<String> = self.driver.layer_ids().into_iter().filter(|l| !named.contains(l)).collect();
+        for _ in 0..stray.len() {
+            stray.retain(|l| match self.driver.remove(l) {
+                Ok(()) => {
+                    tracing::info!(layer = %l, "removed a layer no snapshot names");
+                    false
+                }
+                Err(_) => true,
+            });
+            if stray.is_empty() {
+                break;
+            }
+        }
+    }
+
+    pub fn driver(&self) -> &Driver {
+        &self.driver
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, SnapInfo>> {
+        self.snaps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{}.json", hex::encode(Sha256::digest(key.as_bytes()))))
+    }
+
+    fn save(&self, s: &SnapInfo) -> Result<()> {
+        write_atomic(&self.record_path(&s.name), &serde_json::to_vec(s).expect("serialises"))
+    }
+
+    fn forget(&self, key: &str) -> Result<()> {
+        let p = self.record_path(key);
+        match fs::remove_file(&p) {
+            Ok(()) => crate::store::fsync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::sys("remove", p, e)),
+        }
+    }
+
+    /// The layer of committed snapshot `parent` ("" for none).
+    fn parent_layer(snaps: &HashMap<String, SnapInfo>, parent: &str) -> Result<Option<String>> {
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let p = snaps.get(parent).ok_or_else(|| Error::NotFound(format!("parent snapshot {parent}")))?;
+        if p.kind != SnapKind::Committed {
+            return Err(Error::Invalid(format!("parent {parent} is not a committed snapshot")));
+        }
+        Ok(Some(p.layer.clone()))
+    }
+
+    fn new_record(
+        key: &str,
+        kind: SnapKind,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        layer: String,
+    ) -> SnapInfo {
+        let t = now_ns();
+        SnapInfo { name: key.into(), kind, parent: parent.into(), labels, created_ns: t, updated_ns: t, layer }
+    }
+
+    /// Creates active snapshot `key` over `parent` and returns its mounts.
+    /// With [`REF_LABEL`] naming a layer the store already has (on this
+    /// parent), records a committed snapshot of that name instead and
+    /// answers `AlreadyExists`: the engine then skips fetching and
+    /// unpacking the layer.
+    pub fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<MountSpec>> {
+        let mut snaps = self.lock();
+        if snaps.contains_key(key) {
+            return Err(Error::AlreadyExists(format!("snapshot {key}")));
+        }
+        let parent_layer = Self::parent_layer(&snaps, parent)?;
+        if let Some(target) = labels.get(REF_LABEL) {
+            if self.use_published(&mut snaps, target, parent, parent_layer.as_deref(), &labels)? {
+                return Err(Error::AlreadyExists(format!("snapshot {target}")));
+            }
+        }
+        let mut opts = HashMap::new();
+        if let Some(size) = labels.get(SIZE_LABEL) {
+            opts.insert("size".to_owned(), size.clone());
+        }
+        let layer = format!("a-{}", random_token());
+        self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadWrite, &opts)?;
+        let rec = Self::new_record(key, SnapKind::Active, parent, labels, layer.clone());
+        if let Err(e) = self.save(&rec) {
+            let _ = self.driver.remove(&layer);
+            return Err(e);
+        }
+        snaps.insert(key.into(), rec);
+        drop(snaps);
+        self.driver.mounts_for(&layer)
+    }
+
+    /// The skip-download path of [`Self::prepare`]; `true` when committed
+    /// snapshot `target` now stands (or stood already) for the layer.
+    fn use_published(
+        &self,
+        snaps: &mut HashMap<String, SnapInfo>,
+        target: &str,
+        parent: &str,
+        parent_layer: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        if let Some(t) = snaps.get(target) {
+            return Ok(t.kind == SnapKind::Committed && t.parent == parent);
+        }
+        let Some(chain) = ChainId::parse(target) else { return Ok(false) };
+        let layer = format!("c-{}", random_token());
+        if !self.driver.create_from_store(&layer, parent_layer, &chain)? {
+            return Ok(false);
+        }
+        let mut labels = labels.clone();
+        labels.remove(SIZE_LABEL);
+        let rec = Self::new_record(target, SnapKind::Committed, parent, labels, layer.clone());
+        if let Err(e) = self.save(&rec) {
+            let _ = self.driver.remove(&layer);
+            return Err(e);
+        }
+        snaps.insert(target.into(), rec);
+        Ok(true)
+    }
+
+    /// Creates view snapshot `key`: read-only, over `parent`.
+    pub fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<MountSpec>> {
+        let mut snaps = self.lock();
+        if snaps.contains_key(key) {
+            return Err(Error::AlreadyExists(format!("snapshot {key}")));
+        }
+        let parent_layer = Self::parent_layer(&snaps, parent)?;
+        let layer = format!("v-{}", random_token());
+        self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadOnly, &HashMap::new())?;
+        let rec = Self::new_record(key, SnapKind::View, parent, labels, layer.clone());
+        if let Err(e) = self.save(&rec) {
+            let _ = self.driver.remove(&layer);
+            return Err(e);
+        }
+        snaps.insert(key.into(), rec);
+        drop(snaps);
+        self.driver.mounts_for(&layer)
+    }
+
+    /// The mounts of active or view snapshot `key`.
+    pub fn mounts(&self, key: &str) -> Result<Vec<MountSpec>> {
+        let layer = {
+            let snaps = self.lock();
+            let s = snaps.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+            if s.kind == SnapKind::Committed {
+                return Err(Error::FailedPrecondition(format!("snapshot {key} is committed; it has no mounts")));
+            }
+            s.layer.clone()
+        };
+        self.driver.mounts_for(&layer)
+    }
+
+    /// The chain id a commit names the layer by: the unpacker's label, or
+    /// a digest at the end of the commit name or of the key (containerd
+    /// prefixes names with `<namespace>/<n>/`, and unpack keys end in the
+    /// chain id).
+    fn chain_hint(name: &str, active: &SnapInfo, labels: &BTreeMap<String, String>) -> Option<ChainId> {
+        let tail = |s: &str, sep: char| s.rsplit(sep).next().and_then(ChainId::parse);
+        labels
+            .get(REF_LABEL)
+            .and_then(|v| ChainId::parse(v))
+            .or_else(|| active.labels.get(REF_LABEL).and_then(|v| ChainId::parse(v)))
+            .or_else(|| tail(name, '/'))
+            .or_else(|| tail(&active.name, ' '))
+    }
+
+    /// Commits active snapshot `key` as `name`; `key` is gone afterwards.
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        let mut snaps = self.lock();
+        if snaps.contains_key(name) {
+            return Err(Error::AlreadyExists(format!("snapshot {name}")));
+        }
+        let active = snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        if active.kind != SnapKind::Active {
+            return Err(Error::FailedPrecondition(format!("snapshot {key} is {}, not active", active.kind.name())));
+        }
+        let hint = Self::chain_hint(name, &active, &labels);
+        let layer = format!("c-{}", random_token());
+        let chain = self.driver.commit(&active.layer, &layer, hint)?;
+        let rec = Self::new_record(name, SnapKind::Committed, &active.parent, labels, layer.clone());
+        if let Err(e) = self.save(&rec) {
+            let _ = self.driver.remove(&layer);
+            return Err(e);
+        }
+        snaps.insert(name.into(), rec);
+        snaps.remove(key);
+        self.forget(key)?;
+        tracing::info!(snapshot = name, layer = %chain, "snapshot committed");
+        Ok(())
+    }
+
+    /// Removes snapshot `key`; refused while another snapshot is based on it.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let mut snaps = self.lock();
+        let s = snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+        if let Some(child) = snaps.values().find(|c| c.parent == key) {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot remove snapshot {key}: snapshot {} is based on it",
+                child.name
+            )));
+        }
+        self.forget(key)?;
+        snaps.remove(key);
+        if let Err(e) = self.driver.remove(&s.layer) {
+            // The record is gone; the layer is removed at the next start.
+            tracing::warn!(snapshot = key, layer = %s.layer, error = %e, "cannot remove the snapshot's layer now");
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<SnapInfo> {
+        self.lock().get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
+    }
+
+    /// Updates the labels of `info.name`: all of them without field paths,
+    /// or those named `labels` / `labels.<key>`. Other fields are immutable.
+    pub fn update(&self, info: &SnapInfo, paths: &[String]) -> Result<SnapInfo> {
+        let mut snaps = self.lock();
+        let cur = snaps.get(&info.name).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {}", info.name)))?;
+        let mut next = cur.clone();
+        if paths.is_empty() {
+            next.labels = info.labels.clone();
+        }
+        for p in paths {
+            if p == "labels" {
+                next.labels = info.labels.clone();
+            } else if let Some(k) = p.strip_prefix("labels.") {
+                match info.labels.get(k) {
+                    Some(v) => next.labels.insert(k.to_owned(), v.clone()),
+                    None => next.labels.remove(k),
+                };
+            } else {
+                return Err(Error::Invalid(format!(
+                    "cannot update {p:?} of snapshot {}: only labels change",
+                    info.name
+                )));
+            }
+        }
+        next.updated_ns = now_ns();
+        self.save(&next)?;
+        snaps.insert(next.name.clone(), next.clone());
+        Ok(next)
+    }
+
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let s = self.stat(key)?;
+        let (bytes, inodes) = match s.kind {
+            SnapKind::Active => self.driver.rw_usage(&s.layer)?,
+            SnapKind::Committed => self.driver.image_usage(&s.layer)?,
+            SnapKind::View => (0, 0),
+        };
+        Ok(Usage { bytes, inodes })
+    }
+
+    /// Every snapshot matching any of `filters` (all without filters).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<SnapInfo>> {
+        let parsed: Vec<Filter> =
+            filters.iter().filter(|f| !f.trim().is_empty()).map(|f| Filter::parse(f)).collect::<Result<_>>()?;
+        let mut v: Vec<SnapInfo> = self
+            .lock()
+            .values()
+            .filter(|s| parsed.is_empty() || parsed.iter().any(|f| f.matches(s)))
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// Finishes deferred work (background removals of writable images).
+    pub fn cleanup(&self) {
+        self.driver.settle();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Walk filters, in containerd's syntax: `a==b,c!=d` is a conjunction, the
+// list of filters a disjunction; `~=` matches a regular expression; a field
+// alone asks for its presence. Fields: name, parent, kind, labels.<key>
+// (a key may be quoted: labels."containerd.io/gc.root").
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Present,
+    Eq,
+    Ne,
+    Match,
+}
+
+#[derive(Debug)]
+struct Clause {
+    field: Vec<String>,
+    op: Op,
+    value: String,
+    re: Option<regex::Regex>,
+}
+
+#[derive(Debug)]
+pub struct Filter {
+    clauses: Vec<Clause>,
+}
+
+fn unquote(s: &str) -> Result<String> {
+    let s = s.trim();
+    for q in ['"', '\'', '/'] {
+        if s.len() >= 2 && s.starts_with(q) && s.ends_with(q) {
+            return Ok(s[1..s.len() - 1].replace(&format!("\\{q}"), &q.to_string()));
+        }
+    }
+    Ok(s.to_owned())
+}
+
+/// Splits at `sep` outside quotes.
+fn split_outside_quotes(s: &str, sep: char) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut quote: Option<char> = None;
+    let mut prev = '\0';
+    for c in s.chars() {
+        match quote {
+            Some(q) if c == q && prev != '\\' => quote = None,
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == sep => {
+                out.push(String::new());
+                prev = c;
+                continue;
+            }
+            _ => {}
+        }
+        out.last_mut().unwrap().push(c);
+        prev = c;
+    }
+    out
+}
+
+impl Filter {
+    pub fn parse(s: &str) -> Result<Filter> {
+        let bad = |why: &str| Error::Invalid(format!("filter {s:?}: {why}"));
+        let mut clauses = Vec::new();
+        for part in split_outside_quotes(s, ',') {
+            let part = part.trim();
+            if part.is_empty() {
+                return Err(bad("empty clause"));
+            }
+            // The operator is the first one outside quotes.
+            let (mut sel, mut op, mut value) = (part.to_owned(), Op::Present, String::new());
+            let mut quote: Option<char> = None;
+            let b: Vec<char> = part.chars().collect();
+            for i in 0..b.len() {
+                let c = b[i];
+                match quote {
+                    Some(q) if c == q => quote = None,
+                    Some(_) => {}
+                    None if c == '"' || c == '\'' => quote = Some(c),
+                    None if i + 1 < b.len() && b[i + 1] == '=' && matches!(c, '=' | '!' | '~') => {
+                        sel = b[..i].iter().collect();
+                        op = match c {
+                            '=' => Op::Eq,
+                            '!' => Op::Ne,
+                            _ => Op::Match,
+                        };
+                        value = unquote(&b[i + 2..].iter().collect::<String>())?;
+                        break;
+                    }
+                    None => {}
+                }
+            }
+            let field: Vec<String> =
+                split_outside_quotes(sel.trim(), '.').iter().map(|f| unquote(f)).collect::<Result<_>>()?;
+            if field.is_empty() || field.iter().any(String::is_empty) {
+                return Err(bad("empty field name"));
+            }
+            let re = match op {
+                Op::Match => Some(regex::Regex::new(&value).map_err(|e| bad(&format!("bad regular expression: {e}")))?),
+                _ => None,
+            };
+            clauses.push(Clause { field, op, value, re });
+        }
+        Ok(Filter { clauses })
+    }
+
+    pub fn matches(&self, s: &SnapInfo) -> bool {
+        self.clauses.iter().all(|c| {
+            let v: Option<&str> = match c.field.first().map(String::as_str) {
+                Some("name") if c.field.len() == 1 => Some(&s.name),
+                Some("parent") if c.field.len() == 1 => Some(&s.parent),
+                Some("kind") if c.field.len() == 1 => Some(s.kind.name()),
+                Some("labels") if c.field.len() == 2 => s.labels.get(&c.field[1]).map(String::as_str),
+                Some("labels") if c.field.len() == 1 => (!s.labels.is_empty()).then_some(""),
+                _ => None,
+            };
+            match c.op {
+                Op::Present => v.is_some(),
+                Op::Eq => v == Some(c.value.as_str()),
+                Op::Ne => v != Some(c.value.as_str()),
+                Op::Match => v.is_some_and(|v| c.re.as_ref().expect("compiled").is_match(v)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(name: &str, kind: SnapKind, parent: &str, labels: &[(&str, &str)]) -> SnapInfo {
+        SnapInfo {
+            name: name.into(),
+            kind,
+            parent: parent.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            created_ns: 0,
+            updated_ns: 0,
+            layer: "x".into(),
+        }
+    }
+
+    fn m(f: &str, s: &SnapInfo) -> bool {
+        Filter::parse(f).unwrap().matches(s)
+    }
+
+    #[test]
+    fn filters_follow_containerds_syntax() {
+        let a = snap("default/3/sha256:ab", SnapKind::Committed, "p", &[("containerd.io/gc.root", "x"), ("l1", "v1")]);
+        assert!(m("kind==committed", &a));
+        assert!(!m("kind==active", &a));
+        assert!(m("kind!=active", &a));
+        assert!(m("parent==p,kind==committed", &a));
+        assert!(!m("parent==p,kind==view", &a));
+        assert!(m("labels.l1==v1", &a));
+        assert!(m("labels.l1", &a));
+        assert!(!m("labels.l2", &a));
+        assert!(m(r#"labels."containerd.io/gc.root""#, &a));
+        assert!(m(r#"labels."containerd.io/gc.root"==x"#, &a));
+        assert!(m("name~=sha256:a", &a));
+        assert!(!m("name~=^sha", &a));
+        assert!(m(r#"name=="default/3/sha256:ab""#, &a));
+        assert!(m("labels.l1~=^v[0-9]$", &a));
+    }
+
+    #[test]
+    fn bad_filters_are_errors_naming_the_filter() {
+        for f in ["kind==a,", "name~=(", ".x==y"] {
+            let e = Filter::parse(f).unwrap_err().to_string();
+            assert!(e.contains(f), "{e}");
+        }
+    }
+
+    #[test]
+    fn chain_hints_come_from_label_name_or_key() {
+        let c = format!("sha256:{}", "a".repeat(64));
+        let d = format!("sha256:{}", "b".repeat(64));
+        let active = snap(&format!("default/5/extract-123 {d}"), SnapKind::Active, "", &[]);
+        let none = BTreeMap::new();
+        let lab: BTreeMap<String, String> = [(REF_LABEL.to_owned(), c.clone())].into();
+        assert_eq!(Snapshotter::chain_hint("x", &active, &lab).unwrap().as_str(), c);
+        assert_eq!(Snapshotter::chain_hint(&format!("default/6/{c}"), &active, &none).unwrap().as_str(), c);
+        assert_eq!(Snapshotter::chain_hint("plain", &active, &none).unwrap().as_str(), d);
+        let plain = snap("key", SnapKind::Active, "", &[]);
+        assert!(Snapshotter::chain_hint("plain", &plain, &none).is_none());
+    }
+}

@@ -1,0 +1,295 @@
+//! `sharedloop serve`: the front ends, their options and their sockets.
+//!
+//! The Docker plugin takes its options from dockerd (`--storage-opt`,
+//! passed at Init). The containerd snapshotter takes the same options from
+//! the config file (`/etc/sharedloop/config.toml`) and from `-o` flags,
+//! flags last.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+use sharedloop_core::layermounts::LayerMounts;
+use sharedloop_core::snapshots::Snapshotter;
+use sharedloop_core::{Config, Driver};
+
+pub const DEFAULT_CONFIG: &str = "/etc/sharedloop/config.toml";
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The config file; a missing file at the default path means defaults.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// The Docker plugin socket; dockerd finds plugins in /run/docker/plugins/.
+    #[arg(long)]
+    docker_socket: Option<PathBuf>,
+    /// Do not serve the Docker plugin.
+    #[arg(long)]
+    no_docker: bool,
+    /// Serve the containerd snapshotter (also `[containerd] enable = true`).
+    #[arg(long)]
+    containerd: bool,
+    /// The snapshotter socket, for containerd's `proxy_plugins`.
+    #[arg(long)]
+    containerd_socket: Option<PathBuf>,
+    /// The snapshotter's own state: snapshot records, writable images.
+    #[arg(long)]
+    containerd_root: Option<PathBuf>,
+    /// An option of the containerd snapshotter, as `key=value` with the
+    /// Docker storage option names (`loopback_root=/shared/layers`, with or
+    /// without the `sharedloop.` prefix). Repeatable; wins over the file.
+    #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
+    opts: Vec<String>,
+    /// Where the plugin keeps what dockerd told it at Init (a restarted
+    /// plugin serves the same driver; dockerd does not call Init again),
+    /// and the layer mounts of this host.
+    #[arg(long, default_value = "/run/sharedloop")]
+    run_dir: PathBuf,
+}
+
+/// `config.toml`. Top-level keys are the storage options (checked by
+/// [`Config::from_opts`], which names an unknown one).
+#[derive(Debug, Default, Deserialize)]
+struct FileConfig {
+    #[serde(default)]
+    docker: DockerSection,
+    #[serde(default)]
+    containerd: ContainerdSection,
+    #[serde(flatten)]
+    options: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DockerSection {
+    enable: Option<bool>,
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContainerdSection {
+    enable: Option<bool>,
+    socket: Option<PathBuf>,
+    root: Option<PathBuf>,
+}
+
+/// What `serve` will do, from file and flags.
+#[derive(Debug, PartialEq)]
+pub struct Plan {
+    pub docker: Option<PathBuf>,
+    pub containerd: Option<(PathBuf, PathBuf, Config)>,
+    pub run_dir: PathBuf,
+}
+
+fn option_string(key: &str, v: &toml::Value) -> anyhow::Result<String> {
+    let key = if key.starts_with("sharedloop.") { key.to_owned() } else { format!("sharedloop.{key}") };
+    let v = match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Integer(i) => i.to_string(),
+        other => bail!("option {key}: {other} is not a string, number or boolean"),
+    };
+    Ok(format!("{key}={v}"))
+}
+
+impl ServeArgs {
+    pub fn plan(&self) -> anyhow::Result<Plan> {
+        let file: FileConfig = match std::fs::read_to_string(&self.config) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("config file {}", self.config.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.config == Path::new(DEFAULT_CONFIG) => {
+                FileConfig::default()
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading config file {}", self.config.display())),
+        };
+        let docker = (!self.no_docker && file.docker.enable.unwrap_or(true)).then(|| {
+            self.docker_socket
+                .clone()
+                .or(file.docker.socket)
+                .unwrap_or_else(|| "/run/docker/plugins/sharedloop.sock".into())
+        });
+        let containerd = if self.containerd || file.containerd.enable.unwrap_or(false) {
+            let mut opts = Vec::new();
+            for (k, v) in &file.options {
+                // `sharedloop.fs = ...` is a dotted key: a table in TOML.
+                let entries: Vec<(String, &toml::Value)> = match (k.as_str(), v) {
+                    ("sharedloop", toml::Value::Table(t)) => t.iter().map(|(k, v)| (k.clone(), v)).collect(),
+                    _ => vec![(k.clone(), v)],
+                };
+                for (k, v) in entries {
+                    opts.push(option_string(&k, v).with_context(|| format!("config file {}", self.config.display()))?);
+                }
+            }
+            for o in &self.opts {
+                let (k, v) = o.split_once('=').unwrap_or((o, "true"));
+                opts.push(option_string(k.trim(), &toml::Value::String(v.trim().to_owned()))?);
+            }
+            let cfg = Config::from_opts(&opts)?;
+            let socket = self
+                .containerd_socket
+                .clone()
+                .or(file.containerd.socket)
+                .unwrap_or_else(|| "/run/sharedloop/containerd.sock".into());
+            let root = self
+                .containerd_root
+                .clone()
+                .or(file.containerd.root)
+                .unwrap_or_else(|| "/var/lib/sharedloop/containerd".into());
+            Some((socket, root, cfg))
+        } else {
+            if !self.opts.is_empty() {
+                bail!("-o sets options of the containerd snapshotter; the Docker plugin takes its options from dockerd's --storage-opt");
+            }
+            None
+        };
+        if docker.is_none() && containerd.is_none() {
+            bail!("nothing to serve: the Docker plugin is off and the containerd snapshotter is not on (--containerd)");
+        }
+        Ok(Plan { docker, containerd, run_dir: self.run_dir.clone() })
+    }
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let plan = args.plan()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(64).enable_all().build()?;
+    rt.block_on(async move {
+        let run_dir = plan.run_dir.clone();
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let mounts = LayerMounts::open(&run_dir.join("layers"), true)?;
+        let m = mounts.clone();
+        let docker = plan.docker.clone();
+        let plugin =
+            tokio::task::spawn_blocking(move || docker.map(|_| Arc::new(sharedloop_docker::Plugin::new(&run_dir, m))))
+                .await?;
+        let m = mounts.clone();
+        let ctr = plan.containerd.clone();
+        let snapshotter = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Arc<Snapshotter>>> {
+            let Some((_, root, cfg)) = ctr else { return Ok(None) };
+            let d = Driver::open_shared(&root, cfg, m)
+                .with_context(|| format!("opening the snapshotter state in {}", root.display()))?;
+            tracing::info!(root = %root.display(), store = %d.config().root.display(),
+                fallback = %d.config().fallback.display(), fs = d.config().fs.name(), "containerd snapshotter ready");
+            Ok(Some(Arc::new(Snapshotter::open(d)?)))
+        })
+        .await??;
+        // Every driver there was before a restart has claimed its mounts.
+        let m = mounts.clone();
+        tokio::task::spawn_blocking(move || m.sweep()).await?;
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        if let (Some(plugin), Some(sock)) = (plugin, plan.docker.clone()) {
+            let listener = sharedloop_docker::bind(&sock)
+                .with_context(|| format!("binding the plugin socket {}", sock.display()))?;
+            tracing::info!(socket = %sock.display(), "serving the Docker graphdriver plugin");
+            let stop = stopped(stop_rx.clone());
+            tasks.spawn(async move {
+                let r = sharedloop_docker::serve(listener, plugin, stop).await.context("Docker plugin");
+                let _ = std::fs::remove_file(&sock);
+                r
+            });
+        }
+        if let (Some(sn), Some((sock, _, _))) = (snapshotter, plan.containerd.clone()) {
+            let listener = sharedloop_containerd::bind(&sock)
+                .with_context(|| format!("binding the snapshotter socket {}", sock.display()))?;
+            tracing::info!(socket = %sock.display(), "serving the containerd snapshotter");
+            let stop = stopped(stop_rx.clone());
+            tasks.spawn(async move {
+                let r = sharedloop_containerd::serve(listener, sn, stop).await.context("containerd snapshotter");
+                let _ = std::fs::remove_file(&sock);
+                r
+            });
+        }
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let first = tokio::select! {
+            _ = term.recv() => None,
+            _ = tokio::signal::ctrl_c() => None,
+            r = tasks.join_next() => r,
+        };
+        tracing::info!("shutting down; layer mounts stay for running containers");
+        let _ = stop_tx.send(true);
+        if let Some(r) = first {
+            r??;
+        }
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: ServeArgs,
+    }
+
+    fn plan(args: &[&str]) -> anyhow::Result<Plan> {
+        T::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).unwrap().a.plan()
+    }
+
+    #[test]
+    fn the_file_sets_options_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        std::fs::write(
+            &f,
+            "loopback_root = \"/shared/root\"\nsharedloop.fs = \"xfs\"\ndirect_io = false\nheartbeat_interval = \"10s\"\n\
+             [containerd]\nenable = true\nsocket = \"/run/x.sock\"\n",
+        )
+        .unwrap();
+        let p = plan(&["--config", f.to_str().unwrap(), "-o", "fs=ext4", "--no-docker"]).unwrap();
+        assert_eq!(p.docker, None);
+        let (sock, root, cfg) = p.containerd.unwrap();
+        assert_eq!(sock, PathBuf::from("/run/x.sock"));
+        assert_eq!(root, PathBuf::from("/var/lib/sharedloop/containerd"));
+        assert_eq!(cfg.root, PathBuf::from("/shared/root"));
+        assert_eq!(cfg.fs.name(), "ext4");
+        assert!(!cfg.direct_io);
+        assert_eq!(cfg.heartbeat_secs, 10);
+    }
+
+    #[test]
+    fn bad_config_is_an_error_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        std::fs::write(&f, "loopback_rot = \"/x\"\n[containerd]\nenable = true\n").unwrap();
+        let e = format!("{:#}", plan(&["--config", f.to_str().unwrap()]).unwrap_err());
+        assert!(e.contains("loopback_rot"), "{e}");
+        std::fs::write(&f, "[containerd]\nenabel = true\n").unwrap();
+        let e = format!("{:#}", plan(&["--config", f.to_str().unwrap()]).unwrap_err());
+        assert!(e.contains("enabel"), "{e}");
+        let e = format!("{:#}", plan(&["--config", "/nonexistent/c.toml"]).unwrap_err());
+        assert!(e.contains("/nonexistent/c.toml"), "{e}");
+        let e = format!("{:#}", plan(&["--no-docker"]).unwrap_err());
+        assert!(e.contains("nothing to serve"), "{e}");
+        let e = format!("{:#}", plan(&["-o", "fs=ext4"]).unwrap_err());
+        assert!(e.contains("storage-opt"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_file_serves_docker_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        std::fs::write(&f, "").unwrap();
+        let p = plan(&["--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!(p.docker, Some(PathBuf::from("/run/docker/plugins/sharedloop.sock")));
+        assert!(p.containerd.is_none());
+        let p = plan(&["--config", f.to_str().unwrap(), "--containerd"]).unwrap();
+        let (sock, _, cfg) = p.containerd.unwrap();
+        assert_eq!(sock, PathBuf::from("/run/sharedloop/containerd.sock"));
+        assert_eq!(cfg, Config::default());
+    }
+}
