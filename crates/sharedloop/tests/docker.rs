@@ -22,38 +22,6 @@ const BUILD_STEPS: &[&str] = &[
     "mkfifo /app/fifo && mkdir -p /app/empty && yes abcdefgh | head -c 3000000 > /app/big",
 ];
 
-fn base_layers(rootfs: &Path) -> Vec<LayerSpec> {
-    let mut layers = vec![LayerSpec { rootfs: Some(rootfs.to_owned()), ..Default::default() }];
-    layers.push(LayerSpec {
-        dirs: vec![("srv".into(), 0o755), ("srv/data".into(), 0o750), ("gone".into(), 0o755)],
-        files: vec![
-            ("srv/data/a".into(), b"alpha\n".to_vec(), 0o644, 0, 0),
-            ("srv/data/b".into(), vec![b'b'; 100_000], 0o600, 1000, 1000),
-            ("srv/setuid".into(), b"#!/bin/sh\n".to_vec(), 0o4755, 0, 0),
-            ("gone/x".into(), b"x".to_vec(), 0o644, 0, 0),
-            ("gone/y".into(), b"y".to_vec(), 0o644, 0, 0),
-        ],
-        symlinks: vec![("srv/link".into(), "data/a".into())],
-        hardlinks: vec![("srv/hard".into(), "srv/data/a".into())],
-        ..Default::default()
-    });
-    layers.push(LayerSpec {
-        whiteouts: vec!["gone/x".into(), "etc/group".into()],
-        opaque: vec!["srv/data".into()],
-        files: vec![
-            ("srv/data/c".into(), b"gamma\n".to_vec(), 0o644, 0, 0),
-            ("srv/data/a".into(), b"new alpha\n".to_vec(), 0o644, 0, 0),
-        ],
-        ..Default::default()
-    });
-    layers.push(LayerSpec {
-        whiteouts: vec!["gone".into()],
-        files: vec![("gone".into(), b"now a file\n".to_vec(), 0o644, 0, 0)],
-        ..Default::default()
-    });
-    layers
-}
-
 struct Fixture {
     _tmp: PathBuf,
     rootfs: PathBuf,

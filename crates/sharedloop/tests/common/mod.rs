@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod plugin_client;
+pub mod snap_client;
 
 use std::fs;
 use std::io::Write;
@@ -263,6 +264,9 @@ pub struct Host {
     plugin: Option<Child>,
     dockerd: Option<Child>,
     dockerd_args: Vec<String>,
+    containerd: Option<Child>,
+    /// What the plugin was last started with, for restarts.
+    plugin_args: Vec<String>,
 }
 
 impl Host {
@@ -326,7 +330,18 @@ impl Host {
         let ns = mnt_ns(init).expect("holder namespace");
         fs::write(dir.join("ns"), ns.to_string()).unwrap();
         fs::write(dir.join("holder"), format!("{} {}", init, start_time(init).unwrap_or(0))).unwrap();
-        Host { name: name.into(), dir, holder, init, ns, plugin: None, dockerd: None, dockerd_args: Vec::new() }
+        Host {
+            name: name.into(),
+            dir,
+            holder,
+            init,
+            ns,
+            plugin: None,
+            dockerd: None,
+            dockerd_args: Vec::new(),
+            containerd: None,
+            plugin_args: Vec::new(),
+        }
     }
 
     /// A command that runs inside this host.
@@ -371,12 +386,35 @@ impl Host {
 
     /// Starts the plugin with extra environment (fault injection).
     pub fn start_plugin_env(&mut self, env: &[(&str, &str)]) {
-        let sock = self.inside(Path::new("/run/docker/plugins/sharedloop.sock"));
-        let _ = fs::remove_file(&sock); // left by a killed plugin
+        self.start_serve(&[], env);
+    }
+
+    /// Starts `sharedloop serve` with `args` (after the defaults: debug
+    /// log, this host's empty config file) and waits for its sockets.
+    pub fn start_serve(&mut self, args: &[String], env: &[(&str, &str)]) {
+        let cfg = self.dir.join("sharedloop.toml");
+        if !cfg.exists() {
+            fs::write(&cfg, "").unwrap();
+        }
+        let mut all: Vec<String> =
+            ["serve", "--log-level", "debug", "--config"].iter().map(|s| s.to_string()).collect();
+        all.push(cfg.display().to_string());
+        all.extend(args.iter().cloned());
+        self.plugin_args = all.clone();
+        let mut socks = Vec::new();
+        if !args.iter().any(|a| a == "--no-docker") {
+            socks.push(self.inside(Path::new("/run/docker/plugins/sharedloop.sock")));
+        }
+        if args.iter().any(|a| a == "--containerd") {
+            socks.push(self.inside(Path::new(SNAPSHOTTER_SOCKET)));
+        }
+        for sock in &socks {
+            let _ = fs::remove_file(sock); // left by a killed plugin
+        }
         let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("sharedloop.log")).unwrap();
         let child = self
             .cmd(sharedloop_bin())
-            .args(["serve", "--log-level", "debug"])
+            .args(&all)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -385,7 +423,7 @@ impl Host {
             .unwrap();
         self.plugin = Some(child);
         let t = Instant::now();
-        while !sock.exists() {
+        while !socks.iter().all(|s| s.exists()) {
             if let Some(s) = self.plugin.as_mut().unwrap().try_wait().unwrap() {
                 panic!("sharedloop exited ({s}): {}", self.plugin_log());
             }
@@ -410,6 +448,9 @@ impl Host {
             let _ = p.wait();
         }
         if let Some(mut d) = self.dockerd.take() {
+            let _ = d.wait();
+        }
+        if let Some(mut d) = self.containerd.take() {
             let _ = d.wait();
         }
     }
@@ -566,6 +607,141 @@ impl Host {
             .into_iter()
             .filter(|m| m.mount_point.starts_with(dir))
             .map(|m| m.mount_point.display().to_string())
+            .collect()
+    }
+}
+
+/// Where a host's sharedloop serves the snapshotter (inside the host).
+pub const SNAPSHOTTER_SOCKET: &str = "/run/sharedloop/containerd.sock";
+/// containerd's socket inside a host.
+pub const CONTAINERD_SOCKET: &str = "/run/ctrd/containerd.sock";
+
+impl Host {
+    /// The snapshotter's state directory on this host.
+    pub fn snapshotter_root(&self) -> PathBuf {
+        self.dir.join("snapshotter")
+    }
+
+    /// `serve` arguments for the containerd snapshotter on this host's
+    /// root and fallback dirs (the Docker plugin off unless `docker`).
+    pub fn snapshotter_args(&self, root: &Path, docker: bool) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--containerd".into(),
+            "--containerd-root".into(),
+            self.snapshotter_root().display().to_string(),
+            "-o".into(),
+            format!("loopback_root={}", root.display()),
+            "-o".into(),
+            format!("loopback_fallback={}", self.fallback_dir().display()),
+        ];
+        if !docker {
+            v.push("--no-docker".into());
+        }
+        v
+    }
+
+    pub fn start_snapshotter(&mut self, root: &Path) {
+        fs::create_dir_all(root).unwrap();
+        let args = self.snapshotter_args(root, false);
+        self.start_serve(&args, &[]);
+    }
+
+    /// Restarts sharedloop with the arguments it had.
+    pub fn restart_plugin(&mut self) {
+        let args: Vec<String> = self.plugin_args[5..].to_vec();
+        self.start_serve(&args, &[]);
+    }
+
+    pub fn containerd_root(&self) -> PathBuf {
+        self.dir.join("containerd")
+    }
+
+    /// Starts containerd with its own config, root, state and socket, and
+    /// sharedloop as the proxy snapshotter "sharedloop".
+    pub fn start_containerd(&mut self) {
+        let cfg = self.dir.join("containerd.toml");
+        fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"/run/ctrd/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \
+                 \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \
+                 \"io.containerd.snapshotter.v1.aufs\"]\n\
+                 [grpc]\n  address = \"{CONTAINERD_SOCKET}\"\n\
+                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n\
+                 [proxy_plugins]\n  [proxy_plugins.sharedloop]\n    type = \"snapshot\"\n    address = \"{SNAPSHOTTER_SOCKET}\"\n",
+                root = self.containerd_root().display(),
+                opt = self.dir.join("containerd-opt").display(),
+            ),
+        )
+        .unwrap();
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("containerd.log")).unwrap();
+        let mut child = self
+            .cmd("containerd")
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd");
+        let t = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("containerd exited ({s}): {}", self.containerd_log());
+            }
+            if self.inside(Path::new(CONTAINERD_SOCKET)).exists() && self.ctr(&["version"]).status.success() {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "containerd did not come up: {}", self.containerd_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.containerd = Some(child);
+    }
+
+    pub fn containerd_log(&self) -> String {
+        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr` against this host's containerd, snapshotter sharedloop.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        run(self
+            .cmd("ctr")
+            .args(["--address", CONTAINERD_SOCKET, "--namespace", "default"])
+            .args(args)
+            .env("CONTAINERD_SNAPSHOTTER", "sharedloop"))
+    }
+
+    /// A `ctr` command that must succeed; returns stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        if !out.status.success() {
+            panic!(
+                "ctr {args:?} failed:\n{}\n--- sharedloop log (tail) ---\n{}\n--- containerd log (tail) ---\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail(&self.plugin_log(), 40),
+                tail(&self.containerd_log(), 20)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The manifest of an image, from inside a container ctr runs.
+    pub fn ctr_manifest(&self, image: &str) -> Vec<String> {
+        let id = format!("m{}", &token()[..8]);
+        let m = self.ctr_ok(&["run", "--rm", image, &id, "/bin/busybox", "sh", "-c", MANIFEST_SCRIPT]);
+        // containerd's default spec mounts a tmpfs on /run: runc makes the
+        // mount point (the test images have no /run).
+        filter_manifest(&m).into_iter().filter(|l| !l.starts_with("./run ")).collect()
+    }
+
+    /// Names of the snapshots the snapshotter has, by `ctr snapshots ls`.
+    pub fn ctr_snapshots(&self) -> Vec<String> {
+        self.ctr_ok(&["snapshots", "ls"])
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
             .collect()
     }
 }
@@ -749,6 +925,40 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
+/// A four-layer image: the busybox rootfs, then owners, setuid, links,
+/// whiteouts, an opaque directory and a directory replaced by a file.
+pub fn base_layers(rootfs: &Path) -> Vec<LayerSpec> {
+    let mut layers = vec![LayerSpec { rootfs: Some(rootfs.to_owned()), ..Default::default() }];
+    layers.push(LayerSpec {
+        dirs: vec![("srv".into(), 0o755), ("srv/data".into(), 0o750), ("gone".into(), 0o755)],
+        files: vec![
+            ("srv/data/a".into(), b"alpha\n".to_vec(), 0o644, 0, 0),
+            ("srv/data/b".into(), vec![b'b'; 100_000], 0o600, 1000, 1000),
+            ("srv/setuid".into(), b"#!/bin/sh\n".to_vec(), 0o4755, 0, 0),
+            ("gone/x".into(), b"x".to_vec(), 0o644, 0, 0),
+            ("gone/y".into(), b"y".to_vec(), 0o644, 0, 0),
+        ],
+        symlinks: vec![("srv/link".into(), "data/a".into())],
+        hardlinks: vec![("srv/hard".into(), "srv/data/a".into())],
+        ..Default::default()
+    });
+    layers.push(LayerSpec {
+        whiteouts: vec!["gone/x".into(), "etc/group".into()],
+        opaque: vec!["srv/data".into()],
+        files: vec![
+            ("srv/data/c".into(), b"gamma\n".to_vec(), 0o644, 0, 0),
+            ("srv/data/a".into(), b"new alpha\n".to_vec(), 0o644, 0, 0),
+        ],
+        ..Default::default()
+    });
+    layers.push(LayerSpec {
+        whiteouts: vec!["gone".into()],
+        files: vec![("gone".into(), b"now a file\n".to_vec(), 0o644, 0, 0)],
+        ..Default::default()
+    });
+    layers
+}
+
 /// Writes a `docker save` style archive of the layers to `out` and returns
 /// the layer tars (bottom first).
 pub fn docker_archive(layers: &[LayerSpec], tag: &str, out: &Path) -> Vec<Vec<u8>> {
@@ -779,6 +989,51 @@ pub fn docker_archive(layers: &[LayerSpec], tag: &str, out: &Path) -> Vec<Vec<u8
     add(&mut b, &config_name, &config_bytes);
     let manifest = serde_json::json!([{"Config": config_name, "RepoTags": [tag], "Layers": layer_paths}]);
     add(&mut b, "manifest.json", &serde_json::to_vec(&manifest).unwrap());
+    b.into_inner().unwrap().flush().unwrap();
+    tars
+}
+
+/// Writes an OCI image layout archive (for `ctr image import`) of the
+/// layers to `out`, named `name` (a full reference); returns the tars.
+pub fn oci_archive(layers: &[LayerSpec], name: &str, out: &Path) -> Vec<Vec<u8>> {
+    let tars: Vec<Vec<u8>> = layers.iter().map(layer_tar).collect();
+    let diff_ids: Vec<String> = tars.iter().map(|t| format!("sha256:{}", sha256_hex(t))).collect();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "created": "2023-11-14T22:13:20Z",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let desc = |media: &str, data: &[u8]| serde_json::json!({"mediaType": media, "digest": format!("sha256:{}", sha256_hex(data)), "size": data.len()});
+    let layer_descs: Vec<serde_json::Value> =
+        tars.iter().map(|t| desc("application/vnd.oci.image.layer.v1.tar", t)).collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": desc("application/vnd.oci.image.config.v1+json", &config_bytes),
+        "layers": layer_descs,
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let mut mdesc = desc("application/vnd.oci.image.manifest.v1+json", &manifest_bytes);
+    mdesc["platform"] = serde_json::json!({"architecture": "amd64", "os": "linux"});
+    mdesc["annotations"] = serde_json::json!({
+        "io.containerd.image.name": name,
+        "org.opencontainers.image.ref.name": name.rsplit(':').next().unwrap(),
+    });
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [mdesc]});
+    let mut b = tar::Builder::new(fs::File::create(out).unwrap());
+    let add = |b: &mut tar::Builder<fs::File>, name: &str, data: &[u8]| {
+        b.append_data(&mut tar_header(tar::EntryType::Regular, 0o644, data.len() as u64, 0, 0), name, data).unwrap();
+    };
+    add(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    let mut seen = std::collections::HashSet::new();
+    for blob in tars.iter().map(|t| &t[..]).chain([&config_bytes[..], &manifest_bytes[..]]) {
+        let h = sha256_hex(blob);
+        if seen.insert(h.clone()) {
+            add(&mut b, &format!("blobs/sha256/{h}"), blob);
+        }
+    }
+    add(&mut b, "index.json", &serde_json::to_vec(&index).unwrap());
     b.into_inner().unwrap().flush().unwrap();
     tars
 }
