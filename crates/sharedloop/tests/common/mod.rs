@@ -602,10 +602,11 @@ impl Host {
     }
 
     /// Mount points in this host's namespace below `dir`.
+    /// Mount points below `dir` (not `dir` itself) in this host.
     pub fn mounts_under(&self, dir: &Path) -> Vec<String> {
         sharedloop_core::mount::parse_mountinfo(&self.mountinfo())
             .into_iter()
-            .filter(|m| m.mount_point.starts_with(dir))
+            .filter(|m| m.mount_point.starts_with(dir) && m.mount_point != dir)
             .map(|m| m.mount_point.display().to_string())
             .collect()
     }
@@ -613,6 +614,8 @@ impl Host {
 
 /// Where a host's sharedloop serves the snapshotter (inside the host).
 pub const SNAPSHOTTER_SOCKET: &str = "/run/sharedloop/containerd.sock";
+/// Where `sharedloop serve` mounts layers, inside a host.
+pub const LAYER_MOUNTS: &str = "/run/sharedloop/layers";
 /// containerd's socket inside a host.
 pub const CONTAINERD_SOCKET: &str = "/run/ctrd/containerd.sock";
 
