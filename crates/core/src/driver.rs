@@ -524,8 +524,10 @@ impl Driver {
         if let Some(m) = st.ro.get(chain) {
             return Ok(m.clone());
         }
-        let info =
-            self.store.locate(chain).ok_or_else(|| Error::NotFound(format!("{chain} (not in root or fallback)")))?;
+        let info = self
+            .store
+            .locate(chain)
+            .ok_or_else(|| Error::NotFound(format!("layer {chain} (not in root or fallback)")))?;
         let Some(img) = info.image() else {
             let m = RoMount { info, dev: None };
             st.ro.insert(chain.clone(), m.clone());
@@ -563,7 +565,7 @@ impl Driver {
     /// The directory holding layer `id`'s own content, mounted; `None` for
     /// an empty layer.
     fn own_dir(&self, st: &mut State, id: &str) -> Result<Option<PathBuf>> {
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         match &l.kind {
             Kind::Image { chain: None, .. } => Ok(None),
             Kind::Image { chain: Some(c), .. } => {
@@ -623,7 +625,7 @@ impl Driver {
             g.count += 1;
             return Ok(g.dir.clone());
         }
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         let target = self.merged(id);
         let (dir, mounted) = match &l.kind {
             Kind::Rw { fs, .. } => {
@@ -668,7 +670,7 @@ impl Driver {
             let rw = matches!(st.layers.get(id).map(|l| &l.kind), Some(Kind::Rw { .. }));
             return Ok(vec![MountSpec::bind(&g.dir, rw)]);
         }
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         let (lowers, upper) = match &l.kind {
             Kind::Rw { fs, .. } => {
                 let rw = self.ensure_rw(&mut st, id, *fs)?;
@@ -700,7 +702,7 @@ impl Driver {
     pub fn rw_usage(&self, id: &str) -> Result<(u64, u64)> {
         let upper = {
             let mut st = self.lock();
-            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             let Kind::Rw { fs, .. } = l.kind else {
                 return Err(Error::Invalid(format!("layer {id} is not writable")));
             };
@@ -724,7 +726,7 @@ impl Driver {
                 Ok((*size, entries))
             }
             Some(_) => Ok((0, 0)),
-            None => Err(Error::NotFound(id.into())),
+            None => Err(Error::NotFound(format!("layer {id}"))),
         }
     }
 
@@ -764,7 +766,7 @@ impl Driver {
         let parent = none_if_empty(parent);
         let parent_chain = {
             let st = self.lock();
-            let l = st.layers.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
+            let l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             if l.parent.as_deref() != parent {
                 return Err(Error::Invalid(format!(
                     "layer {id} has parent {:?}, not {:?}",
@@ -803,7 +805,7 @@ impl Driver {
         let chain = info.meta.chain_id.clone();
         let mut st = self.lock();
         let Some(l) = st.layers.get_mut(id) else {
-            return Err(Error::NotFound(id.into()));
+            return Err(Error::NotFound(format!("layer {id}")));
         };
         l.kind = Kind::Image { chain: Some(chain.clone()), size: content };
         let l = l.clone();
@@ -899,7 +901,7 @@ impl Driver {
         match st.layers.get(id).map(|l| &l.kind) {
             Some(Kind::Image { chain: Some(c), .. }) => Ok(Some(c.clone())),
             Some(_) => Err(Error::Invalid(format!("layer {id} is not a published layer"))),
-            None => Err(Error::NotFound(id.into())),
+            None => Err(Error::NotFound(format!("layer {id}"))),
         }
     }
 
@@ -950,7 +952,7 @@ impl Driver {
             if st.layers.contains_key(new_id) {
                 return Err(Error::AlreadyExists(format!("layer {new_id}")));
             }
-            let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(rw_id.into()))?;
+            let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
             let Kind::Rw { fs, .. } = l.kind else {
                 return Err(Error::FailedPrecondition(format!("layer {rw_id} is not writable")));
             };
@@ -1120,7 +1122,7 @@ impl Driver {
     /// [`export::export_tar`]. Checked before anything is streamed.
     pub fn diff_source(&self, id: &str, parent: Option<&str>) -> Result<PathBuf> {
         let mut st = self.lock();
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         Self::check_parent(&l, parent)?;
         Ok(self.own_dir(&mut st, id)?.unwrap_or_else(|| self.home.join("empty")))
     }
@@ -1129,7 +1131,7 @@ impl Driver {
     pub fn changes(&self, id: &str, parent: Option<&str>) -> Result<Vec<Change>> {
         let (dir, lowers) = {
             let mut st = self.lock();
-            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             Self::check_parent(&l, parent)?;
             let dir = self.own_dir(&mut st, id)?;
             (dir, self.stack(&mut st, l.parent.as_deref())?)
@@ -1144,7 +1146,7 @@ impl Driver {
     pub fn diff_size(&self, id: &str, parent: Option<&str>) -> Result<u64> {
         let dir = {
             let mut st = self.lock();
-            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             Self::check_parent(&l, parent)?;
             if let Kind::Image { size, .. } = l.kind {
                 return Ok(size);
@@ -1187,7 +1189,7 @@ impl Driver {
     /// Per-layer details for `docker inspect` (GraphDriver.Data).
     pub fn metadata(&self, id: &str) -> Result<HashMap<String, String>> {
         let st = self.lock();
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(id.into()))?;
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         let mut m = HashMap::new();
         let mounts = mount::mountinfo().unwrap_or_default();
         // Every layer of the stack, topmost first.

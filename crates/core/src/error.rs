@@ -16,8 +16,8 @@ pub enum Error {
     #[error("kernel {release} is older than {required}; overlayfs with multiple lower layers is needed (set sharedloop.override_kernel_check=true if your distribution backported it)")]
     KernelTooOld { release: String, required: String },
 
-    /// An id the engine named does not exist.
-    #[error("layer {0} does not exist")]
+    /// What the engine named does not exist (the text says what it is).
+    #[error("{0} does not exist")]
     NotFound(String),
 
     /// The parent of a new layer does not exist.

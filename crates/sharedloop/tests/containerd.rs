@@ -242,10 +242,12 @@ fn libc_erofs() -> i32 {
 /// Changes to files and directories of lower layers, committed, as the
 /// testsuite's LayerFileupdate, RemoveDirectoryInLowerLayer, Chown,
 /// DirectoryPermissionOnCommit, DeletedFilesInChildSnapshot,
-/// MoveFileFromLowerLayer and Rename check them; then a chain of 130
-/// commits, each adding a file, all visible at the top.
+/// MoveFileFromLowerLayer and Rename check them; then a chain of commits,
+/// each adding a file, 499 layers under a writable top, all visible.
 #[test]
 fn containerd_snapshot_changes_in_lower_layers_and_long_chains() {
+    // Plus the two non-empty layers below: 499 lowers under the top.
+    const CHAIN: usize = 497;
     require(&["mkfs.ext4"]);
     let mut h = Host::new("ctr-chain");
     let root = h.root_dir();
@@ -298,8 +300,9 @@ fn containerd_snapshot_changes_in_lower_layers_and_long_chains() {
     unmount(&h, &v);
     c.remove("check").unwrap();
 
-    // A chain of 130 commits (containerd's testsuite mounts 128 layers).
-    for i in 0..130 {
+    // A chain of commits up to overlayfs' limit of 500 lower layers
+    // (containerd's testsuite mounts 128).
+    for i in 0..CHAIN {
         let key = format!("chain-a{i}");
         let m = c.prepare(&key, &parent, Default::default()).unwrap();
         let dir = work.join("chain");
@@ -313,14 +316,14 @@ fn containerd_snapshot_changes_in_lower_layers_and_long_chains() {
     let m = c.prepare("top", &parent, Default::default()).unwrap();
     let top = work.join("top");
     let top_in = mount_all(&h, &m, &top);
-    for i in 0..130 {
+    for i in 0..CHAIN {
         assert_eq!(fs::read_to_string(top_in.join(format!("layer-{i:03}"))).unwrap(), format!("{i}\n"));
     }
     assert_eq!(fs::read_to_string(top_in.join("d1/f")).unwrap(), "two\n");
     unmount(&h, &top);
     // Deep stacks are mounted by sharedloop (one overlay with lowerdir+)
     // and handed over as a bind mount.
-    assert_eq!(m[0].r#type, "bind", "133 lowers do not fit in one page of options: {:?}", m[0]);
+    assert_eq!(m[0].r#type, "bind", "{} lowers do not fit in one page of options: {:?}", CHAIN + 2, m[0]);
     c.remove("top").unwrap();
     assert!(!h.mountinfo().contains(" /merged/"), "the engine overlay goes with its snapshot");
 }
@@ -374,7 +377,11 @@ fn containerd_second_instance_sharing_root_reuses_published_layers() {
     // containerd.io/snapshot.ref (as containerd's remote-snapshotter
     // clients send it) is answered AlreadyExists with the layer committed
     // under that name: nothing to fetch, nothing to unpack.
-    let mut c = SnapClient::connect(&b.inside(Path::new(SNAPSHOTTER_SOCKET)));
+    // A third host with only sharedloop: containerd's garbage collector
+    // would remove snapshots made behind its back.
+    let mut hc = Host::new("ctr-share-c");
+    hc.start_snapshotter(&root);
+    let mut c = SnapClient::connect(&hc.inside(Path::new(SNAPSHOTTER_SOCKET)));
     let chains: Vec<String> =
         published.iter().map(|d| d.file_name().unwrap().to_string_lossy().replacen('-', ":", 1)).collect();
     let meta: Vec<serde_json::Value> =
@@ -395,14 +402,15 @@ fn containerd_second_instance_sharing_root_reuses_published_layers() {
     assert_eq!(m.len(), 1);
     c.remove("ns/4/extract-4 w").unwrap();
     let v = c.view("v", &next).unwrap();
-    let dir = b.dir.join("v");
-    let dir_in = mount_all(&b, &v, &dir);
+    let dir = hc.dir.join("v");
+    let dir_in = mount_all(&hc, &v, &dir);
     assert!(dir_in.join("srv/data/a").exists(), "the reused layers show their content");
-    unmount(&b, &dir);
+    unmount(&hc, &dir);
     c.remove("v").unwrap();
     c.remove(&next).unwrap();
     c.remove(&bottom).unwrap();
-    assert_eq!(layer_dirs(&root), published, "host A still holds every layer");
+    assert_eq!(layer_dirs(&root), published, "hosts A and B still hold every layer");
+    drop(hc);
     drop(b);
     drop(a);
 }
