@@ -55,6 +55,7 @@ pub fn status(e: Error) -> Status {
         Error::FailedPrecondition(_) | Error::InUse { .. } => Code::FailedPrecondition,
         Error::Invalid(_) | Error::Option { .. } | Error::BadTar { .. } => Code::InvalidArgument,
         Error::NoStore { .. } => Code::Unavailable,
+        Error::Corrupt { .. } => Code::DataLoss,
         _ => Code::Internal,
     };
     Status::new(code, e.to_string())

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::error::{Context, Error, Result};
 use crate::ids::{random_token, ChainId};
 use crate::options::FsType;
-use crate::store::{fsync_dir, now_unix, LayerInfo, Location, Store, IMAGE_FILE, META_FILE};
+use crate::store::{fsync_dir, no_links, now_unix, LayerInfo, Location, Store, IMAGE_FILE, META_FILE};
 
 /// When hosts count as dead and unreferenced layers may go.
 #[derive(Debug, Clone, Copy)]
@@ -115,15 +115,17 @@ pub fn gc(store: &Store, p: &GcPolicy) -> Result<GcReport> {
                 }
             }
             rep.kept_layers += 1;
+            let refs_dir = base.join("refs").join(chain.dir_name());
             for h in dead {
-                if !p.dry_run {
-                    let _ = fs::remove_file(base.join("refs").join(chain.dir_name()).join(&h));
+                if !p.dry_run && no_links(base, &refs_dir).is_ok() {
+                    let _ = fs::remove_file(refs_dir.join(&h));
                 }
                 rep.dropped_refs.push(DroppedRef { chain_id: chain.clone(), host_id: h });
             }
         }
         // Builds and removals left by hosts that died (or by ourselves).
-        if let Ok(rd) = fs::read_dir(base.join("tmp")) {
+        let tmp = base.join("tmp");
+        if let Ok(rd) = no_links(base, &tmp).and_then(|_| fs::read_dir(&tmp)) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let owner_live = live.iter().any(|h| name.starts_with(&format!("{h}-")));
@@ -136,12 +138,13 @@ pub fn gc(store: &Store, p: &GcPolicy) -> Result<GcReport> {
             }
         }
         // Records of dead hosts that pin nothing any more.
-        if !p.dry_run {
+        if !p.dry_run && no_links(base, &base.join("refs")).is_ok() && no_links(base, &base.join("hosts")).is_ok() {
             let refs_dir = base.join("refs");
             let still: HashSet<String> = fs::read_dir(&refs_dir)
                 .into_iter()
                 .flatten()
                 .flatten()
+                .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
                 .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().flatten())
                 .map(|r| r.file_name().to_string_lossy().into_owned())
                 .collect();
@@ -209,16 +212,25 @@ pub fn verify(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict
         }
         Some(_) => {}
     }
+    match fsck(&img, fs_type)? {
+        None => Ok(Verdict::Ok),
+        Some(output) => Ok(Verdict::FsckFailed { output }),
+    }
+}
+
+/// A read-only fsck of a layer image: `None` when clean, else the first
+/// lines of what the checker said.
+pub fn fsck(img: &Path, fs_type: FsType) -> Result<Option<String>> {
     let out = match fs_type {
-        FsType::Ext4 => Command::new("e2fsck").args(["-f", "-n"]).arg(&img).output(),
-        FsType::Xfs => Command::new("xfs_repair").args(["-n", "-f"]).arg(&img).output(),
+        FsType::Ext4 => Command::new("e2fsck").args(["-f", "-n"]).arg(img).output(),
+        FsType::Xfs => Command::new("xfs_repair").args(["-n", "-f"]).arg(img).output(),
     }
     .map_err(|e| Error::Tool { tool: "fsck".into(), status: "not started".into(), stderr: e.to_string() })?;
     if out.status.success() {
-        Ok(Verdict::Ok)
+        Ok(None)
     } else {
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        Ok(Verdict::FsckFailed { output: text.lines().take(8).collect::<Vec<_>>().join("\n") })
+        Ok(Some(text.lines().take(8).collect::<Vec<_>>().join("\n")))
     }
 }
 

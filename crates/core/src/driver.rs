@@ -290,7 +290,7 @@ impl Driver {
         };
         let mounts = match mounts {
             Some(m) => m,
-            None => LayerMounts::open(&home.join("mnt"), false)?,
+            None => LayerMounts::open(&home.join("mnt"), &home.join("verified"), false)?,
         };
         let store = Store::new(&cfg, &host_id);
         let hb = spawn_heartbeat(store.clone(), cfg.heartbeat_secs);
@@ -528,13 +528,12 @@ impl Driver {
             .store
             .locate(chain)
             .ok_or_else(|| Error::NotFound(format!("layer {chain} (not in root or fallback)")))?;
-        let Some(img) = info.image() else {
+        if info.image().is_none() {
             let m = RoMount { info, dev: None };
             st.ro.insert(chain.clone(), m.clone());
             return Ok(m);
-        };
-        let fs_type = info.meta.fs.expect("image has a fs");
-        let dev = self.mounts.acquire(chain, &self.home, &img, fs_type, self.cfg.direct_io)?;
+        }
+        let dev = self.mounts.acquire(&info, &self.home, self.cfg.verify, self.cfg.direct_io)?;
         let m = RoMount { info, dev: Some(dev) };
         st.ro.insert(chain.clone(), m.clone());
         Ok(m)

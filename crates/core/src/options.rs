@@ -80,6 +80,34 @@ pub struct Config {
     /// `sharedloop.heartbeat_interval`: how often this host says it is
     /// alive in the store (seconds).
     pub heartbeat_secs: u64,
+    /// `sharedloop.verify`: what is checked of a layer image before this
+    /// host first mounts it.
+    pub verify: VerifyMode,
+}
+
+/// What a host checks of a layer image before the kernel first mounts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// Nothing.
+    Off,
+    /// The sha256 recorded at publish.
+    #[default]
+    Digest,
+    /// The digest and a read-only fsck.
+    Full,
+}
+
+impl std::str::FromStr for VerifyMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "off" | "none" | "false" => Ok(VerifyMode::Off),
+            "digest" | "true" => Ok(VerifyMode::Digest),
+            "full" | "fsck" => Ok(VerifyMode::Full),
+            _ => Err(format!("{s:?} is not a verification mode (off, digest or full)")),
+        }
+    }
 }
 
 impl Default for Config {
@@ -92,6 +120,7 @@ impl Default for Config {
             rw_size: DEFAULT_RW_SIZE,
             direct_io: true,
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            verify: VerifyMode::Digest,
         }
     }
 }
@@ -147,6 +176,7 @@ impl Config {
                         .ok_or_else(|| bad(&key, format!("{v:?} is not a duration (e.g. 30s, 5m)")))?
                 }
                 "sharedloop.direct_io" => c.direct_io = parse_bool(&key, val.unwrap_or(""))?,
+                "sharedloop.verify" => c.verify = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
                 "sharedloop.size" => {
                     let v = need(&key, val)?;
                     c.rw_size = Bytes::parse(v)
@@ -158,7 +188,7 @@ impl Config {
                         &key,
                         "unknown option; known: sharedloop.loopback_root, sharedloop.loopback_fallback, \
                          sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size, sharedloop.direct_io, \
-                         sharedloop.heartbeat_interval",
+                         sharedloop.heartbeat_interval, sharedloop.verify",
                     ))
                 }
             }
@@ -220,6 +250,7 @@ mod tests {
         assert_eq!(c.fallback, PathBuf::from("/var/lib/docker/loopback/private"));
         assert!(!c.override_kernel_check);
         assert_eq!(c.fs, FsType::Ext4);
+        assert_eq!(c.verify, VerifyMode::Digest);
     }
 
     #[test]
@@ -232,6 +263,7 @@ mod tests {
             "sharedloop.size=2G",
             "sharedloop.direct_io=false",
             "sharedloop.heartbeat_interval=2m",
+            "sharedloop.verify=full",
         ])
         .unwrap();
         assert_eq!(c.root, PathBuf::from("/srv/shared"));
@@ -241,6 +273,7 @@ mod tests {
         assert_eq!(c.rw_size, Bytes(2 * Bytes::GIB));
         assert!(!c.direct_io);
         assert_eq!(c.heartbeat_secs, 120);
+        assert_eq!(c.verify, VerifyMode::Full);
         let c = Config::from_opts(&["sharedloop.override_kernel_check=false"]).unwrap();
         assert!(!c.override_kernel_check);
     }
@@ -256,6 +289,7 @@ mod tests {
             ("sharedloop.size=huge", "sharedloop.size"),
             ("sharedloop.heartbeat_interval=soon", "sharedloop.heartbeat_interval"),
             ("sharedloop.direct_io=sometimes", "sharedloop.direct_io"),
+            ("sharedloop.verify=maybe", "sharedloop.verify"),
             ("overlay2.size=1G", "overlay2.size"),
         ] {
             let e = Config::from_opts(&[opt]).unwrap_err().to_string();

@@ -12,6 +12,10 @@
 //! A layer directory appears by one `rename(2)` of a complete, fsynced
 //! build, so readers never see a half-written layer; when the name already
 //! exists another host won the race and its layer is used.
+//!
+//! Nothing below a base directory is followed when it is a symlink (the
+//! base itself may be one: the operator chose it): another host could
+//! plant `refs/<chain>` -> `/etc`, and this host would write there.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -102,6 +106,31 @@ pub fn is_fallback_errno(e: Errno) -> bool {
     )
 }
 
+/// Fails with ELOOP when `path` or a directory between `base` and it is a
+/// symlink. Names that do not exist (yet) are fine.
+pub fn no_links(base: &Path, path: &Path) -> io::Result<()> {
+    let Ok(rel) = path.strip_prefix(base) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not below {}", path.display(), base.display()),
+        ));
+    };
+    let mut p = base.to_path_buf();
+    for c in rel.components() {
+        p.push(c);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                tracing::warn!(path = %p.display(), "a symlink in the store; not followed");
+                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Removes a temporary tree, logging (not failing) when it cannot; `gc`
 /// sweeps what is left.
 pub fn remove_tree(p: &Path) {
@@ -181,8 +210,10 @@ impl Store {
         }
     }
 
-    fn read_meta(dir: &Path) -> io::Result<LayerMeta> {
-        let text = fs::read(dir.join(META_FILE))?;
+    fn read_meta(base: &Path, dir: &Path) -> io::Result<LayerMeta> {
+        let file = dir.join(META_FILE);
+        no_links(base, &file)?;
+        let text = fs::read(&file)?;
         serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
@@ -191,7 +222,7 @@ impl Store {
     pub fn locate(&self, chain: &ChainId) -> Option<LayerInfo> {
         for loc in [Location::Root, Location::Fallback] {
             let dir = self.base(loc).join("layers").join(chain.dir_name());
-            match Self::read_meta(&dir) {
+            match Self::read_meta(self.base(loc), &dir) {
                 Ok(meta) if meta.chain_id == *chain => return Some(LayerInfo { location: loc, dir, meta }),
                 Ok(_) => {
                     tracing::warn!(layer = %chain, dir = %dir.display(), "meta.json names another layer; ignored")
@@ -237,6 +268,7 @@ impl Store {
         }
         let (tmp_base, layers) = (base.join("tmp"), base.join("layers"));
         for d in [&tmp_base, &layers] {
+            no_links(base, d).ctx("open", d)?;
             match fs::create_dir(d) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -269,7 +301,7 @@ impl Store {
                 // EEXIST/ENOTEMPTY locally; network filesystems may answer
                 // otherwise (EPERM, EIO): what counts is whether the name
                 // now holds a complete layer.
-                Err(e) => match Self::read_meta(&dest) {
+                Err(e) => match Self::read_meta(base, &dest) {
                     Ok(meta) if meta.chain_id == *chain => {
                         tracing::info!(layer = %chain, "another host published this layer first; using theirs");
                         remove_tree(&tmp);
@@ -295,7 +327,17 @@ impl Store {
     /// never collected by this host anyway).
     pub fn add_ref(&self, info: &LayerInfo) {
         let p = self.ref_path(info);
-        let r = fs::create_dir_all(p.parent().unwrap()).and_then(|_| File::create(&p).map(drop));
+        let base = self.base(info.location);
+        let r = no_links(base, &p).and_then(|_| fs::create_dir_all(p.parent().unwrap())).and_then(|_| {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)
+                .map(drop)
+        });
         if let Err(e) = r {
             tracing::info!(layer = %info.meta.chain_id, path = %p.display(), error = %e, "cannot record the layer reference");
         }
@@ -304,6 +346,9 @@ impl Store {
     /// The hosts that hold a reference to the layer.
     pub fn refs(&self, info: &LayerInfo) -> Vec<String> {
         let dir = self.base(info.location).join("refs").join(info.meta.chain_id.dir_name());
+        if no_links(self.base(info.location), &dir).is_err() {
+            return Vec::new();
+        }
         let mut v: Vec<String> = fs::read_dir(dir)
             .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
@@ -327,7 +372,8 @@ impl Store {
     /// one any more. Returns whether the layer was removed.
     pub fn release(&self, info: &LayerInfo) -> Result<bool> {
         let p = self.ref_path(info);
-        match fs::remove_file(&p) {
+        let base = self.base(info.location);
+        match no_links(base, p.parent().unwrap()).and_then(|_| fs::remove_file(&p)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -353,6 +399,9 @@ impl Store {
         }
         let base = self.base(info.location);
         let grave = base.join("tmp").join(format!("{}-rm-{}", self.host_id, random_token()));
+        if no_links(base, &info.dir).and_then(|_| no_links(base, &grave)).is_err() {
+            return Ok(false);
+        }
         let _ = fs::create_dir(base.join("tmp"));
         match fs::rename(&info.dir, &grave) {
             Ok(()) => {}
@@ -372,6 +421,10 @@ impl Store {
             return Ok(false);
         }
         let refs = base.join("refs").join(info.meta.chain_id.dir_name());
+        if no_links(base, &refs).is_err() {
+            fs::remove_dir_all(&grave).ctx("remove", &grave)?;
+            return Ok(true);
+        }
         for r in ignore {
             let _ = fs::remove_file(refs.join(r));
         }
@@ -383,12 +436,15 @@ impl Store {
     /// Every published layer in `loc`.
     pub fn layers(&self, loc: Location) -> Vec<LayerInfo> {
         let dir = self.base(loc).join("layers");
+        if no_links(self.base(loc), &dir).is_err() {
+            return Vec::new();
+        }
         let Ok(rd) = fs::read_dir(&dir) else { return Vec::new() };
         let mut v: Vec<LayerInfo> = rd
             .flatten()
             .filter_map(|e| {
                 let chain = ChainId::from_dir_name(&e.file_name().to_string_lossy())?;
-                let meta = Self::read_meta(&e.path()).ok().filter(|m| m.chain_id == chain)?;
+                let meta = Self::read_meta(self.base(loc), &e.path()).ok().filter(|m| m.chain_id == chain)?;
                 Some(LayerInfo { location: loc, dir: e.path(), meta })
             })
             .collect();
@@ -412,7 +468,7 @@ impl Store {
                 continue;
             }
             let dir = base.join("hosts");
-            let r = match fs::create_dir(&dir) {
+            let r = match no_links(base, &dir).and_then(|_| fs::create_dir(&dir)) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
                 Err(e) => Err(Error::sys("mkdir", &dir, e)),
@@ -441,6 +497,9 @@ impl Store {
     pub fn sweep_own_tmp(&self) {
         for loc in [Location::Root, Location::Fallback] {
             let tmp = self.base(loc).join("tmp");
+            if no_links(self.base(loc), &tmp).is_err() {
+                continue;
+            }
             let Ok(rd) = fs::read_dir(&tmp) else { continue };
             let prefix = format!("{}-", self.host_id);
             for e in rd.flatten() {

@@ -158,7 +158,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let run_dir = plan.run_dir.clone();
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-        let mounts = LayerMounts::open(&run_dir.join("layers"), true)?;
+        let mounts = LayerMounts::open(&run_dir.join("layers"), &run_dir.join("verified"), true)?;
         let m = mounts.clone();
         let docker = plan.docker.clone();
         let plugin =

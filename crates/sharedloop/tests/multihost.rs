@@ -454,3 +454,78 @@ fn verify_finds_a_flipped_byte_and_names_the_layer() {
     let other = layer_dirs(&c.root)[0].file_name().unwrap().to_string_lossy()[7..19].to_owned();
     assert_eq!(c.hosts[0].cli(&[&args[..], &[other.as_str()]].concat()).status.code(), Some(0));
 }
+
+/// A layer image changed in the shared root after publish (a flipped byte,
+/// a truncation, a whole crafted filesystem) is refused before the kernel
+/// mounts it, with an error naming it; each host checks an image once.
+#[test]
+fn tampered_images_are_refused_before_the_kernel_mounts_them() {
+    require(&["dockerd", "busybox", "overlay", "mkfs.ext4"]);
+    let shared = SharedDir::new("mh-tamper");
+    let c = cluster(2, &shared.path.join("root"), false);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let checks = |h: &Host| h.plugin_log().matches("image checked before its first mount").count();
+    a.docker_stdin(&["load"], &c.archive);
+    let run = ["run", "--rm", "--network", "none", "shared:1", "cat", "/data/l9/f1"];
+    a.docker_ok(&run);
+    let images = layer_dirs(&c.root).iter().filter(|d| d.join("layer.img").exists()).count();
+    assert_eq!(checks(a), images, "every image checked before its first mount");
+    a.docker_ok(&run);
+    assert_eq!(checks(a), images, "a second start checks nothing again");
+
+    b.docker_stdin(&["load"], &c.archive);
+    let victim = layer_dirs(&c.root)[4].clone();
+    let img = victim.join("layer.img");
+    let original = fs::read(&img).unwrap();
+    let crafted_dir = b.dir.join("crafted");
+    fs::create_dir_all(crafted_dir.join("fs/data")).unwrap();
+    fs::write(crafted_dir.join("fs/data/evil"), "not what was published\n").unwrap();
+    let tampers: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+        (
+            "a flipped byte",
+            Box::new(|p: &Path| {
+                let mut d = fs::read(p).unwrap();
+                let at = d.len() / 2;
+                d[at] ^= 0x01;
+                fs::write(p, d).unwrap();
+            }),
+        ),
+        (
+            "a truncation",
+            Box::new(|p: &Path| {
+                let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+                let len = f.metadata().unwrap().len();
+                f.set_len(len / 2).unwrap();
+            }),
+        ),
+        (
+            "a crafted filesystem",
+            Box::new(|p: &Path| {
+                let len = fs::metadata(p).unwrap().len();
+                fs::remove_file(p).unwrap();
+                run_ok(
+                    Command::new("mkfs.ext4")
+                        .args(["-q", "-F", "-d"])
+                        .arg(&crafted_dir)
+                        .arg(p)
+                        .arg(format!("{}k", len / 1024)),
+                );
+            }),
+        ),
+    ];
+    // Host A mounted every layer before the tampering; host B none.
+    let a_loops = loops_under(&victim);
+    assert_eq!(a_loops.len(), 1);
+    for (what, tamper) in &tampers {
+        tamper(&img);
+        let out = b.docker(&run);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: the container started");
+        assert!(err.contains(img.to_str().unwrap()) && err.contains("refusing to mount"), "{what}: {err}");
+        assert_eq!(loops_under(&victim), a_loops, "{what}: host B gave the kernel the image");
+        let chain_dir = victim.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(!b.mountinfo().contains(&chain_dir), "{what}: host B mounted it");
+        fs::write(&img, &original).unwrap();
+    }
+    assert_eq!(b.docker_ok(&run), "layer 9 file 1\n".repeat(201));
+}
