@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// without the `sharedloop.` prefix). Repeatable; wins over the file.
     #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
     opts: Vec<String>,
+    /// Let this group use the sockets too (mode 0660); a name from
+    /// /etc/group or a number. Without it the sockets are root's (0600).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Where the plugin keeps what dockerd told it at Init (a restarted
     /// plugin serves the same driver; dockerd does not call Init again),
     /// and the layer mounts of this host.
@@ -53,6 +57,7 @@ pub struct ServeArgs {
 /// [`Config::from_opts`], which names an unknown one).
 #[derive(Debug, Default, Deserialize)]
 struct FileConfig {
+    socket_group: Option<toml::Value>,
     #[serde(default)]
     docker: DockerSection,
     #[serde(default)]
@@ -79,6 +84,8 @@ struct ContainerdSection {
 /// What `serve` will do, from file and flags.
 #[derive(Debug, PartialEq)]
 pub struct Plan {
+    /// The group given the sockets, resolved to a gid.
+    pub socket_gid: Option<u32>,
     pub docker: Option<PathBuf>,
     pub containerd: Option<(PathBuf, PathBuf, Config)>,
     pub run_dir: PathBuf,
@@ -144,11 +151,49 @@ impl ServeArgs {
             }
             None
         };
+        let group = match (&self.socket_group, &file.socket_group) {
+            (Some(g), _) => Some(g.clone()),
+            (None, Some(toml::Value::String(g))) => Some(g.clone()),
+            (None, Some(toml::Value::Integer(g))) => Some(g.to_string()),
+            (None, Some(v)) => bail!("config file {}: socket_group: {v} is not a group", self.config.display()),
+            (None, None) => None,
+        };
+        let socket_gid = match group {
+            Some(g) => Some(resolve_group(&g, Path::new("/etc/group"))?),
+            None => None,
+        };
         if docker.is_none() && containerd.is_none() {
             bail!("nothing to serve: the Docker plugin is off and the containerd snapshotter is not on (--containerd)");
         }
-        Ok(Plan { docker, containerd, run_dir: self.run_dir.clone() })
+        Ok(Plan { socket_gid, docker, containerd, run_dir: self.run_dir.clone() })
     }
+}
+
+/// A group name (from `group_file`) or number, as a gid.
+fn resolve_group(g: &str, group_file: &Path) -> anyhow::Result<u32> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string(group_file).with_context(|| format!("reading {}", group_file.display()))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let (name, _, gid) = (f.next()?, f.next()?, f.next()?);
+            (name == g).then(|| gid.parse::<u32>().ok()).flatten()
+        })
+        .next()
+        .with_context(|| format!("socket group {g:?}: no such group in {}", group_file.display()))
+}
+
+/// Gives a socket to `gid` with mode 0660 (the front ends create them 0600).
+fn share_socket(path: &Path, gid: Option<u32>) -> anyhow::Result<()> {
+    if let Some(gid) = gid {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .with_context(|| format!("chown {}", path.display()))?;
+        rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(0o660))
+            .with_context(|| format!("chmod {}", path.display()))?;
+    }
+    Ok(())
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -187,6 +232,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let (Some(plugin), Some(sock)) = (plugin, plan.docker.clone()) {
             let listener = sharedloop_docker::bind(&sock)
                 .with_context(|| format!("binding the plugin socket {}", sock.display()))?;
+            share_socket(&sock, plan.socket_gid)?;
             tracing::info!(socket = %sock.display(), "serving the Docker graphdriver plugin");
             let stop = stopped(stop_rx.clone());
             tasks.spawn(async move {
@@ -198,6 +244,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let (Some(sn), Some((sock, _, _))) = (snapshotter, plan.containerd.clone()) {
             let listener = sharedloop_containerd::bind(&sock)
                 .with_context(|| format!("binding the snapshotter socket {}", sock.display()))?;
+            share_socket(&sock, plan.socket_gid)?;
             tracing::info!(socket = %sock.display(), "serving the containerd snapshotter");
             let stop = stopped(stop_rx.clone());
             tasks.spawn(async move {
@@ -277,6 +324,24 @@ mod tests {
         assert!(e.contains("nothing to serve"), "{e}");
         let e = format!("{:#}", plan(&["-o", "fs=ext4"]).unwrap_err());
         assert!(e.contains("storage-opt"), "{e}");
+    }
+
+    #[test]
+    fn socket_groups_resolve_by_name_or_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("group");
+        std::fs::write(&f, "root:x:0:\ndocker:x:998:alice,bob\nops:x:1200:\n").unwrap();
+        assert_eq!(resolve_group("docker", &f).unwrap(), 998);
+        assert_eq!(resolve_group("ops", &f).unwrap(), 1200);
+        assert_eq!(resolve_group("4321", &f).unwrap(), 4321);
+        let e = format!("{:#}", resolve_group("nosuch", &f).unwrap_err());
+        assert!(e.contains("nosuch"), "{e}");
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(&cfg, "socket_group = 77\n").unwrap();
+        assert_eq!(plan(&["--config", cfg.to_str().unwrap()]).unwrap().socket_gid, Some(77));
+        assert_eq!(plan(&["--config", cfg.to_str().unwrap(), "--socket-group", "78"]).unwrap().socket_gid, Some(78));
+        std::fs::write(&cfg, "socket_group = [1]\n").unwrap();
+        assert!(plan(&["--config", cfg.to_str().unwrap()]).is_err());
     }
 
     #[test]

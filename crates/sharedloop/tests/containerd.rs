@@ -531,3 +531,27 @@ fn containerd_and_docker_share_one_daemon_store_and_mounts() {
     assert_eq!(h.docker_ok(&["exec", "d1", "cat", "/srv/data/a"]), "new alpha\n");
     assert_eq!(h.ctr_ok(&["task", "exec", "--exec-id", "e", "c1", "/bin/cat", "/srv/data/a"]), "new alpha\n");
 }
+
+/// Both sockets are root's (0600) unless `--socket-group` shares them
+/// (0660, that group).
+#[test]
+fn sockets_are_root_only_unless_a_group_is_given() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require(&["mkfs.ext4"]);
+    let docker_sock = Path::new("/run/docker/plugins/sharedloop.sock");
+    for (group, mode, gid) in [(None, 0o600, 0), (Some("6"), 0o660, 6)] {
+        let mut h = Host::new("sockets");
+        let root = h.root_dir();
+        fs::create_dir_all(&root).unwrap();
+        let mut args = h.snapshotter_args(&root, true);
+        if let Some(g) = group {
+            args.extend(["--socket-group".to_owned(), g.to_owned()]);
+        }
+        h.start_serve(&args, &[]);
+        for sock in [docker_sock, Path::new(SNAPSHOTTER_SOCKET)] {
+            let md = fs::metadata(h.inside(sock)).unwrap();
+            assert_eq!(md.permissions().mode() & 0o777, mode, "{} with group {group:?}", sock.display());
+            assert_eq!((md.uid(), md.gid()), (0, gid), "{} with group {group:?}", sock.display());
+        }
+    }
+}
