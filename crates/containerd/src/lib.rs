@@ -110,6 +110,7 @@ fn from_info(i: &Info) -> SnapInfo {
         created_ns: ns(i.created_at),
         updated_ns: ns(i.updated_at),
         layer: String::new(),
+        from_layer: None,
     }
 }
 

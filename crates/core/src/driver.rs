@@ -387,6 +387,11 @@ impl Driver {
             let Ok(rel) = m.mount_point.strip_prefix(&self.home) else {
                 continue;
             };
+            // Anything mounted inside staging (a commit's bind of an upper).
+            if rel.starts_with("tmp") && rel.iter().count() > 1 {
+                orphans.push(m.mount_point.clone());
+                continue;
+            }
             let mut comps = rel.iter().map(|c| c.to_string_lossy().into_owned());
             let (Some(area), Some(name), None) = (comps.next(), comps.next(), comps.next()) else {
                 continue;
@@ -400,7 +405,7 @@ impl Driver {
                 }
                 // Layer mounts of an earlier layout, when they live elsewhere now.
                 "mnt" if !own_mnt => orphans.push(m.mount_point.clone()),
-                "merged" | "rwmnt" | "tmp" => orphans.push(m.mount_point.clone()),
+                "merged" | "rwmnt" => orphans.push(m.mount_point.clone()),
                 _ => {}
             }
         }
@@ -423,12 +428,29 @@ impl Driver {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
-        // Staging of interrupted ApplyDiffs.
+        // Staging of interrupted ApplyDiffs and commits; never through a
+        // mount that would not go (a commit's staging binds an upper).
         let tmp = self.home.join("tmp");
+        let still: Vec<PathBuf> = mount::mountinfo()?.into_iter().map(|m| m.mount_point).collect();
         for e in fs::read_dir(&tmp).ctx("read dir", &tmp)?.flatten() {
+            if still.iter().any(|m| m.starts_with(e.path())) {
+                tracing::warn!(path = %e.path().display(), "staging still has a mount; left in place");
+                continue;
+            }
             let _ = fs::remove_dir_all(e.path());
         }
         self.store.sweep_own_tmp();
+        // References this host holds in the store for layers none of its
+        // local layers uses: a crash between taking one and recording the
+        // layer locally.
+        for (c, info) in self.store.held_by(&self.store.host_id) {
+            if !used_chains.contains(&c) {
+                tracing::info!(layer = %c, "dropping a reference no local layer uses");
+                if let Err(e) = self.store.release(&info) {
+                    tracing::warn!(layer = %c, error = %e, "cannot drop the reference");
+                }
+            }
+        }
         tracing::info!(layers = st.layers.len(), mounted = st.ro.len(), in_use = st.gets.len(), "driver state loaded");
         Ok(())
     }
@@ -940,10 +962,11 @@ impl Driver {
         Ok(true)
     }
 
-    /// Turns writable layer `rw_id` into the published read-only layer
-    /// `new_id` on the same parent: its upper directory becomes a layer
-    /// image named `chain` (or, without one, by the digest of its content
-    /// as a tar); then the writable layer goes. Returns the chain id.
+    /// Makes the published read-only layer `new_id`, on the same parent as
+    /// writable layer `rw_id`, from its upper directory: a layer image named
+    /// `chain` (or, without one, by the digest of its content as a tar).
+    /// The writable layer stays; the caller removes it once the commit is
+    /// recorded. Returns the chain id.
     pub fn commit(&self, rw_id: &str, new_id: &str, chain: Option<ChainId>) -> Result<ChainId> {
         check_id(new_id)?;
         let (parent, parent_chain, upper) = {
@@ -963,12 +986,28 @@ impl Driver {
         let staging = self.home.join("tmp").join(format!("commit-{}", random_token()));
         let fs_dir = staging.join(image::LAYER_ROOT);
         fs::create_dir_all(&fs_dir).ctx("mkdir", &fs_dir)?;
+        // Read-only, so that no cleanup can delete through it.
         let r = rustix::mount::mount_bind(&upper, &fs_dir)
+            .and_then(|_| {
+                rustix::mount::mount_remount(
+                    &fs_dir,
+                    rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
+                    c"",
+                )
+            })
             .ctx("bind", &fs_dir)
-            .and_then(|_| self.commit_staged(&staging, &upper, chain, parent_chain.as_ref()));
-        let _ = mount::unmount_path(&fs_dir);
-        let _ = fs::remove_dir_all(&staging);
+            .and_then(|_| {
+                crate::fault::point("commit", "staging made");
+                self.commit_staged(&staging, &upper, chain, parent_chain.as_ref())
+            });
+        match mount::unmount_path(&fs_dir) {
+            Ok(()) => {
+                let _ = fs::remove_dir_all(&staging);
+            }
+            Err(e) => tracing::warn!(path = %fs_dir.display(), error = %e, "cannot unmount a commit's staging; left for the next start"),
+        }
         let info = r?;
+        crate::fault::point("commit", "published and referenced");
         let chain = info.meta.chain_id.clone();
         let l = LocalLayer {
             id: new_id.into(),
@@ -980,8 +1019,8 @@ impl Driver {
             return Err(e);
         }
         self.lock().layers.insert(new_id.into(), l);
+        crate::fault::point("commit", "committed layer recorded");
         tracing::info!(layer = %chain, from = rw_id, location = info.location.name(), "writable layer committed");
-        self.remove(rw_id)?;
         Ok(chain)
     }
 

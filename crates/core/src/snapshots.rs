@@ -72,6 +72,12 @@ pub struct SnapInfo {
     pub updated_ns: u64,
     /// The driver layer behind it.
     pub layer: String,
+    /// For a committed snapshot: the writable layer it was committed from.
+    /// While an active record still names that layer, the commit did not
+    /// finish (a crash) and is rolled back at start, as containerd rolls
+    /// back its own record of a commit that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_layer: Option<String>,
 }
 
 impl SnapInfo {
@@ -123,7 +129,20 @@ impl Snapshotter {
             }
             snaps.insert(s.name.clone(), s);
         }
+        // Commits a crash interrupted before the active record went.
+        let actives: std::collections::HashSet<String> =
+            snaps.values().filter(|s| s.kind == SnapKind::Active).map(|s| s.layer.clone()).collect();
+        let unfinished: Vec<String> = snaps
+            .values()
+            .filter(|s| s.from_layer.as_ref().is_some_and(|l| actives.contains(l)))
+            .map(|s| s.name.clone())
+            .collect();
         let sn = Snapshotter { driver, dir, snaps: Mutex::new(snaps) };
+        for name in unfinished {
+            tracing::info!(snapshot = %name, "rolling back a commit a crash interrupted");
+            sn.forget(&name)?;
+            sn.lock().remove(&name);
+        }
         sn.remove_stray_layers();
         tracing::info!(snapshots = sn.lock().len(), "snapshots loaded");
         Ok(sn)
@@ -193,7 +212,16 @@ impl Snapshotter {
         layer: String,
     ) -> SnapInfo {
         let t = now_ns();
-        SnapInfo { name: key.into(), kind, parent: parent.into(), labels, created_ns: t, updated_ns: t, layer }
+        SnapInfo {
+            name: key.into(),
+            kind,
+            parent: parent.into(),
+            labels,
+            created_ns: t,
+            updated_ns: t,
+            layer,
+            from_layer: None,
+        }
     }
 
     /// Creates active snapshot `key` over `parent` and returns its mounts.
@@ -218,6 +246,7 @@ impl Snapshotter {
         }
         let layer = format!("a-{}", random_token());
         self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadWrite, &opts)?;
+        crate::fault::point("snapshot", "writable layer made");
         let rec = Self::new_record(key, SnapKind::Active, parent, labels, layer.clone());
         if let Err(e) = self.save(&rec) {
             let _ = self.driver.remove(&layer);
@@ -315,15 +344,23 @@ impl Snapshotter {
         }
         let hint = Self::chain_hint(name, &active, &labels);
         let layer = format!("c-{}", random_token());
+        // The layer, then its record, then the active record goes (the
+        // point of no return), then the writable layer.
         let chain = self.driver.commit(&active.layer, &layer, hint)?;
-        let rec = Self::new_record(name, SnapKind::Committed, &active.parent, labels, layer.clone());
+        let mut rec = Self::new_record(name, SnapKind::Committed, &active.parent, labels, layer.clone());
+        rec.from_layer = Some(active.layer.clone());
         if let Err(e) = self.save(&rec) {
             let _ = self.driver.remove(&layer);
             return Err(e);
         }
+        crate::fault::point("snapshot", "committed record saved");
+        self.forget(key)?;
         snaps.insert(name.into(), rec);
         snaps.remove(key);
-        self.forget(key)?;
+        crate::fault::point("snapshot", "active record removed");
+        if let Err(e) = self.driver.remove(&active.layer) {
+            tracing::warn!(layer = %active.layer, error = %e, "cannot remove the committed writable layer now; removed at the next start");
+        }
         tracing::info!(snapshot = name, layer = %chain, "snapshot committed");
         Ok(())
     }
@@ -340,6 +377,7 @@ impl Snapshotter {
         }
         self.forget(key)?;
         snaps.remove(key);
+        crate::fault::point("snapshot", "record removed");
         if let Err(e) = self.driver.remove(&s.layer) {
             // The record is gone; the layer is removed at the next start.
             tracing::warn!(snapshot = key, layer = %s.layer, error = %e, "cannot remove the snapshot's layer now");
@@ -549,6 +587,7 @@ mod tests {
             created_ns: 0,
             updated_ns: 0,
             layer: "x".into(),
+            from_layer: None,
         }
     }
 

@@ -343,6 +343,44 @@ impl Store {
         }
     }
 
+    /// The layers (in root and fallback) that `host` holds a reference to.
+    pub fn held_by(&self, host: &str) -> Vec<(ChainId, LayerInfo)> {
+        let mut v = Vec::new();
+        for loc in [Location::Root, Location::Fallback] {
+            let base = self.base(loc);
+            let refs = base.join("refs");
+            if no_links(base, &refs).is_err() {
+                continue;
+            }
+            let Ok(rd) = fs::read_dir(&refs) else { continue };
+            for e in rd.flatten() {
+                let Some(c) = ChainId::from_dir_name(&e.file_name().to_string_lossy()) else { continue };
+                if fs::symlink_metadata(base.join("layers").join(c.dir_name())).is_err() {
+                    // A removal that a crash interrupted after the rename:
+                    // an empty reference directory (never one with others'
+                    // references: remove_dir refuses).
+                    let _ = fs::remove_file(e.path().join(host));
+                    let _ = fs::remove_dir(e.path());
+                    continue;
+                }
+                if fs::symlink_metadata(e.path().join(host)).is_ok() {
+                    let dir = base.join("layers").join(c.dir_name());
+                    let info = match Self::read_meta(base, &dir) {
+                        Ok(meta) => LayerInfo { location: loc, dir, meta },
+                        // The layer is gone: a reference to nothing.
+                        Err(_) => {
+                            let _ = fs::remove_file(e.path().join(host));
+                            let _ = fs::remove_dir(e.path());
+                            continue;
+                        }
+                    };
+                    v.push((c, info));
+                }
+            }
+        }
+        v
+    }
+
     /// The hosts that hold a reference to the layer.
     pub fn refs(&self, info: &LayerInfo) -> Vec<String> {
         let dir = self.base(info.location).join("refs").join(info.meta.chain_id.dir_name());

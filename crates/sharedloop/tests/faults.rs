@@ -187,3 +187,198 @@ fn faults_at_every_step_leave_a_repairable_state() {
         eprintln!("{op}: aborted at each of {n} steps, recovered every time");
     }
 }
+
+// ---------------------------------------------------------------------------
+// The containerd front end: the same, through the snapshots API.
+
+use common::snap_client::{mount_all, unmount, SnapClient};
+
+struct CtrRig {
+    host: Host,
+}
+
+impl CtrRig {
+    fn client(&self) -> SnapClient {
+        SnapClient::connect(&self.host.inside(Path::new(SNAPSHOTTER_SOCKET)))
+    }
+    fn restart(&mut self, fault: Option<&str>) {
+        self.host.kill_plugin();
+        let root = self.host.root_dir();
+        let args = self.host.snapshotter_args(&root, false);
+        let env: Vec<(&str, &str)> = fault.map(|f| vec![("SHAREDLOOP_FAULT", f)]).unwrap_or_default();
+        self.host.start_serve(&args, &env);
+    }
+    fn home(&self) -> std::path::PathBuf {
+        self.host.snapshotter_root()
+    }
+    /// Everything removed: no snapshot, layer, writable image, mount or loop device.
+    fn clean(&self, what: &str) {
+        let mut c = self.client();
+        let mut names: Vec<(String, String)> = c.list(&[]).unwrap().into_iter().map(|i| (i.name, i.parent)).collect();
+        while !names.is_empty() {
+            let parents: Vec<String> = names.iter().map(|(_, p)| p.clone()).collect();
+            for (n, _) in names.iter().filter(|(n, _)| !parents.contains(n)) {
+                c.remove(n).unwrap();
+            }
+            names = c.list(&[]).unwrap().into_iter().map(|i| (i.name, i.parent)).collect();
+        }
+        c.cleanup().unwrap();
+        let layers = fs::read_dir(self.host.root_dir().join("layers")).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(layers, 0, "{what}: layers left in the store after removing every snapshot");
+        let refs: Vec<_> = fs::read_dir(self.host.root_dir().join("refs"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(refs.is_empty(), "{what}: references left: {refs:?}");
+        let home = self.home();
+        for area in ["rwmnt", "merged", "tmp/"] {
+            let m = self.host.mounts_under(&home.join(area));
+            assert!(m.is_empty(), "{what}: mounts left in {area}: {m:?}");
+        }
+        assert!(self.host.mounts_under(Path::new(LAYER_MOUNTS)).is_empty(), "{what}: layer mounts left");
+        let rw: Vec<_> = fs::read_dir(home.join("rw")).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(rw.is_empty(), "{what}: writable images left: {rw:?}");
+        assert_no_loops(&self.host.dir);
+    }
+    fn check_invariants(&self, what: &str) {
+        let staging: Vec<_> = fs::read_dir(self.home().join("tmp")).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(staging.is_empty(), "{what}: staging left: {staging:?}");
+        let tmp: Vec<_> = fs::read_dir(self.host.root_dir().join("tmp"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(tmp.is_empty(), "{what}: builds left in root: {tmp:?}");
+        for d in fs::read_dir(self.host.root_dir().join("layers"))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            assert!(d.join("meta.json").exists(), "{what}: {} without meta", d.display());
+        }
+        // Every snapshot the snapshotter lists is usable.
+        let mut c = self.client();
+        for i in c.list(&[]).unwrap() {
+            if i.kind != 3 {
+                assert_eq!(c.mounts(&i.name).unwrap().len(), 1, "{what}: {} has no mounts", i.name);
+            }
+        }
+    }
+}
+
+/// `base` (committed, one file) and `work` (active over it, one file written).
+fn ctr_setup(r: &CtrRig) {
+    let mut c = r.client();
+    let m = c.prepare("base-a", "", Default::default()).unwrap();
+    let d = r.host.dir.join("mnt-base");
+    let din = mount_all(&r.host, &m, &d);
+    fs::write(din.join("base-file"), vec![b'b'; 100_000]).unwrap();
+    unmount(&r.host, &d);
+    c.commit("base", "base-a", Default::default()).unwrap();
+    let m = c.prepare("work", "base", Default::default()).unwrap();
+    let d = r.host.dir.join("mnt-work");
+    let din = mount_all(&r.host, &m, &d);
+    fs::write(din.join("work-file"), "work\n").unwrap();
+    unmount(&r.host, &d);
+}
+
+/// The view of committed `name` shows both files.
+fn ctr_check_committed(r: &CtrRig, name: &str) {
+    let mut c = r.client();
+    let m = c.view("check", name).unwrap();
+    let d = r.host.dir.join("mnt-check");
+    let din = mount_all(&r.host, &m, &d);
+    assert_eq!(fs::read_to_string(din.join("work-file")).unwrap(), "work\n");
+    assert_eq!(fs::read(din.join("base-file")).unwrap().len(), 100_000);
+    unmount(&r.host, &d);
+    c.remove("check").unwrap();
+}
+
+fn ctr_every_step(
+    r: &mut CtrRig,
+    fault_op: &str,
+    setup: &dyn Fn(&CtrRig),
+    op: &dyn Fn(&CtrRig),
+    redo: &dyn Fn(&CtrRig),
+) -> u32 {
+    for n in 1..50 {
+        let what = format!("containerd {fault_op}:{n}");
+        r.restart(None);
+        setup(r);
+        r.restart(Some(&what[11..]));
+        let before = r.host.plugin_log().len();
+        op(r);
+        let aborted = r.host.plugin_log()[before..].contains(&format!("aborting in {fault_op} at step {n} "));
+        if aborted {
+            r.host.reap_plugin();
+        }
+        r.restart(None);
+        r.check_invariants(&what);
+        redo(r);
+        r.clean(&what);
+        if !aborted {
+            return n - 1;
+        }
+    }
+    panic!("{fault_op}: never completed");
+}
+
+#[test]
+fn faults_at_every_step_of_the_snapshotter_leave_a_repairable_state() {
+    require(&["ext4", "overlay"]);
+    let mut host = Host::new("faults-ctr");
+    let root = host.root_dir();
+    host.start_snapshotter(&root);
+    let mut rig = CtrRig { host };
+
+    let commit = |r: &CtrRig| {
+        let _ = r.client().commit("done", "work", Default::default());
+    };
+    // Rolled back (work still active) or finished (done committed).
+    let recommit = |r: &CtrRig| {
+        let mut c = r.client();
+        match c.stat("done") {
+            Ok(i) => {
+                assert_eq!(i.kind, 3);
+                assert!(c.stat("work").is_err(), "committed and still active");
+            }
+            Err(_) => c.commit("done", "work", Default::default()).unwrap(),
+        }
+        ctr_check_committed(r, "done");
+    };
+    let prepare = |r: &CtrRig| {
+        let _ = r.client().prepare("new", "base", Default::default());
+    };
+    let reprepare = |r: &CtrRig| {
+        let mut c = r.client();
+        if c.stat("new").is_err() {
+            c.prepare("new", "base", Default::default()).unwrap();
+        }
+        let m = c.mounts("new").unwrap();
+        let d = r.host.dir.join("mnt-new");
+        let din = mount_all(&r.host, &m, &d);
+        assert_eq!(fs::read(din.join("base-file")).unwrap().len(), 100_000);
+        unmount(&r.host, &d);
+    };
+    let remove = |r: &CtrRig| {
+        let mut c = r.client();
+        let _ = c.remove("work");
+        let _ = c.remove("base");
+    };
+    let reremove = |r: &CtrRig| {
+        let mut c = r.client();
+        for k in ["work", "base"] {
+            if c.stat(k).is_ok() {
+                c.remove(k).unwrap();
+            }
+        }
+    };
+    let steps = [
+        ("snapshot/commit", ctr_every_step(&mut rig, "snapshot", &ctr_setup, &commit, &recommit)),
+        ("commit", ctr_every_step(&mut rig, "commit", &ctr_setup, &commit, &recommit)),
+        ("publish", ctr_every_step(&mut rig, "publish", &ctr_setup, &commit, &recommit)),
+        ("snapshot/prepare", ctr_every_step(&mut rig, "snapshot", &ctr_setup, &prepare, &reprepare)),
+        ("create", ctr_every_step(&mut rig, "create", &ctr_setup, &prepare, &reprepare)),
+        ("remove", ctr_every_step(&mut rig, "remove", &ctr_setup, &remove, &reremove)),
+    ];
+    for (op, n) in steps {
+        assert!(n >= 1, "{op}: no fault point was reached");
+        eprintln!("containerd {op}: aborted at each of {n} steps, recovered every time");
+    }
+}
