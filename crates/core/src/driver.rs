@@ -1004,7 +1004,9 @@ impl Driver {
             Ok(()) => {
                 let _ = fs::remove_dir_all(&staging);
             }
-            Err(e) => tracing::warn!(path = %fs_dir.display(), error = %e, "cannot unmount a commit's staging; left for the next start"),
+            Err(e) => {
+                tracing::warn!(path = %fs_dir.display(), error = %e, "cannot unmount a commit's staging; left for the next start")
+            }
         }
         let info = r?;
         crate::fault::point("commit", "published and referenced");

@@ -430,11 +430,7 @@ fn containerd_restart_of_sharedloop_keeps_containers_running() {
     h.kill_plugin();
     h.restart_plugin();
     // containerd redials the proxy socket with a back-off of its own.
-    let t = Instant::now();
-    while !h.ctr(&["snapshots", "ls"]).status.success() {
-        assert!(t.elapsed().as_secs() < 30, "containerd does not reach the restarted snapshotter");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    h.wait_for_snapshotter();
     // The container runs on; its files are there, its writes work.
     let tasks = h.ctr_ok(&["task", "ls"]);
     assert!(tasks.lines().any(|l| l.starts_with("c1 ") && l.contains("RUNNING")), "{tasks}");

@@ -738,6 +738,21 @@ impl Host {
         filter_manifest(&m).into_iter().filter(|l| !l.starts_with("./run ")).collect()
     }
 
+    /// Waits until containerd reaches the snapshotter again (it redials a
+    /// restarted one with a back-off): a Prepare must go through.
+    pub fn wait_for_snapshotter(&self) {
+        let t = Instant::now();
+        loop {
+            let key = format!("probe-{}", &token()[..8]);
+            if self.ctr(&["snapshots", "prepare", &key]).status.success() {
+                self.ctr_ok(&["snapshots", "rm", &key]);
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "containerd does not reach the snapshotter");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Names of the snapshots the snapshotter has, by `ctr snapshots ls`.
     pub fn ctr_snapshots(&self) -> Vec<String> {
         self.ctr_ok(&["snapshots", "ls"])
