@@ -62,30 +62,14 @@ const LNK: u8 = b'1';
 const SYM: u8 = b'2';
 const DIR: u8 = b'5';
 
-#[test]
-fn hostile_tars_are_refused_or_kept_inert() {
-    require(&["ext4"]);
-    let mut host = Host::new("hostile");
-    fs::create_dir_all(host.root_dir()).unwrap();
-    host.start_plugin();
-    let c = PluginClient::new(&host.inside(Path::new("/run/docker/plugins/sharedloop.sock")));
-    c.ok("Plugin.Activate", json!(null));
-    let home = host.dir.join("home");
-    c.ok("GraphDriver.Init", json!({"Home": home, "Opts": host.default_storage_opts()}));
-    // A base layer, so that parents exist and escapes have somewhere to aim.
-    c.ok("GraphDriver.Create", json!({"ID": "base"}));
-    let base = layer_tar(&LayerSpec {
-        files: vec![("etc/passwd".into(), b"root:x:0:0::/:/bin/sh\n".to_vec(), 0o644, 0, 0)],
-        ..Default::default()
-    });
-    assert!(c.apply_diff("base", "", &base).err().is_none());
-
+/// Hostile layer tars: (what, tar, what the error must say).
+fn hostile_cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let longname = {
         let name = b"a/../../long-escape";
         let gnu = raw(b"././@LongLink", b'L', &[name.as_slice(), b"\0"].concat(), b"");
         [gnu, raw(b"placeholder", REG, b"x", b"")].concat()
     };
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+    vec![
         ("dot-dot name", archive(&[raw(b"../escape-1", REG, b"x", b"")]), "'..'"),
         ("dot-dot inside", archive(&[raw(b"a/../../escape-2", REG, b"x", b"")]), "'..'"),
         ("dot then dot-dot", archive(&[raw(b"./../escape-3", REG, b"x", b"")]), "'..'"),
@@ -158,7 +142,28 @@ fn hostile_tars_are_refused_or_kept_inert() {
             },
             "out of range",
         ),
-    ];
+    ]
+}
+
+#[test]
+fn hostile_tars_are_refused_or_kept_inert() {
+    require(&["ext4"]);
+    let mut host = Host::new("hostile");
+    fs::create_dir_all(host.root_dir()).unwrap();
+    host.start_plugin();
+    let c = PluginClient::new(&host.inside(Path::new("/run/docker/plugins/sharedloop.sock")));
+    c.ok("Plugin.Activate", json!(null));
+    let home = host.dir.join("home");
+    c.ok("GraphDriver.Init", json!({"Home": home, "Opts": host.default_storage_opts()}));
+    // A base layer, so that parents exist and escapes have somewhere to aim.
+    c.ok("GraphDriver.Create", json!({"ID": "base"}));
+    let base = layer_tar(&LayerSpec {
+        files: vec![("etc/passwd".into(), b"root:x:0:0::/:/bin/sh\n".to_vec(), 0o644, 0, 0)],
+        ..Default::default()
+    });
+    assert!(c.apply_diff("base", "", &base).err().is_none());
+
+    let cases = hostile_cases();
     assert!(cases.len() >= 20);
     let before_layers = fs::read_dir(host.root_dir().join("layers")).unwrap().count();
     for (i, (what, tar, expect)) in cases.iter().enumerate() {
@@ -232,4 +237,74 @@ fn hostile_tars_are_refused_or_kept_inert() {
     assert_no_loops(&host.dir);
     assert_eq!(fs::read_dir(host.root_dir().join("layers")).unwrap().count(), 0);
     drop(host);
+}
+
+/// The same tars as layers of images imported into a real containerd:
+/// containerd applies them itself, through the mounts sharedloop hands it.
+/// Whatever containerd does with each (refuse, or keep it inside the
+/// layer), nothing is written outside the layer, a refused layer leaves
+/// the store unchanged, and no writable snapshot, mount or loop device
+/// stays behind.
+#[test]
+fn hostile_tars_through_containerd_stay_inside() {
+    require(&["containerd", "ctr", "ext4"]);
+    let mut host = Host::new("hostile-ctr");
+    let root = host.root_dir();
+    host.start_snapshotter(&root);
+    host.start_containerd();
+    let base = layer_tar(&LayerSpec {
+        files: vec![("etc/passwd".into(), b"root:x:0:0::/:/bin/sh\n".to_vec(), 0o644, 0, 0)],
+        ..Default::default()
+    });
+    let fx = host.dir.join("fixture");
+    fs::create_dir_all(&fx).unwrap();
+    let a = fx.join("base.tar");
+    oci_archive_of_tars(&[base.clone()], "docker.io/test/base:1", &a);
+    host.ctr_ok(&["image", "import", a.to_str().unwrap()]);
+    let layers = |r: &Path| fs::read_dir(r.join("layers")).map(|d| d.count()).unwrap_or(0);
+    let (mut refused, mut kept) = (0, 0);
+    for (i, (what, tar, _)) in hostile_cases().iter().enumerate() {
+        let before = layers(&root);
+        let a = fx.join(format!("h{i}.tar"));
+        let name = format!("docker.io/test/h{i}:1");
+        oci_archive_of_tars(&[base.clone(), tar.clone()], &name, &a);
+        let out = host.ctr(&["image", "import", a.to_str().unwrap()]);
+        if out.status.success() {
+            kept += 1;
+        } else {
+            refused += 1;
+            assert_eq!(layers(&root), before, "{what}: refused, yet the store changed");
+        }
+        eprintln!(
+            "{what}: {}",
+            if out.status.success() {
+                "imported".into()
+            } else {
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("").to_owned()
+            }
+        );
+    }
+    eprintln!("containerd refused {refused}, imported {kept} (contained)");
+    for n in 1..=8 {
+        for dir in [Path::new("/tmp"), Path::new("/"), &host.dir, &host.snapshotter_root()] {
+            assert!(!dir.join(format!("escape-{n}")).exists(), "escape-{n} written to {}", dir.display());
+        }
+    }
+    assert!(!Path::new("/pax-escape").exists() && !Path::new("/long-escape").exists());
+    assert!(!fs::read_to_string("/etc/passwd").unwrap().contains("root:x:0:0::/:/bin/sh"), "host /etc/passwd touched");
+    let mut c = common::snap_client::SnapClient::connect(&host.inside(Path::new(SNAPSHOTTER_SOCKET)));
+    let active = c.list(&["kind==active"]).unwrap();
+    assert!(active.is_empty(), "writable snapshots left: {:?}", active.iter().map(|i| &i.name).collect::<Vec<_>>());
+    assert!(host.mounts_under(&host.snapshotter_root().join("rwmnt")).is_empty(), "writable mounts left");
+    // Every image goes; then nothing is left.
+    let images = host.ctr_ok(&["image", "ls", "-q"]);
+    for img in images.lines() {
+        host.ctr_ok(&["image", "rm", "--sync", img]);
+    }
+    let t = std::time::Instant::now();
+    while layers(&root) > 0 {
+        assert!(t.elapsed().as_secs() < 30, "layers left: {}", layers(&root));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_no_loops(&host.dir);
 }

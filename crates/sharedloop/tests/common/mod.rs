@@ -1015,6 +1015,12 @@ pub fn docker_archive(layers: &[LayerSpec], tag: &str, out: &Path) -> Vec<Vec<u8
 /// layers to `out`, named `name` (a full reference); returns the tars.
 pub fn oci_archive(layers: &[LayerSpec], name: &str, out: &Path) -> Vec<Vec<u8>> {
     let tars: Vec<Vec<u8>> = layers.iter().map(layer_tar).collect();
+    oci_archive_of_tars(&tars, name, out);
+    tars
+}
+
+/// [`oci_archive`] of given layer tars (which may be anything at all).
+pub fn oci_archive_of_tars(tars: &[Vec<u8>], name: &str, out: &Path) {
     let diff_ids: Vec<String> = tars.iter().map(|t| format!("sha256:{}", sha256_hex(t))).collect();
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux", "created": "2023-11-14T22:13:20Z",
@@ -1053,7 +1059,6 @@ pub fn oci_archive(layers: &[LayerSpec], name: &str, out: &Path) -> Vec<Vec<u8>>
     }
     add(&mut b, "index.json", &serde_json::to_vec(&index).unwrap());
     b.into_inner().unwrap().flush().unwrap();
-    tars
 }
 
 /// Materialises the tree an image of `tars` must show, the way the OCI
