@@ -299,10 +299,29 @@ async fn diff(plugin: Arc<Plugin>, req: DriverRequest) -> Response<Body> {
 
 async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, String> {
     let bytes = req.into_body().collect().await.map_err(|e| format!("reading the request: {e}"))?.to_bytes();
+    decode_json(&bytes)
+}
+
+/// A request body as dockerd sends it: JSON, or nothing for an empty one.
+fn decode_json<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes).map_err(|e| format!("malformed request: {e}"))
+    serde_json::from_slice(bytes).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Request decoding without a server, for the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes a request to `path` with `query` and `body` the way the
+    /// server does before calling the core; returns what it understood.
+    pub fn decode(path: &str, query: &str, body: &[u8]) -> Result<String, String> {
+        match path {
+            "GraphDriver.Init" => super::decode_json::<super::InitRequest>(body).map(|r| format!("{r:?}")),
+            "GraphDriver.ApplyDiff" => Ok(format!("{:?}", super::query_params(Some(query)))),
+            _ => super::decode_json::<super::DriverRequest>(body).map(|r| format!("{r:?}")),
+        }
+    }
 }
 
 /// Handles one request, logging its duration at debug level.
