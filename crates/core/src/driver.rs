@@ -161,6 +161,9 @@ pub struct Driver {
     store: Store,
     mounts: Arc<LayerMounts>,
     state: Mutex<State>,
+    /// An exclusive lock on `<home>/lock`, held while the driver lives: a
+    /// second process on the same state would corrupt it.
+    _lock: fs::File,
     /// Dropping it stops the heartbeat thread.
     _heartbeat: std::sync::mpsc::Sender<()>,
 }
@@ -275,6 +278,15 @@ impl Driver {
             let p = home.join(d);
             fs::create_dir_all(&p).ctx("mkdir", &p)?;
         }
+        let lock_path = home.join("lock");
+        let lock =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).ctx("open", &lock_path)?;
+        if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            return Err(Error::Invalid(format!(
+                "{} is in use by another sharedloop process ({e}); one process per state directory",
+                home.display()
+            )));
+        }
         mount::make_private(home)?;
         prepare_staging(home)?;
         let host_file = home.join("host-id");
@@ -294,8 +306,15 @@ impl Driver {
         };
         let store = Store::new(&cfg, &host_id);
         let hb = spawn_heartbeat(store.clone(), cfg.heartbeat_secs);
-        let d =
-            Driver { home: home.to_owned(), cfg, store, mounts, state: Mutex::new(State::default()), _heartbeat: hb };
+        let d = Driver {
+            home: home.to_owned(),
+            cfg,
+            store,
+            mounts,
+            state: Mutex::new(State::default()),
+            _lock: lock,
+            _heartbeat: hb,
+        };
         d.reconcile()?;
         Ok(d)
     }

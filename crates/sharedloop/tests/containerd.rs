@@ -551,3 +551,38 @@ fn sockets_are_root_only_unless_a_group_is_given() {
         }
     }
 }
+
+/// Two processes on one state directory would corrupt it: the second is
+/// refused, naming the directory.
+#[test]
+fn a_second_process_on_the_same_state_is_refused() {
+    require(&["mkfs.ext4"]);
+    let mut h = Host::new("lock");
+    let root = h.root_dir();
+    h.start_snapshotter(&root);
+    let out = run(h
+        .cmd(sharedloop_bin())
+        .args([
+            "serve",
+            "--config",
+            "/dev/null",
+            "--no-docker",
+            "--containerd",
+            "--containerd-socket",
+            "/run/other.sock",
+        ])
+        .arg("--containerd-root")
+        .arg(h.snapshotter_root())
+        .arg("-o")
+        .arg(format!("loopback_root={}", root.display())));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second sharedloop ran on the same state");
+    assert!(
+        err.contains("in use by another sharedloop process") && err.contains(h.snapshotter_root().to_str().unwrap()),
+        "{err}"
+    );
+    // The first one is unharmed.
+    let mut c = common::snap_client::SnapClient::connect(&h.inside(Path::new(SNAPSHOTTER_SOCKET)));
+    c.prepare("k", "", Default::default()).unwrap();
+    c.remove("k").unwrap();
+}
