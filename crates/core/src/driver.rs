@@ -925,7 +925,15 @@ impl Driver {
                     tracing::info!(layer = %chain, location = info.location.name(), "layer already in the store; reusing it");
                     info
                 }
-                None => self.store.publish(chain, &build)?.into_info(),
+                None => match self.store.publish(chain, &build)? {
+                    // This host wrote the image and its digest just now:
+                    // no need to read it all again before the first mount.
+                    crate::store::Published::Created(info) => {
+                        self.mounts.vouch(&info);
+                        info
+                    }
+                    crate::store::Published::Existing(info) => info,
+                },
             };
             if let Some(info) = self.store.acquire(&info) {
                 return Ok(info);
