@@ -587,7 +587,8 @@ impl Driver {
         }
         let img = self.rw_image(id);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io: self.cfg.direct_io })
+        let direct_io = self.cfg.direct_io.for_file(&img);
+        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io })
             .ctx("attach loop device", &img)?;
         mount::mount_layer_rw(dev.path(), &target, fs_type)?;
         for d in ["upper", "work"] {
@@ -1230,7 +1231,15 @@ impl Driver {
             ("Loopback Root Directory".to_owned(), self.cfg.root.display().to_string()),
             ("Loopback Fallback Directory".to_owned(), self.cfg.fallback.display().to_string()),
             ("Layer Image Filesystem".to_owned(), self.cfg.fs.name().to_owned()),
-            ("Loop Direct I/O".to_owned(), if self.cfg.direct_io { "on" } else { "off" }.to_owned()),
+            (
+                "Loop Direct I/O".to_owned(),
+                match self.cfg.direct_io {
+                    crate::options::DirectIo::Auto => {
+                        "auto (on for local files, off on network filesystems)".to_owned()
+                    }
+                    d => d.name().to_owned(),
+                },
+            ),
         ];
         v.push((
             "Root Directory State".to_owned(),

@@ -43,6 +43,17 @@ pub fn fs_name(magic: u64) -> String {
         .unwrap_or_else(|| format!("<unknown> ({magic:#x})"))
 }
 
+/// Filesystems reached over a network (or a user-space daemon): every read
+/// of a cold block is a round trip.
+const NETWORK: &[&str] = &["nfs", "fuse", "lustre", "gpfs", "cephfs", "smb2", "cifs", "beegfs", "wekafs"];
+
+/// Whether `p` lives on a network (or FUSE) filesystem. Unknown ones count
+/// as local.
+pub fn is_network(p: &Path) -> bool {
+    let name = fs_name_of(p);
+    NETWORK.contains(&name.as_str())
+}
+
 /// The filesystem name of the filesystem holding `p`.
 pub fn fs_name_of(p: &Path) -> String {
     match rustix::fs::statfs(p) {

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Context, Error, Result};
 use crate::ids::ChainId;
 use crate::mount;
-use crate::options::VerifyMode;
+use crate::options::{DirectIo, VerifyMode};
 use crate::store::{write_atomic, LayerInfo};
 use crate::sys::loopdev;
 
@@ -157,7 +157,7 @@ impl LayerMounts {
     /// records `user` as using it. The image is checked first (`verify`)
     /// unless this host checked the same file before. Returns the loop
     /// device.
-    pub fn acquire(&self, info: &LayerInfo, user: &Path, verify: VerifyMode, direct_io: bool) -> Result<String> {
+    pub fn acquire(&self, info: &LayerInfo, user: &Path, verify: VerifyMode, direct_io: DirectIo) -> Result<String> {
         let chain = &info.meta.chain_id;
         let (Some(image), Some(fs_type)) = (info.image(), info.meta.fs) else {
             return Err(Error::Invalid(format!("layer {chain} has no image to mount")));
@@ -170,6 +170,7 @@ impl LayerMounts {
         self.check(info, &image, verify)?;
         let target = self.path(chain);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
+        let direct_io = direct_io.for_file(&image);
         let dev = loopdev::attach(&image, loopdev::AttachOptions { read_only: true, direct_io })
             .ctx("attach loop device", &image)?;
         mount::mount_layer_ro(dev.path(), &target, fs_type)?;

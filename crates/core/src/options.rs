@@ -74,15 +74,46 @@ pub struct Config {
     pub fs: FsType,
     /// `sharedloop.size`: default size of a writable layer.
     pub rw_size: Bytes,
-    /// `sharedloop.direct_io`: loop devices read their image files with
-    /// O_DIRECT (no second copy in the page cache).
-    pub direct_io: bool,
+    /// `sharedloop.direct_io`: whether loop devices read their image files
+    /// with O_DIRECT (no second copy in the page cache).
+    pub direct_io: DirectIo,
     /// `sharedloop.heartbeat_interval`: how often this host says it is
     /// alive in the store (seconds).
     pub heartbeat_secs: u64,
     /// `sharedloop.verify`: what is checked of a layer image before this
     /// host first mounts it.
     pub verify: VerifyMode,
+}
+
+/// Direct I/O of loop devices on their image files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectIo {
+    /// On for images on local filesystems, off on network ones, where the
+    /// backing file's readahead saves round trips (docs/benchmarks.md).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl DirectIo {
+    /// Whether a loop device over `file` uses direct I/O.
+    pub fn for_file(self, file: &std::path::Path) -> bool {
+        match self {
+            DirectIo::On => true,
+            DirectIo::Off => false,
+            DirectIo::Auto => !crate::fsmagic::is_network(file.parent().unwrap_or(file)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DirectIo::Auto => "auto",
+            DirectIo::On => "on",
+            DirectIo::Off => "off",
+        }
+    }
 }
 
 /// What a host checks of a layer image before the kernel first mounts it.
@@ -118,7 +149,7 @@ impl Default for Config {
             override_kernel_check: false,
             fs: FsType::Ext4,
             rw_size: DEFAULT_RW_SIZE,
-            direct_io: true,
+            direct_io: DirectIo::Auto,
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
             verify: VerifyMode::Digest,
         }
@@ -175,7 +206,20 @@ impl Config {
                         .filter(|s| *s > 0)
                         .ok_or_else(|| bad(&key, format!("{v:?} is not a duration (e.g. 30s, 5m)")))?
                 }
-                "sharedloop.direct_io" => c.direct_io = parse_bool(&key, val.unwrap_or(""))?,
+                "sharedloop.direct_io" => {
+                    c.direct_io = match val.map(str::to_ascii_lowercase).as_deref() {
+                        Some("auto") => DirectIo::Auto,
+                        v => {
+                            if parse_bool(&key, v.unwrap_or(""))
+                                .map_err(|_| bad(&key, format!("{:?} is not auto, true or false", v.unwrap_or(""))))?
+                            {
+                                DirectIo::On
+                            } else {
+                                DirectIo::Off
+                            }
+                        }
+                    }
+                }
                 "sharedloop.verify" => c.verify = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
                 "sharedloop.size" => {
                     let v = need(&key, val)?;
@@ -251,6 +295,11 @@ mod tests {
         assert!(!c.override_kernel_check);
         assert_eq!(c.fs, FsType::Ext4);
         assert_eq!(c.verify, VerifyMode::Digest);
+        assert_eq!(c.direct_io, DirectIo::Auto);
+        assert_eq!(Config::from_opts(&["sharedloop.direct_io=auto"]).unwrap().direct_io, DirectIo::Auto);
+        assert_eq!(Config::from_opts(&["sharedloop.direct_io=true"]).unwrap().direct_io, DirectIo::On);
+        assert!(DirectIo::On.for_file(std::path::Path::new("/proc/self/status")));
+        assert!(!DirectIo::Off.for_file(std::path::Path::new("/")));
     }
 
     #[test]
@@ -271,7 +320,7 @@ mod tests {
         assert!(c.override_kernel_check);
         assert_eq!(c.fs, FsType::Xfs);
         assert_eq!(c.rw_size, Bytes(2 * Bytes::GIB));
-        assert!(!c.direct_io);
+        assert_eq!(c.direct_io, DirectIo::Off);
         assert_eq!(c.heartbeat_secs, 120);
         assert_eq!(c.verify, VerifyMode::Full);
         let c = Config::from_opts(&["sharedloop.override_kernel_check=false"]).unwrap();

@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(root, PathBuf::from("/var/lib/sharedloop/containerd"));
         assert_eq!(cfg.root, PathBuf::from("/shared/root"));
         assert_eq!(cfg.fs.name(), "ext4");
-        assert!(!cfg.direct_io);
+        assert_eq!(cfg.direct_io, sharedloop_core::options::DirectIo::Off);
         assert_eq!(cfg.heartbeat_secs, 10);
     }
 

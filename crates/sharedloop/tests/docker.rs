@@ -335,6 +335,9 @@ fn docker_twenty_containers_share_one_mount_per_layer() {
     assert_eq!(running.lines().count(), 20);
     let layer_loops = loops_under(&host.root_dir());
     assert_eq!(layer_loops.len(), layers, "one loop device per layer, not per container: {layer_loops:?}");
+    for (dev, _) in &layer_loops {
+        assert!(loop_dio(dev), "{}: no direct I/O on a local filesystem", dev.display());
+    }
     let layer_mounts = host.mounts_under(Path::new(LAYER_MOUNTS));
     assert_eq!(layer_mounts.len(), layers, "{layer_mounts:?}");
     for i in 0..20 {

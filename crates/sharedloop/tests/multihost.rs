@@ -152,6 +152,13 @@ fn multihost_three_hosts_on_sshfs_root() {
     assert_eq!(fs::read_dir(net.exported.join("store/layers")).unwrap().count(), 10);
     let out = c.hosts[1].docker_ok(&["inspect", "-f", "{{.GraphDriver.Data.LayerLocations}}", "shared:1"]);
     assert!(out.trim().split(':').all(|l| l == "root"), "{out}");
+    // On a network filesystem the loop devices read through the page cache
+    // (sharedloop.direct_io=auto): readahead saves round trips.
+    let loops = loops_under(&c.root);
+    assert!(!loops.is_empty());
+    for (dev, file) in &loops {
+        assert!(!loop_dio(dev), "{} over {} uses direct I/O on sshfs", dev.display(), file.display());
+    }
 }
 
 #[test]

@@ -1095,6 +1095,12 @@ pub fn expected_tree(tars: &[Vec<u8>], dest: &Path) {
     }
 }
 
+/// Whether loop device `dev` reads its backing file with direct I/O.
+pub fn loop_dio(dev: &Path) -> bool {
+    let name = dev.file_name().unwrap().to_string_lossy();
+    fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap().trim() == "1"
+}
+
 /// Asserts that no loop device is backed by a file under `dir`, allowing a
 /// few seconds for removals that finish in the background.
 pub fn assert_no_loops(dir: &Path) {
