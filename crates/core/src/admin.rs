@@ -163,6 +163,8 @@ pub enum Verdict {
     Ok,
     /// An empty layer has no image to check.
     Empty,
+    /// The layer was removed (by its last user) while verify ran.
+    Removed,
     Missing {
         path: PathBuf,
     },
@@ -178,7 +180,7 @@ pub enum Verdict {
 
 impl Verdict {
     pub fn is_ok(&self) -> bool {
-        matches!(self, Verdict::Ok | Verdict::Empty)
+        matches!(self, Verdict::Ok | Verdict::Empty | Verdict::Removed)
     }
 }
 
@@ -187,6 +189,11 @@ impl Verdict {
 pub fn verify(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict> {
     let (Some(img), Some(fs_type)) = (info.image(), info.meta.fs) else { return Ok(Verdict::Empty) };
     if !img.exists() {
+        // A layer removed while this ran (removal renames the whole
+        // directory away first) is not a broken one.
+        if !info.dir.join(META_FILE).exists() {
+            return Ok(Verdict::Removed);
+        }
         return Ok(Verdict::Missing { path: img });
     }
     let actual = {

@@ -204,6 +204,17 @@ impl Snapshotter {
         Ok(Some(p.layer.clone()))
     }
 
+    /// Records snapshot `rec` (whose driver layer exists); when the record
+    /// cannot be written, the layer goes again.
+    fn record(&self, snaps: &mut HashMap<String, SnapInfo>, rec: SnapInfo) -> Result<()> {
+        if let Err(e) = self.save(&rec) {
+            let _ = self.driver.remove(&rec.layer);
+            return Err(e);
+        }
+        snaps.insert(rec.name.clone(), rec);
+        Ok(())
+    }
+
     fn new_record(
         key: &str,
         kind: SnapKind,
@@ -247,12 +258,7 @@ impl Snapshotter {
         let layer = format!("a-{}", random_token());
         self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadWrite, &opts)?;
         crate::fault::point("snapshot", "writable layer made");
-        let rec = Self::new_record(key, SnapKind::Active, parent, labels, layer.clone());
-        if let Err(e) = self.save(&rec) {
-            let _ = self.driver.remove(&layer);
-            return Err(e);
-        }
-        snaps.insert(key.into(), rec);
+        self.record(&mut snaps, Self::new_record(key, SnapKind::Active, parent, labels, layer.clone()))?;
         drop(snaps);
         self.driver.mounts_for(&layer)
     }
@@ -277,12 +283,7 @@ impl Snapshotter {
         }
         let mut labels = labels.clone();
         labels.remove(SIZE_LABEL);
-        let rec = Self::new_record(target, SnapKind::Committed, parent, labels, layer.clone());
-        if let Err(e) = self.save(&rec) {
-            let _ = self.driver.remove(&layer);
-            return Err(e);
-        }
-        snaps.insert(target.into(), rec);
+        self.record(snaps, Self::new_record(target, SnapKind::Committed, parent, labels, layer))?;
         Ok(true)
     }
 
@@ -295,12 +296,7 @@ impl Snapshotter {
         let parent_layer = Self::parent_layer(&snaps, parent)?;
         let layer = format!("v-{}", random_token());
         self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadOnly, &HashMap::new())?;
-        let rec = Self::new_record(key, SnapKind::View, parent, labels, layer.clone());
-        if let Err(e) = self.save(&rec) {
-            let _ = self.driver.remove(&layer);
-            return Err(e);
-        }
-        snaps.insert(key.into(), rec);
+        self.record(&mut snaps, Self::new_record(key, SnapKind::View, parent, labels, layer.clone()))?;
         drop(snaps);
         self.driver.mounts_for(&layer)
     }
@@ -347,15 +343,11 @@ impl Snapshotter {
         // The layer, then its record, then the active record goes (the
         // point of no return), then the writable layer.
         let chain = self.driver.commit(&active.layer, &layer, hint)?;
-        let mut rec = Self::new_record(name, SnapKind::Committed, &active.parent, labels, layer.clone());
+        let mut rec = Self::new_record(name, SnapKind::Committed, &active.parent, labels, layer);
         rec.from_layer = Some(active.layer.clone());
-        if let Err(e) = self.save(&rec) {
-            let _ = self.driver.remove(&layer);
-            return Err(e);
-        }
+        self.record(&mut snaps, rec)?;
         crate::fault::point("snapshot", "committed record saved");
         self.forget(key)?;
-        snaps.insert(name.into(), rec);
         snaps.remove(key);
         crate::fault::point("snapshot", "active record removed");
         if let Err(e) = self.driver.remove(&active.layer) {

@@ -318,6 +318,7 @@ pub fn verify(args: &StoreArgs, which: &[String]) -> anyhow::Result<i32> {
             let what = match &r.verdict {
                 Verdict::Ok => "ok".to_owned(),
                 Verdict::Empty => "ok (empty layer)".to_owned(),
+                Verdict::Removed => "removed while being checked".to_owned(),
                 Verdict::Missing { path } => format!("MISSING image {}", path.display()),
                 Verdict::DigestMismatch { expected, actual } => {
                     format!("CORRUPT: image digest {actual} differs from the {expected} recorded at publish")

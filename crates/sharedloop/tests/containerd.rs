@@ -33,6 +33,17 @@ fn layer_dirs(root: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Imports the four-layer test image (`base_layers`) as
+/// docker.io/test/multi:1 on `h`.
+fn import_multi(h: &Host) {
+    let fx = h.dir.join("fixture");
+    let rootfs = fx.join("rootfs");
+    busybox_rootfs(&rootfs);
+    let archive = fx.join("img.tar");
+    oci_archive(&base_layers(&rootfs), "docker.io/test/multi:1", &archive);
+    h.ctr_ok(&["image", "import", archive.to_str().unwrap()]);
+}
+
 fn du(dir: &Path) -> u64 {
     let out = run_ok(std::process::Command::new("du").args(["-s", "-B1"]).arg(dir));
     out.split_whitespace().next().unwrap().parse().unwrap()
@@ -418,12 +429,7 @@ fn containerd_second_instance_sharing_root_reuses_published_layers() {
 #[test]
 fn containerd_restart_of_sharedloop_keeps_containers_running() {
     let mut h = ctr_host("ctr-restart");
-    let fx = h.dir.join("fixture");
-    let rootfs = fx.join("rootfs");
-    busybox_rootfs(&rootfs);
-    let archive = fx.join("img.tar");
-    oci_archive(&base_layers(&rootfs), "docker.io/test/multi:1", &archive);
-    h.ctr_ok(&["image", "import", archive.to_str().unwrap()]);
+    import_multi(&h);
     h.ctr_ok(&["run", "-d", "docker.io/test/multi:1", "c1", "/bin/sh", "-c", "echo up > /tmp/state; sleep 100000"]);
     h.ctr_ok(&["task", "exec", "--exec-id", "e0", "c1", "/bin/cat", "/srv/data/a"]);
 
@@ -454,12 +460,7 @@ fn containerd_restart_of_sharedloop_keeps_containers_running() {
 fn containerd_image_removal_and_gc_leave_nothing_behind() {
     let h = ctr_host("ctr-gc");
     let root = h.root_dir();
-    let fx = h.dir.join("fixture");
-    let rootfs = fx.join("rootfs");
-    busybox_rootfs(&rootfs);
-    let archive = fx.join("img.tar");
-    oci_archive(&base_layers(&rootfs), "docker.io/test/multi:1", &archive);
-    h.ctr_ok(&["image", "import", archive.to_str().unwrap()]);
+    import_multi(&h);
     assert_eq!(h.ctr_ok(&["run", "--rm", "docker.io/test/multi:1", "c1", "/bin/cat", "/srv/data/c"]), "gamma\n");
     assert_eq!(layer_dirs(&root).len(), 4);
     assert_eq!(h.ctr_snapshots().len(), 4);

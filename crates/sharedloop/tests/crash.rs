@@ -15,12 +15,9 @@ fn layers(root: &Path) -> Vec<std::path::PathBuf> {
     fs::read_dir(root.join("layers")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
 }
 
-#[test]
-fn crash_plugin_killed_during_load_recovers() {
-    require(&["dockerd", "busybox", "overlay"]);
-    let mut host = Host::new("crash");
-    fs::create_dir_all(host.root_dir()).unwrap();
-    host.start(&[]);
+/// Eight layers: busybox, then 3 MB of data and 50 small files each, so
+/// that a kill can land between layers and inside one.
+fn crash_image(host: &Host) -> Vec<LayerSpec> {
     let rootfs = host.dir.join("rootfs");
     busybox_rootfs(&rootfs);
     let mut specs = vec![LayerSpec { rootfs: Some(rootfs), ..Default::default() }];
@@ -33,6 +30,16 @@ fn crash_plugin_killed_during_load_recovers() {
         }
         specs.push(s);
     }
+    specs
+}
+
+#[test]
+fn crash_plugin_killed_during_load_recovers() {
+    require(&["dockerd", "busybox", "overlay"]);
+    let mut host = Host::new("crash");
+    fs::create_dir_all(host.root_dir()).unwrap();
+    host.start(&[]);
+    let specs = crash_image(&host);
     let archive = host.dir.join("img.tar");
     docker_archive(&specs, "crash:1", &archive);
     let home = host.data_root().join("sharedloop");
@@ -120,18 +127,7 @@ fn crash_snapshotter_killed_under_containerd_recovers() {
     let root = host.root_dir();
     host.start_snapshotter(&root);
     host.start_containerd();
-    let rootfs = host.dir.join("rootfs");
-    busybox_rootfs(&rootfs);
-    let mut specs = vec![LayerSpec { rootfs: Some(rootfs), ..Default::default() }];
-    for i in 1..8u32 {
-        let data: Vec<u8> =
-            (0..3_000_000u32).map(|x| (x.wrapping_mul(2654435761).wrapping_add(i) >> 11) as u8).collect();
-        let mut s = LayerSpec { files: vec![(format!("big/{i}"), data, 0o644, 0, 0)], ..Default::default() };
-        for j in 0..50 {
-            s.files.push((format!("small/{i}/{j}"), vec![b'x'; 100 * j], 0o644, 0, 0));
-        }
-        specs.push(s);
-    }
+    let specs = crash_image(&host);
     let archive = host.dir.join("img.tar");
     oci_archive(&specs, "docker.io/test/crash:1", &archive);
     let home = host.snapshotter_root();

@@ -34,23 +34,7 @@ impl Rig {
         }
     }
     fn check_invariants(&self, what: &str) {
-        let staging: Vec<_> = fs::read_dir(self.home().join("tmp")).unwrap().flatten().map(|e| e.path()).collect();
-        assert!(staging.is_empty(), "{what}: staging left: {staging:?}");
-        let tmp: Vec<_> = fs::read_dir(self.host.root_dir().join("tmp"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        assert!(tmp.is_empty(), "{what}: builds left in root: {tmp:?}");
-        for d in fs::read_dir(self.host.root_dir().join("layers"))
-            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-            .unwrap_or_default()
-        {
-            let meta: serde_json::Value = serde_json::from_slice(
-                &fs::read(d.join("meta.json")).unwrap_or_else(|e| panic!("{what}: {} without meta ({e})", d.display())),
-            )
-            .unwrap();
-            let len = fs::metadata(d.join("layer.img")).unwrap().len();
-            assert_eq!(len, meta["image_bytes"].as_u64().unwrap(), "{what}: {} incomplete", d.display());
-        }
+        store_invariants(&self.home(), &self.host.root_dir(), what);
     }
     /// Brings the plugin to a known state: layer `l1` applied, nothing else.
     fn base(&self) {
@@ -79,6 +63,29 @@ impl Rig {
         assert!(layer_mounts.is_empty(), "{what}: layer mounts left: {layer_mounts:?}");
         let rw: Vec<_> = fs::read_dir(home.join("rw")).unwrap().flatten().map(|e| e.path()).collect();
         assert!(rw.is_empty(), "{what}: writable images left: {rw:?}");
+    }
+}
+
+/// After a restart: no staging (in `home`) or build (in `root`) left, and
+/// every published layer complete.
+fn store_invariants(home: &Path, root: &Path, what: &str) {
+    let staging: Vec<_> = fs::read_dir(home.join("tmp")).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(staging.is_empty(), "{what}: staging left: {staging:?}");
+    let tmp: Vec<_> =
+        fs::read_dir(root.join("tmp")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(tmp.is_empty(), "{what}: builds left in root: {tmp:?}");
+    for d in
+        fs::read_dir(root.join("layers")).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default()
+    {
+        let meta: serde_json::Value = serde_json::from_slice(
+            &fs::read(d.join("meta.json")).unwrap_or_else(|e| panic!("{what}: {} without meta ({e})", d.display())),
+        )
+        .unwrap();
+        if let Some(fs_type) = meta["fs"].as_str() {
+            let len =
+                fs::metadata(d.join("layer.img")).unwrap_or_else(|e| panic!("{what}: {fs_type} image: {e}")).len();
+            assert_eq!(len, meta["image_bytes"].as_u64().unwrap(), "{what}: {} incomplete", d.display());
+        }
     }
 }
 
@@ -240,18 +247,7 @@ impl CtrRig {
         assert_no_loops(&self.host.dir);
     }
     fn check_invariants(&self, what: &str) {
-        let staging: Vec<_> = fs::read_dir(self.home().join("tmp")).unwrap().flatten().map(|e| e.path()).collect();
-        assert!(staging.is_empty(), "{what}: staging left: {staging:?}");
-        let tmp: Vec<_> = fs::read_dir(self.host.root_dir().join("tmp"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        assert!(tmp.is_empty(), "{what}: builds left in root: {tmp:?}");
-        for d in fs::read_dir(self.host.root_dir().join("layers"))
-            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-            .unwrap_or_default()
-        {
-            assert!(d.join("meta.json").exists(), "{what}: {} without meta", d.display());
-        }
+        store_invariants(&self.home(), &self.host.root_dir(), what);
         // Every snapshot the snapshotter lists is usable.
         let mut c = self.client();
         for i in c.list(&[]).unwrap() {

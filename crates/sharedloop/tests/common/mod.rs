@@ -744,11 +744,18 @@ impl Host {
         let t = Instant::now();
         loop {
             let key = format!("probe-{}", &token()[..8]);
-            if self.ctr(&["snapshots", "prepare", &key]).status.success() {
+            let out = self.ctr(&["snapshots", "prepare", &key]);
+            if out.status.success() {
                 self.ctr_ok(&["snapshots", "rm", &key]);
                 return;
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "containerd does not reach the snapshotter");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "containerd does not reach the snapshotter: {}\n--- sharedloop log (tail) ---\n{}\n--- containerd log (tail) ---\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail(&self.plugin_log(), 30),
+                tail(&self.containerd_log(), 15)
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
