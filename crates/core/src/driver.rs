@@ -139,22 +139,6 @@ struct TreeFacts {
     entries: u64,
 }
 
-/// A writer that only hashes.
-#[derive(Default)]
-struct HashingSink {
-    hasher: sha2::Sha256,
-}
-
-impl std::io::Write for HashingSink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        sha2::Digest::update(&mut self.hasher, b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 pub struct Driver {
     home: PathBuf,
     cfg: Config,
@@ -954,11 +938,6 @@ impl Driver {
         }
     }
 
-    /// The chain id of the published layer `id` stands for, if it is one.
-    pub fn layer_chain(&self, id: &str) -> Option<ChainId> {
-        Self::chain_of(&self.lock(), Some(id)).ok().flatten()
-    }
-
     /// Creates read-only layer `id` over `parent` from layer `chain`, which
     /// is in the store already: no content moves, a reference is taken.
     /// Returns `false` (and creates nothing) when the store lacks `chain`
@@ -1066,9 +1045,9 @@ impl Driver {
         let (chain, diff_id) = match chain {
             Some(c) => (c, None),
             None => {
-                let mut h = HashingSink::default();
+                let mut h = <sha2::Sha256 as sha2::Digest>::new();
                 export::export_tar(upper, &mut h)?;
-                let diff = DiffId::from_sha256(&sha2::Digest::finalize(h.hasher));
+                let diff = DiffId::from_sha256(&sha2::Digest::finalize(h));
                 (ChainId::of(parent, &diff), Some(diff))
             }
         };
@@ -1337,10 +1316,8 @@ impl Driver {
     /// Releases what nothing uses: layer and writable mounts that no held
     /// `get` stacks on. Called when the engine shuts down.
     pub fn cleanup(&self) -> Result<()> {
+        self.settle();
         let mut st = self.lock();
-        for rx in std::mem::take(&mut st.pending) {
-            let _ = rx.recv();
-        }
         let busy: HashSet<PathBuf> = st.gets.keys().flat_map(|id| self.stack_paths(&st, Some(id))).collect();
         let ro: Vec<ChainId> = st.ro.keys().cloned().collect();
         for c in ro {

@@ -15,6 +15,21 @@ fn layers(root: &Path) -> Vec<std::path::PathBuf> {
     fs::read_dir(root.join("layers")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
 }
 
+/// Waits for the moment to kill in `round` of an 8-layer load: after
+/// `round + 1` published layers (up to 7), and in the last round inside one
+/// (staging in `home/tmp` in use). Gives up waiting after a minute.
+fn wait_for_kill_point(root: &Path, home: &Path, round: usize) {
+    let t = Instant::now();
+    loop {
+        let n = layers(root).len();
+        let staging = fs::read_dir(home.join("tmp")).map(|d| d.count()).unwrap_or(0);
+        if n >= (round + 1).min(7) && (round < 4 || staging > 0) || t.elapsed() > Duration::from_secs(60) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Eight layers: busybox, then 3 MB of data and 50 small files each, so
 /// that a kill can land between layers and inside one.
 fn crash_image(host: &Host) -> Vec<LayerSpec> {
@@ -47,7 +62,6 @@ fn crash_plugin_killed_during_load_recovers() {
     // Kill after 1, 2, ... published layers, and once in the middle of one.
     let mut interrupted = 0;
     for round in 0..5 {
-        let target = round + 1;
         let sock = host.socket();
         let a = archive.clone();
         let loader = std::thread::spawn(move || {
@@ -57,18 +71,7 @@ fn crash_plugin_killed_during_load_recovers() {
                 .arg("load")
                 .stdin(fs::File::open(&a).unwrap()))
         });
-        let t = Instant::now();
-        loop {
-            let n = layers(&host.root_dir()).len();
-            let staging = fs::read_dir(home.join("tmp")).map(|d| d.count()).unwrap_or(0);
-            if n >= target.min(7) && (round < 4 || staging > 0) {
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(60) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_for_kill_point(&host.root_dir(), &home, round);
         host.kill_plugin();
         host.start_plugin();
         let first = loader.join().unwrap();
@@ -156,21 +159,12 @@ fn crash_snapshotter_killed_under_containerd_recovers() {
     };
     let mut interrupted = 0;
     for round in 0..5 {
-        let target = round + 1;
         let mut cmd = host.cmd("ctr");
         cmd.args(["--address", CONTAINERD_SOCKET, "--namespace", "default", "image", "import"])
             .arg(&archive)
             .env("CONTAINERD_SNAPSHOTTER", "sharedloop");
         let importer = std::thread::spawn(move || run(&mut cmd));
-        let t = Instant::now();
-        loop {
-            let n = layers(&root).len();
-            let staging = fs::read_dir(home.join("tmp")).map(|d| d.count()).unwrap_or(0);
-            if n >= target.min(7) && (round < 4 || staging > 0) || t.elapsed() > Duration::from_secs(60) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_for_kill_point(&root, &home, round);
         host.kill_plugin();
         host.restart_plugin();
         let first = importer.join().unwrap();
