@@ -187,13 +187,20 @@ impl Verdict {
 /// Checks a layer image against the digest recorded at publish time and
 /// with a read-only fsck. `progress` is told how many bytes were hashed.
 pub fn verify(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict> {
+    let r = check_image(info, progress);
+    // A layer its last user removed while this ran (removal renames the
+    // whole directory away first) is not a broken one, whatever step the
+    // removal interrupted.
+    match &r {
+        Ok(Verdict::Ok | Verdict::Empty | Verdict::NoDigest) => r,
+        _ if !info.dir.join(META_FILE).exists() => Ok(Verdict::Removed),
+        _ => r,
+    }
+}
+
+fn check_image(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict> {
     let (Some(img), Some(fs_type)) = (info.image(), info.meta.fs) else { return Ok(Verdict::Empty) };
     if !img.exists() {
-        // A layer removed while this ran (removal renames the whole
-        // directory away first) is not a broken one.
-        if !info.dir.join(META_FILE).exists() {
-            return Ok(Verdict::Removed);
-        }
         return Ok(Verdict::Missing { path: img });
     }
     let actual = {
