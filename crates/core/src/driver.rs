@@ -58,8 +58,38 @@ enum Kind {
 struct LocalLayer {
     id: String,
     parent: Option<String>,
+    /// The parent's content as it was when this layer was created over a
+    /// writable parent: a published snapshot of the parent's upper
+    /// directory, so that later writes to the parent do not show through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<ChainId>,
     #[serde(flatten)]
     kind: Kind,
+}
+
+/// Where one level of a layer stack comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// A published layer, mounted read-only once per host.
+    Chain(ChainId),
+    /// The upper directory of local writable layer `id`.
+    Upper(String, FsType),
+}
+
+impl LocalLayer {
+    /// This layer's own content, if it has any.
+    fn content(&self) -> Option<Source> {
+        match &self.kind {
+            Kind::Image { chain: Some(c), .. } => Some(Source::Chain(c.clone())),
+            Kind::Rw { fs, .. } => Some(Source::Upper(self.id.clone(), *fs)),
+            Kind::Image { chain: None, .. } => None,
+        }
+    }
+    /// Whether this layer stands on published layer `c` (as its content
+    /// or as the snapshot of its parent).
+    fn uses_chain(&self, c: &ChainId) -> bool {
+        self.base.as_ref() == Some(c) || matches!(&self.kind, Kind::Image { chain: Some(oc), .. } if oc == c)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +104,9 @@ struct GetRef {
     count: u32,
     dir: PathBuf,
     mounted: bool,
+    /// Found mounted at start (a previous run's Get): nobody in this run
+    /// holds it, so it does not keep the layer from being removed.
+    adopted: bool,
 }
 
 #[derive(Default)]
@@ -82,8 +115,41 @@ struct State {
     ro: HashMap<ChainId, RoMount>,
     rw_mounted: HashSet<String>,
     gets: HashMap<String, GetRef>,
+    /// Ids a request is working on outside the lock (a create, an
+    /// ApplyDiff, a commit): no other request may create or remove them.
+    busy: HashSet<String>,
+    /// Parents of creates in flight, with their count: not removable.
+    pinned: HashMap<String, u32>,
+    /// Set by [`Driver::cleanup`]: every mount is released and no request
+    /// is served any more.
+    closed: bool,
     /// Background removals of writable layers; each sender drops when done.
     pending: Vec<std::sync::mpsc::Receiver<()>>,
+}
+
+/// Ids reserved by one request while it works outside the lock; released
+/// when dropped.
+struct Reservation<'a> {
+    state: &'a Mutex<State>,
+    ids: Vec<String>,
+    pinned: Option<String>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &self.ids {
+            st.busy.remove(id);
+        }
+        if let Some(p) = &self.pinned {
+            if let Some(n) = st.pinned.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pinned.remove(p);
+                }
+            }
+        }
+    }
 }
 
 /// Whether the created layer is read-only (an image layer) or writable.
@@ -91,13 +157,6 @@ struct State {
 pub enum CreateKind {
     ReadOnly,
     ReadWrite,
-}
-
-/// The outcome of a create that may find the layer already there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CreateAction {
-    Created,
-    Identity,
 }
 
 /// One mount for an engine to perform, as containerd's `mount.Mount`.
@@ -317,6 +376,37 @@ impl Driver {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state, for a request: refused once the driver is cleaned up.
+    fn state(&self) -> Result<MutexGuard<'_, State>> {
+        let st = self.lock();
+        if st.closed {
+            return Err(Error::FailedPrecondition(format!(
+                "the driver in {} was cleaned up (engine shutdown); initialise it again",
+                self.home.display()
+            )));
+        }
+        Ok(st)
+    }
+
+    /// Reserves `ids` (which no other request may be working on) and pins
+    /// `parent` for a request that works outside the lock.
+    fn reserve(&self, st: &mut State, ids: &[&str], parent: Option<&str>) -> Result<Reservation<'_>> {
+        if let Some(id) = ids.iter().find(|id| st.busy.contains(**id)) {
+            return Err(Error::InUse { id: (*id).into(), why: "another request is working on it".into() });
+        }
+        for id in ids {
+            st.busy.insert((*id).to_owned());
+        }
+        if let Some(p) = parent {
+            *st.pinned.entry(p.to_owned()).or_default() += 1;
+        }
+        Ok(Reservation {
+            state: &self.state,
+            ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+            pinned: parent.map(str::to_owned),
+        })
+    }
+
     fn layer_file(&self, id: &str) -> PathBuf {
         self.home.join("layers").join(format!("{id}.json"))
     }
@@ -358,9 +448,12 @@ impl Driver {
         let used_chains: HashSet<ChainId> = st
             .layers
             .values()
-            .filter_map(|l| match &l.kind {
-                Kind::Image { chain, .. } => chain.clone(),
-                _ => None,
+            .flat_map(|l| {
+                let own = match &l.kind {
+                    Kind::Image { chain, .. } => chain.clone(),
+                    _ => None,
+                };
+                own.into_iter().chain(l.base.clone())
             })
             .collect();
         // Claim the layer mounts this driver's layers stand on.
@@ -401,7 +494,7 @@ impl Driver {
             };
             match area.as_str() {
                 "merged" if st.layers.contains_key(&name) => {
-                    st.gets.insert(name, GetRef { count: 1, dir: m.mount_point.clone(), mounted: true });
+                    st.gets.insert(name, GetRef { count: 1, dir: m.mount_point.clone(), mounted: true, adopted: true });
                 }
                 "rwmnt" if st.layers.contains_key(&name) => {
                     st.rw_mounted.insert(name);
@@ -427,7 +520,11 @@ impl Driver {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(".rm-") || !st.layers.contains_key(&name) {
                 tracing::info!(path = %e.path().display(), "removing a leftover writable image");
-                let _ = mount::unmount_path(&self.rw_mnt(&name));
+                let mnt = if name.starts_with(".rm-") { e.path().join("mnt") } else { self.rw_mnt(&name) };
+                if mount::unmount_path(&mnt).or_else(|_| mount::detach_path(&mnt)).is_err() {
+                    tracing::warn!(target = %mnt.display(), "cannot unmount a leftover writable layer; left in place");
+                    continue;
+                }
                 let _ = fs::remove_dir_all(e.path());
             }
         }
@@ -474,7 +571,7 @@ impl Driver {
         parent: Option<&str>,
         kind: CreateKind,
         storage_opt: &HashMap<String, String>,
-    ) -> Result<CreateAction> {
+    ) -> Result<()> {
         check_id(id)?;
         let parent = none_if_empty(parent);
         let mut size = None;
@@ -494,30 +591,50 @@ impl Driver {
                 }
             }
         }
-        {
-            let st = self.lock();
-            if st.layers.contains_key(id) {
-                return Ok(CreateAction::Identity);
-            }
-            if let Some(p) = parent {
-                if !st.layers.contains_key(p) {
-                    return Err(Error::ParentNotFound { id: id.into(), parent: p.into() });
-                }
-            }
+        if kind == CreateKind::ReadOnly && size.is_some() {
+            return Err(Error::Option { option: "size".into(), reason: "only writable layers take a size".into() });
         }
-        let kind = match kind {
-            CreateKind::ReadOnly => {
-                if size.is_some() {
-                    return Err(Error::Option {
-                        option: "size".into(),
-                        reason: "only writable layers take a size".into(),
-                    });
-                }
-                Kind::Image { chain: None, size: 0 }
+        // The id is reserved and the parent pinned until the layer is
+        // recorded: a concurrent create of the same id fails, a removal of
+        // the id or of the parent waits for nothing and is refused.
+        let (_reserved, writable_parent) = {
+            let mut st = self.state()?;
+            if st.layers.contains_key(id) || st.busy.contains(id) {
+                return Err(Error::AlreadyExists(format!("layer {id}")));
             }
+            let writable_parent = match parent {
+                Some(p) => match st.layers.get(p) {
+                    None => return Err(Error::ParentNotFound { id: id.into(), parent: p.into() }),
+                    Some(pl) => matches!(pl.kind, Kind::Rw { .. }).then(|| p.to_owned()),
+                },
+                None => None,
+            };
+            (self.reserve(&mut st, &[id], parent)?, writable_parent)
+        };
+        // Over a writable parent, the new layer stands on a snapshot of the
+        // parent's content as it is now (as vfs copies its parent): what is
+        // written to the parent later does not show through.
+        let base = match &writable_parent {
+            Some(p) => {
+                let info = self.publish_upper(p, None)?;
+                Some(info.meta.chain_id)
+            }
+            None => None,
+        };
+        let release_base = |base: &Option<ChainId>| {
+            if let Some(c) = base {
+                let mut st = self.lock();
+                if let Err(e) = self.release_chain(&mut st, c, id) {
+                    tracing::warn!(layer = %c, error = %e, "cannot release a parent snapshot");
+                }
+            }
+        };
+        let kind = match kind {
+            CreateKind::ReadOnly => Kind::Image { chain: None, size: 0 },
             CreateKind::ReadWrite => {
                 let fs_type = self.cfg.fs;
                 if let Some(s) = size.filter(|s| *s < fs_type.min_image_size()) {
+                    release_base(&base);
                     return Err(Error::Option {
                         option: "size".into(),
                         reason: format!("{s} is below the {} minimum of {}", fs_type.name(), fs_type.min_image_size()),
@@ -525,23 +642,36 @@ impl Driver {
                 }
                 let default = if id.ends_with("-init") { INIT_LAYER_SIZE } else { self.cfg.rw_size };
                 let size = size.unwrap_or(default);
-                let img = self.rw_image(id);
-                let dir = img.parent().unwrap();
-                let _ = fs::remove_dir_all(dir);
-                fs::create_dir_all(dir).ctx("mkdir", dir)?;
-                crate::fault::point("create", "directory made");
-                if let Err(e) = image::create_rw_image(&img, fs_type, size, &self.home.join("templates")) {
-                    let _ = fs::remove_dir_all(dir);
+                if let Err(e) = self.make_rw_image(id, fs_type, size) {
+                    release_base(&base);
                     return Err(e);
                 }
-                crate::fault::point("create", "image made");
                 Kind::Rw { size, fs: fs_type }
             }
         };
-        let l = LocalLayer { id: id.into(), parent: parent.map(str::to_owned), kind };
-        self.save(&l)?;
+        let l = LocalLayer { id: id.into(), parent: parent.map(str::to_owned), base: base.clone(), kind };
+        if let Err(e) = self.save(&l) {
+            let _ = fs::remove_dir_all(self.rw_image(id).parent().unwrap());
+            release_base(&base);
+            return Err(e);
+        }
         self.lock().layers.insert(id.into(), l);
-        Ok(CreateAction::Created)
+        Ok(())
+    }
+
+    /// Makes writable layer `id`'s image (replacing a leftover).
+    fn make_rw_image(&self, id: &str, fs_type: FsType, size: Bytes) -> Result<()> {
+        let img = self.rw_image(id);
+        let dir = img.parent().unwrap();
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir).ctx("mkdir", dir)?;
+        crate::fault::point("create", "directory made");
+        if let Err(e) = image::create_rw_image(&img, fs_type, size, &self.home.join("templates")) {
+            let _ = fs::remove_dir_all(dir);
+            return Err(e);
+        }
+        crate::fault::point("create", "image made");
+        Ok(())
     }
 
     /// Mounts (once per host) the published layer `chain`.
@@ -590,73 +720,112 @@ impl Driver {
     /// The directory holding layer `id`'s own content, mounted; `None` for
     /// an empty layer.
     fn own_dir(&self, st: &mut State, id: &str) -> Result<Option<PathBuf>> {
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
-        match &l.kind {
-            Kind::Image { chain: None, .. } => Ok(None),
-            Kind::Image { chain: Some(c), .. } => {
-                let m = self.ensure_ro(st, c)?;
-                Ok(m.dev.map(|_| self.ro_mnt(c).join(image::LAYER_ROOT)))
-            }
-            Kind::Rw { fs, .. } => Ok(Some(self.ensure_rw(st, id, *fs)?.join("upper"))),
+        let l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        match l.content() {
+            Some(src) => self.mount_source(st, &src),
+            None => Ok(None),
         }
     }
 
-    /// The lower stack of layer `id` and its ancestors (topmost first),
-    /// empty layers left out, everything mounted.
-    fn stack(&self, st: &mut State, id: Option<&str>) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        let mut cur = id.map(str::to_owned);
+    /// Mounts one level of a stack; `None` for an empty published layer.
+    fn mount_source(&self, st: &mut State, src: &Source) -> Result<Option<PathBuf>> {
+        match src {
+            Source::Chain(c) => {
+                let m = self.ensure_ro(st, c)?;
+                Ok(m.dev.map(|_| self.ro_mnt(c).join(image::LAYER_ROOT)))
+            }
+            Source::Upper(id, fs) => Ok(Some(self.ensure_rw(st, id, *fs)?.join("upper"))),
+        }
+    }
+
+    /// What layer `id` stands on, topmost first (with its own content first
+    /// when `own`): for each parent, its snapshot when the child was created
+    /// over it while it was writable, otherwise its own content.
+    fn sources(&self, st: &State, id: &str, own: bool) -> Result<Vec<Source>> {
+        let mut l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        let mut out: Vec<Source> = if own { l.content().into_iter().collect() } else { Vec::new() };
         let mut depth = 0;
-        while let Some(c) = cur {
+        while let Some(p) = &l.parent {
             depth += 1;
             if depth > 4096 {
-                return Err(Error::Corrupt { path: self.layer_file(&c), reason: "parent chain loops".into() });
+                return Err(Error::Corrupt { path: self.layer_file(id), reason: "parent chain loops".into() });
             }
-            if let Some(d) = self.own_dir(st, &c)? {
-                out.push(d);
+            let pl = st.layers.get(p).ok_or_else(|| Error::NotFound(format!("layer {p} (parent of {})", l.id)))?;
+            match &l.base {
+                Some(b) => out.push(Source::Chain(b.clone())),
+                None => out.extend(pl.content()),
             }
-            cur = st.layers.get(&c).and_then(|l| l.parent.clone());
+            l = pl;
         }
         Ok(out)
     }
 
-    /// The directories of layer `id` and its ancestors (topmost first), as
-    /// `stack` would mount them, without mounting anything: for reports and
-    /// bookkeeping. Layers known to be empty are left out.
-    fn stack_paths(&self, st: &State, id: Option<&str>) -> Vec<PathBuf> {
+    /// The stack of layer `id` (without its own content unless `own`),
+    /// topmost first, empty layers left out, everything mounted.
+    fn stack(&self, st: &mut State, id: &str, own: bool) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
-        let mut cur = id.map(str::to_owned);
-        while let Some(c) = cur {
-            let Some(l) = st.layers.get(&c) else { break };
-            match &l.kind {
-                Kind::Image { chain: Some(ch), .. } if st.ro.get(ch).is_none_or(|m| m.dev.is_some()) => {
-                    out.push(self.ro_mnt(ch).join(image::LAYER_ROOT))
+        for src in self.sources(st, id, own)? {
+            out.extend(self.mount_source(st, &src)?);
+        }
+        Ok(out)
+    }
+
+    /// The directories of `stack`, without mounting anything: for reports
+    /// and bookkeeping. Layers known to be empty are left out.
+    fn stack_paths(&self, st: &State, id: &str, own: bool) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for src in self.sources(st, id, own).unwrap_or_default() {
+            match src {
+                Source::Chain(c) if st.ro.get(&c).is_none_or(|m| m.dev.is_some()) => {
+                    out.push(self.ro_mnt(&c).join(image::LAYER_ROOT))
                 }
-                Kind::Rw { .. } => out.push(self.rw_mnt(&c).join("upper")),
-                Kind::Image { .. } => {}
+                Source::Chain(_) => {}
+                Source::Upper(id, _) => out.push(self.rw_mnt(&id).join("upper")),
             }
-            if out.len() > 4096 {
-                break;
-            }
-            cur = l.parent.clone();
         }
         out
     }
 
+    /// The published chain that layer `l` stands on: its parent's
+    /// snapshot, or its parent's published layer.
+    fn lower_chain(st: &State, l: &LocalLayer) -> Result<Option<ChainId>> {
+        match &l.base {
+            Some(b) => Ok(Some(b.clone())),
+            None => Self::chain_of(st, l.parent.as_deref()),
+        }
+    }
+
     /// Mounts layer `id` and returns the directory with its full view.
+    /// A layer created read-only and never given content (no ApplyDiff)
+    /// is a layer of its own: the first Get gives it a writable image, and
+    /// what is written into the directory Get returns is its content.
     pub fn get(&self, id: &str) -> Result<PathBuf> {
-        let mut st = self.lock();
+        let mut st = self.state()?;
         if let Some(g) = st.gets.get_mut(id) {
             g.count += 1;
             return Ok(g.dir.clone());
         }
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        let mut l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        if st.busy.contains(id) {
+            return Err(Error::InUse { id: id.into(), why: "another request is working on it".into() });
+        }
+        if let Kind::Image { chain: None, .. } = l.kind {
+            let fs_type = self.cfg.fs;
+            self.make_rw_image(id, fs_type, self.cfg.rw_size)?;
+            l.kind = Kind::Rw { size: self.cfg.rw_size, fs: fs_type };
+            if let Err(e) = self.save(&l) {
+                let _ = fs::remove_dir_all(self.rw_image(id).parent().unwrap());
+                return Err(e);
+            }
+            tracing::debug!(layer = id, "an empty read-only layer opened for writing through Get");
+            st.layers.insert(id.to_owned(), l.clone());
+        }
         let target = self.merged(id);
         let (dir, mounted) = match &l.kind {
             Kind::Rw { fs, .. } => {
                 let rw = self.ensure_rw(&mut st, id, *fs)?;
                 crate::fault::point("get", "writable image mounted");
-                let mut lowers = self.stack(&mut st, l.parent.as_deref())?;
+                let mut lowers = self.stack(&mut st, id, false)?;
                 crate::fault::point("get", "layers mounted");
                 if lowers.is_empty() {
                     lowers.push(self.home.join("empty"));
@@ -667,7 +836,7 @@ impl Driver {
                 (target, true)
             }
             Kind::Image { .. } => {
-                let lowers = self.stack(&mut st, Some(id))?;
+                let lowers = self.stack(&mut st, id, true)?;
                 match lowers.len() {
                     0 => (self.home.join("empty"), false),
                     1 => (lowers[0].clone(), false),
@@ -680,7 +849,7 @@ impl Driver {
             }
         };
         tracing::debug!(layer = id, target = %dir.display(), "get");
-        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: dir.clone(), mounted });
+        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: dir.clone(), mounted, adopted: false });
         Ok(dir)
     }
 
@@ -690,7 +859,7 @@ impl Driver {
     /// an overlay whose options would not fit in one page for `mount(2)`
     /// is mounted here too and handed over as a bind mount.
     pub fn mounts_for(&self, id: &str) -> Result<Vec<MountSpec>> {
-        let mut st = self.lock();
+        let mut st = self.state()?;
         if let Some(g) = st.gets.get(id) {
             let rw = matches!(st.layers.get(id).map(|l| &l.kind), Some(Kind::Rw { .. }));
             return Ok(vec![MountSpec::bind(&g.dir, rw)]);
@@ -699,9 +868,9 @@ impl Driver {
         let (lowers, upper) = match &l.kind {
             Kind::Rw { fs, .. } => {
                 let rw = self.ensure_rw(&mut st, id, *fs)?;
-                (self.stack(&mut st, l.parent.as_deref())?, Some((rw.join("upper"), rw.join("work"))))
+                (self.stack(&mut st, id, false)?, Some((rw.join("upper"), rw.join("work"))))
             }
-            Kind::Image { .. } => (self.stack(&mut st, Some(id))?, None),
+            Kind::Image { .. } => (self.stack(&mut st, id, true)?, None),
         };
         match (&upper, lowers.len()) {
             (Some((u, _)), 0) => return Ok(vec![MountSpec::bind(u, true)]),
@@ -719,7 +888,7 @@ impl Driver {
         let upper_refs = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
         mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: upper_refs }, &target)?;
         tracing::debug!(layer = id, layers = lowers.len(), target = %target.display(), "overlay mounted for the engine");
-        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: target.clone(), mounted: true });
+        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: target.clone(), mounted: true, adopted: false });
         Ok(vec![MountSpec::bind(&target, upper.is_some())])
     }
 
@@ -789,8 +958,8 @@ impl Driver {
     /// size of its content.
     pub fn apply_diff(&self, id: &str, parent: Option<&str>, tar: &mut dyn Read) -> Result<u64> {
         let parent = none_if_empty(parent);
-        let parent_chain = {
-            let st = self.lock();
+        let (_reserved, parent_chain) = {
+            let mut st = self.state()?;
             let l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             if l.parent.as_deref() != parent {
                 return Err(Error::Invalid(format!(
@@ -805,17 +974,22 @@ impl Driver {
                     return Err(Error::Invalid(format!("layer {id} already has content")))
                 }
                 Kind::Rw { .. } => {
-                    return Err(Error::Invalid(format!("layer {id} is writable; diffs apply to read-only layers")))
+                    return Err(Error::Invalid(format!(
+                        "layer {id} is writable (a container layer, or content written through Get); \
+                         diffs apply to empty read-only layers"
+                    )))
                 }
             }
-            match parent.map(|p| st.layers.get(p).map(|l| &l.kind)) {
-                None => None,
-                Some(Some(Kind::Image { chain: Some(c), .. })) => Some(c.clone()),
-                Some(Some(_)) => {
+            let parent_chain = match Self::lower_chain(&st, l) {
+                Ok(c) => c,
+                Err(Error::Invalid(_)) => {
                     return Err(Error::Invalid(format!("parent {} of {id} is not a published layer", parent.unwrap())))
                 }
-                Some(None) => return Err(Error::ParentNotFound { id: id.into(), parent: parent.unwrap().into() }),
-            }
+                Err(e) => return Err(e),
+            };
+            // Concurrent ApplyDiffs, a Get or a Remove of this id wait for
+            // nothing: they are refused while this one runs.
+            (self.reserve(&mut st, &[id], None)?, parent_chain)
         };
         let staging = self.home.join("tmp").join(format!("apply-{}", random_token()));
         fs::create_dir(&staging).ctx("mkdir", &staging)?;
@@ -829,12 +1003,15 @@ impl Driver {
         crate::fault::point("apply", "published and referenced");
         let chain = info.meta.chain_id.clone();
         let mut st = self.lock();
-        let Some(l) = st.layers.get_mut(id) else {
+        let Some(mut l) = st.layers.get(id).cloned() else {
             return Err(Error::NotFound(format!("layer {id}")));
         };
         l.kind = Kind::Image { chain: Some(chain.clone()), size: content };
-        let l = l.clone();
-        self.save(&l)?;
+        if let Err(e) = self.save(&l) {
+            let _ = self.store.release(&info);
+            return Err(e);
+        }
+        st.layers.insert(id.to_owned(), l);
         tracing::info!(layer = id, chain = %chain, location = info.location.name(), bytes = content, "diff applied");
         Ok(content)
     }
@@ -944,8 +1121,8 @@ impl Driver {
     /// or it sits on another parent.
     pub fn create_from_store(&self, id: &str, parent: Option<&str>, chain: &ChainId) -> Result<bool> {
         check_id(id)?;
-        let mut st = self.lock();
-        if st.layers.contains_key(id) {
+        let mut st = self.state()?;
+        if st.layers.contains_key(id) || st.busy.contains(id) {
             return Err(Error::AlreadyExists(format!("layer {id}")));
         }
         let parent_chain = Self::chain_of(&st, parent)?;
@@ -958,6 +1135,7 @@ impl Driver {
         let l = LocalLayer {
             id: id.into(),
             parent: parent.map(str::to_owned),
+            base: None,
             kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
         };
         if let Err(e) = self.save(&l) {
@@ -976,18 +1154,48 @@ impl Driver {
     /// recorded. Returns the chain id.
     pub fn commit(&self, rw_id: &str, new_id: &str, chain: Option<ChainId>) -> Result<ChainId> {
         check_id(new_id)?;
-        let (parent, parent_chain, upper) = {
-            let mut st = self.lock();
-            if st.layers.contains_key(new_id) {
+        let (_reserved, rw) = {
+            let mut st = self.state()?;
+            if st.layers.contains_key(new_id) || st.busy.contains(new_id) {
                 return Err(Error::AlreadyExists(format!("layer {new_id}")));
             }
+            let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
+            (self.reserve(&mut st, &[new_id], Some(rw_id))?, l)
+        };
+        let r = self.publish_upper(rw_id, chain);
+        let info = r?;
+        crate::fault::point("commit", "published and referenced");
+        let chain = info.meta.chain_id.clone();
+        let l = LocalLayer {
+            id: new_id.into(),
+            parent: rw.parent,
+            base: rw.base,
+            kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
+        };
+        if let Err(e) = self.save(&l) {
+            let _ = self.store.release(&info);
+            return Err(e);
+        }
+        self.lock().layers.insert(new_id.into(), l);
+        crate::fault::point("commit", "committed layer recorded");
+        tracing::info!(layer = %chain, from = rw_id, location = info.location.name(), "writable layer committed");
+        Ok(chain)
+    }
+
+    /// Publishes writable layer `rw_id`'s upper directory as it is now, as
+    /// the layer `chain` (or, without one, named by the digest of its
+    /// content as a tar) over what the writable layer stands on; takes a
+    /// reference.
+    fn publish_upper(&self, rw_id: &str, chain: Option<ChainId>) -> Result<LayerInfo> {
+        let (parent_chain, upper) = {
+            let mut st = self.state()?;
             let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
             let Kind::Rw { fs, .. } = l.kind else {
                 return Err(Error::FailedPrecondition(format!("layer {rw_id} is not writable")));
             };
-            let parent_chain = Self::chain_of(&st, l.parent.as_deref())?;
+            let parent_chain = Self::lower_chain(&st, &l)?;
             let upper = self.ensure_rw(&mut st, rw_id, fs)?.join("upper");
-            (l.parent, parent_chain, upper)
+            (parent_chain, upper)
         };
         // The tree goes into the image under /fs: bind the upper there.
         let staging = self.home.join("tmp").join(format!("commit-{}", random_token()));
@@ -1015,22 +1223,7 @@ impl Driver {
                 tracing::warn!(path = %fs_dir.display(), error = %e, "cannot unmount a commit's staging; left for the next start")
             }
         }
-        let info = r?;
-        crate::fault::point("commit", "published and referenced");
-        let chain = info.meta.chain_id.clone();
-        let l = LocalLayer {
-            id: new_id.into(),
-            parent,
-            kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
-        };
-        if let Err(e) = self.save(&l) {
-            let _ = self.store.release(&info);
-            return Err(e);
-        }
-        self.lock().layers.insert(new_id.into(), l);
-        crate::fault::point("commit", "committed layer recorded");
-        tracing::info!(layer = %chain, from = rw_id, location = info.location.name(), "writable layer committed");
-        Ok(chain)
+        r
     }
 
     fn commit_staged(
@@ -1057,98 +1250,139 @@ impl Driver {
 
     /// Removes layer `id`. Removing what does not exist is not an error.
     pub fn remove(&self, id: &str) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.state()?;
+        if st.busy.contains(id) || st.pinned.contains_key(id) {
+            return Err(Error::InUse { id: id.into(), why: "another request is working on it or on a child".into() });
+        }
         let Some(l) = st.layers.get(id).cloned() else {
             return Ok(());
         };
         if let Some(child) = st.layers.values().find(|c| c.parent.as_deref() == Some(id)) {
             return Err(Error::InUse { id: id.into(), why: format!("layer {} is built on it", child.id) });
         }
-        if let Some(g) = st.gets.remove(id) {
-            tracing::warn!(layer = id, "removing a layer that is still mounted");
-            if g.mounted {
-                mount::unmount_path(&g.dir)?;
-                let _ = fs::remove_dir(&g.dir);
+        match st.gets.get(id) {
+            Some(g) if !g.adopted => {
+                return Err(Error::InUse {
+                    id: id.into(),
+                    why: format!("it is mounted at {} (Get without Put)", g.dir.display()),
+                })
             }
+            Some(g) => {
+                // Mounted by a run before a restart; nobody holds it now.
+                if g.mounted {
+                    mount::unmount_path(&g.dir)?;
+                    let _ = fs::remove_dir(&g.dir);
+                }
+                st.gets.remove(id);
+            }
+            None => {}
         }
         match &l.kind {
-            Kind::Rw { .. } => {
-                // The engine never names a removed id again: take the image
-                // out of the way now, and unmount (a journal commit) and
-                // delete it off the request path. A crash in between leaves
-                // a mount of an unknown id and a tmp/ entry, both of which
-                // the start-up reconcile removes.
-                let mounted = st.rw_mounted.remove(id);
-                let dir = self.home.join("rw").join(id);
-                // Same mount as rw/ (tmp/ is a mount of its own).
-                let grave = self.home.join("rw").join(format!(".rm-{}", random_token()));
-                match fs::rename(&dir, &grave) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::sys("rename", dir, e)),
-                }
-                let m = self.rw_mnt(id);
-                let (tx, rx) = std::sync::mpsc::channel::<()>();
-                std::thread::spawn(move || {
-                    if mounted {
-                        if let Err(e) = mount::unmount_path(&m) {
-                            // Still under an engine's overlay (containerd
-                            // commits while its mount is up): detach; the
-                            // filesystem and loop device go with the last user.
-                            tracing::info!(target = %m.display(), error = %e, "writable layer busy; detaching it");
-                            if let Err(e) = mount::detach_path(&m) {
-                                tracing::warn!(target = %m.display(), error = %e, "cannot unmount a removed writable layer");
-                                return;
-                            }
-                        }
-                    }
-                    let _ = fs::remove_dir(&m);
-                    let _ = fs::remove_dir_all(&grave);
-                    drop(tx);
-                });
-                st.pending.retain(|r| matches!(r.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)));
-                st.pending.push(rx);
-            }
-            Kind::Image { chain: Some(c), .. } => {
-                let shared = st
-                    .layers
-                    .values()
-                    .any(|o| o.id != id && matches!(&o.kind, Kind::Image { chain: Some(oc), .. } if oc == c));
-                if !shared {
-                    let info = match st.ro.remove(c) {
-                        Some(m) => {
-                            if m.dev.is_some() {
-                                if let Err(e) = self.mounts.release(c, &self.home) {
-                                    st.ro.insert(c.clone(), m);
-                                    return Err(e);
-                                }
-                            }
-                            Some(m.info)
-                        }
-                        None => self.store.locate(c),
-                    };
-                    // Where it was mounted from, and where it is now (a
-                    // promote may have moved it).
-                    let mut infos: Vec<LayerInfo> = info.into_iter().collect();
-                    if let Some(now) = self.store.locate(c) {
-                        if !infos.iter().any(|i| i.location == now.location) {
-                            infos.push(now);
-                        }
-                    }
-                    for info in infos {
-                        if self.store.release(&info)? {
-                            tracing::info!(layer = %c, location = info.location.name(), "layer removed from the store");
-                        }
-                    }
-                }
-            }
+            Kind::Rw { .. } => self.bury_rw(&mut st, id)?,
+            Kind::Image { chain: Some(c), .. } => self.release_chain(&mut st, c, id)?,
             Kind::Image { chain: None, .. } => {}
+        }
+        if let Some(b) = &l.base {
+            self.release_chain(&mut st, b, id)?;
         }
         crate::fault::point("remove", "mounts released");
         let f = self.layer_file(id);
         fs::remove_file(&f).ctx("remove", &f)?;
         crate::store::fsync_dir(f.parent().unwrap())?;
         st.layers.remove(id);
+        Ok(())
+    }
+
+    /// Takes writable layer `id`'s image and mount out of the way now, and
+    /// unmounts (a journal commit) and deletes them off the request path.
+    /// Nothing left under the id's names: a create of the same id right
+    /// after cannot meet the removal. A crash in between leaves a mount and
+    /// an `rw/.rm-*` entry, both of which the start-up reconcile removes.
+    fn bury_rw(&self, st: &mut State, id: &str) -> Result<()> {
+        let dir = self.home.join("rw").join(id);
+        // Same mount as rw/ (tmp/ is a mount of its own).
+        let grave = self.home.join("rw").join(format!(".rm-{}", random_token()));
+        match fs::rename(&dir, &grave) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir(&grave).ctx("mkdir", &grave)?,
+            Err(e) => return Err(Error::sys("rename", dir, e)),
+        }
+        let m = self.rw_mnt(id);
+        let mut moved = None;
+        if st.rw_mounted.remove(id) {
+            // The mount moves into the grave with the image (both are on
+            // private mounts of the home), so rwmnt/<id> is free at once.
+            let to = grave.join("mnt");
+            let r = fs::create_dir(&to)
+                .ctx("mkdir", &to)
+                .and_then(|_| rustix::mount::mount_move(&m, &to).ctx("move mount", &m));
+            match r {
+                Ok(()) => moved = Some(to),
+                Err(e) => {
+                    tracing::info!(target = %m.display(), error = %e, "cannot move the writable mount; detaching it");
+                    if let Err(e) = mount::detach_path(&m) {
+                        // Keep the image: deleting it under a mount that is
+                        // still there would be worse than a leftover.
+                        st.rw_mounted.insert(id.to_owned());
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let _ = fs::remove_dir(&m);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Some(to) = moved {
+                if let Err(e) = mount::unmount_path(&to) {
+                    // Still under an engine's overlay (containerd commits
+                    // while its mount is up): detach; the filesystem and loop
+                    // device go with the last user.
+                    tracing::info!(target = %to.display(), error = %e, "writable layer busy; detaching it");
+                    if let Err(e) = mount::detach_path(&to) {
+                        tracing::warn!(target = %to.display(), error = %e, "cannot unmount a removed writable layer");
+                        return;
+                    }
+                }
+            }
+            let _ = fs::remove_dir_all(&grave);
+            drop(tx);
+        });
+        st.pending.retain(|r| matches!(r.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)));
+        st.pending.push(rx);
+        Ok(())
+    }
+
+    /// Layer `id` no longer stands on published layer `c`: unless another
+    /// local layer does, its mount and this host's reference go.
+    fn release_chain(&self, st: &mut State, c: &ChainId, id: &str) -> Result<()> {
+        if st.layers.values().any(|o| o.id != id && o.uses_chain(c)) {
+            return Ok(());
+        }
+        let info = match st.ro.remove(c) {
+            Some(m) => {
+                if m.dev.is_some() {
+                    if let Err(e) = self.mounts.release(c, &self.home) {
+                        st.ro.insert(c.clone(), m);
+                        return Err(e);
+                    }
+                }
+                Some(m.info)
+            }
+            None => self.store.locate(c),
+        };
+        // Where it was mounted from, and where it is now (a promote may
+        // have moved it).
+        let mut infos: Vec<LayerInfo> = info.into_iter().collect();
+        if let Some(now) = self.store.locate(c) {
+            if !infos.iter().any(|i| i.location == now.location) {
+                infos.push(now);
+            }
+        }
+        for info in infos {
+            if self.store.release(&info)? {
+                tracing::info!(layer = %c, location = info.location.name(), "layer removed from the store");
+            }
+        }
         Ok(())
     }
 
@@ -1168,7 +1402,7 @@ impl Driver {
     /// The directory whose tree is layer `id`'s own changes, mounted, for
     /// [`export::export_tar`]. Checked before anything is streamed.
     pub fn diff_source(&self, id: &str, parent: Option<&str>) -> Result<PathBuf> {
-        let mut st = self.lock();
+        let mut st = self.state()?;
         let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         Self::check_parent(&l, parent)?;
         Ok(self.own_dir(&mut st, id)?.unwrap_or_else(|| self.home.join("empty")))
@@ -1177,11 +1411,11 @@ impl Driver {
     /// The changes of layer `id` against its parent.
     pub fn changes(&self, id: &str, parent: Option<&str>) -> Result<Vec<Change>> {
         let (dir, lowers) = {
-            let mut st = self.lock();
+            let mut st = self.state()?;
             let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             Self::check_parent(&l, parent)?;
             let dir = self.own_dir(&mut st, id)?;
-            (dir, self.stack(&mut st, l.parent.as_deref())?)
+            (dir, self.stack(&mut st, id, false)?)
         };
         match dir {
             Some(d) => export::changes(&d, &lowers),
@@ -1192,7 +1426,7 @@ impl Driver {
     /// Bytes of content layer `id` adds.
     pub fn diff_size(&self, id: &str, parent: Option<&str>) -> Result<u64> {
         let dir = {
-            let mut st = self.lock();
+            let mut st = self.state()?;
             let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             Self::check_parent(&l, parent)?;
             if let Kind::Image { size, .. } = l.kind {
@@ -1243,19 +1477,15 @@ impl Driver {
 
     /// Per-layer details for `docker inspect` (GraphDriver.Data).
     pub fn metadata(&self, id: &str) -> Result<HashMap<String, String>> {
-        let st = self.lock();
+        let st = self.state()?;
         let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         let mut m = HashMap::new();
         let mounts = mount::mountinfo().unwrap_or_default();
         // Every layer of the stack, topmost first.
         let (mut images, mut locs, mut loops) = (Vec::new(), Vec::new(), Vec::new());
-        let mut cur = Some(id.to_owned());
-        while let Some(c) = cur {
-            let Some(cl) = st.layers.get(&c).cloned() else {
-                break;
-            };
-            match &cl.kind {
-                Kind::Image { chain: Some(ch), .. } => {
+        for src in self.sources(&st, id, true)? {
+            match &src {
+                Source::Chain(ch) => {
                     let (info, dev) = match st.ro.get(ch) {
                         Some(r) => (Some(r.info.clone()), r.dev.clone()),
                         None => (self.store.locate(ch), None),
@@ -1268,10 +1498,10 @@ impl Driver {
                         }
                     }
                 }
-                Kind::Rw { .. } => {
-                    images.push(self.rw_image(&c).display().to_string());
+                Source::Upper(c, _) => {
+                    images.push(self.rw_image(c).display().to_string());
                     locs.push("local".into());
-                    let mnt = self.rw_mnt(&c);
+                    let mnt = self.rw_mnt(c);
                     loops.push(
                         mounts
                             .iter()
@@ -1280,9 +1510,7 @@ impl Driver {
                             .unwrap_or_else(|| "-".into()),
                     );
                 }
-                Kind::Image { chain: None, .. } => {}
             }
-            cur = cl.parent;
         }
         if let Some(first) = images.first() {
             m.insert("LayerImage".into(), first.clone());
@@ -1306,38 +1534,85 @@ impl Driver {
                 m.insert("WritableSize".into(), size.0.to_string());
                 m.insert("WritableFilesystem".into(), fs.name().into());
                 let lowers: Vec<String> =
-                    self.stack_paths(&st, l.parent.as_deref()).iter().map(|p| p.display().to_string()).collect();
+                    self.stack_paths(&st, id, false).iter().map(|p| p.display().to_string()).collect();
                 m.insert("LowerDir".into(), lowers.join(":"));
             }
         }
         Ok(m)
     }
 
-    /// Releases what nothing uses: layer and writable mounts that no held
-    /// `get` stacks on. Called when the engine shuts down.
+    /// Releases every mount the driver holds, as dockerd expects of
+    /// Cleanup at shutdown (overlay2 unmounts everything under its home):
+    /// overlays handed out by Get (held or not), writable layers, this
+    /// driver's claims on layer mounts, staging and the home's own bind.
+    /// The driver serves no request afterwards; a new Init opens it again.
     pub fn cleanup(&self) -> Result<()> {
         self.settle();
         let mut st = self.lock();
-        let busy: HashSet<PathBuf> = st.gets.keys().flat_map(|id| self.stack_paths(&st, Some(id))).collect();
-        let ro: Vec<ChainId> = st.ro.keys().cloned().collect();
-        for c in ro {
-            let p = self.ro_mnt(&c);
-            if st.ro[&c].dev.is_some() && !busy.contains(&p.join(image::LAYER_ROOT)) {
-                self.mounts.release(&c, &self.home)?;
+        if st.closed {
+            return Ok(());
+        }
+        let mut failed = Vec::new();
+        let gets: Vec<(String, GetRef)> = st.gets.drain().collect();
+        for (id, g) in gets {
+            if !g.adopted {
+                tracing::warn!(layer = %id, holds = g.count, "layer still mounted (Get without Put) at cleanup; unmounting it");
             }
-            if !busy.contains(&p.join(image::LAYER_ROOT)) {
-                st.ro.remove(&c);
+            if g.mounted {
+                match mount::unmount_path(&g.dir).or_else(|_| mount::detach_path(&g.dir)) {
+                    Ok(()) => {
+                        let _ = fs::remove_dir(&g.dir);
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
             }
         }
-        let rw: Vec<String> = st.rw_mounted.iter().cloned().collect();
-        for id in rw {
+        for id in std::mem::take(&mut st.rw_mounted) {
             let m = self.rw_mnt(&id);
-            if !busy.contains(&m.join("upper")) {
-                mount::unmount_path(&m)?;
-                let _ = fs::remove_dir(&m);
-                st.rw_mounted.remove(&id);
+            match mount::unmount_path(&m).or_else(|_| mount::detach_path(&m)) {
+                Ok(()) => {
+                    let _ = fs::remove_dir(&m);
+                }
+                Err(e) => failed.push(e.to_string()),
             }
         }
-        Ok(())
+        for (c, m) in std::mem::take(&mut st.ro) {
+            if m.dev.is_some() {
+                if let Err(e) = self.mounts.release(&c, &self.home) {
+                    failed.push(e.to_string());
+                }
+            }
+        }
+        // Mounts of this home that the driver did not make itself (commit
+        // staging left by a crash), deepest first, then staging and the
+        // home. The layer mount directory, when it is the driver's own
+        // (`<home>/mnt`), goes too: nothing is mounted in it any more.
+        let mut rest: Vec<PathBuf> =
+            mount::mountinfo()?.into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(&self.home)).collect();
+        rest.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        rest.dedup();
+        for p in rest {
+            if p != self.home && self.mounts.dir().starts_with(&p) && self.mounts.count() > 0 {
+                continue; // another driver's layers are still mounted there
+            }
+            // A mount may be stacked on itself (a bind of a bind): unmount
+            // until it is gone, a bounded number of times.
+            for _ in 0..4 {
+                if !mount::is_mountpoint(&p) {
+                    break;
+                }
+                if let Err(e) = mount::unmount_path(&p).or_else(|_| mount::detach_path(&p)) {
+                    failed.push(e.to_string());
+                    break;
+                }
+            }
+        }
+        st.closed = true;
+        tracing::info!(home = %self.home.display(), "driver cleaned up: every mount released");
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!("cleanup left mounts behind: {}", failed.join("; "))))
+        }
     }
 }

@@ -18,6 +18,6 @@ pub mod snapshots;
 pub mod store;
 pub mod sys;
 
-pub use driver::{CreateAction, CreateKind, Driver, MountSpec};
+pub use driver::{CreateKind, Driver, MountSpec};
 pub use error::{Error, Result};
 pub use options::Config;

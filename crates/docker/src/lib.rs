@@ -55,9 +55,22 @@ pub struct InitRecord {
     pub opts: Vec<String>,
 }
 
+/// The initialised driver and how it came to be.
+struct Slot {
+    driver: Arc<Driver>,
+    /// Set by a GraphDriver.Init of this process (not by a restore from
+    /// the init record): the engine that sent it owns the driver until
+    /// Cleanup, and an Init naming another home is refused.
+    claimed: bool,
+}
+
+/// The largest JSON request body: every request but ApplyDiff's is a
+/// few hundred bytes.
+const MAX_JSON_BODY: usize = 1 << 20;
+
 /// The plugin: at most one initialised driver.
 pub struct Plugin {
-    driver: RwLock<Option<Arc<Driver>>>,
+    driver: RwLock<Option<Slot>>,
     init_file: PathBuf,
     /// The process's layer mounts, shared with its other front ends.
     mounts: Arc<LayerMounts>,
@@ -76,7 +89,7 @@ impl Plugin {
                 {
                     Ok(d) => {
                         tracing::info!(home = %rec.home.display(), "restored the driver dockerd initialised before this restart");
-                        *p.driver.write().unwrap() = Some(Arc::new(d));
+                        *p.driver.write().unwrap() = Some(Slot { driver: Arc::new(d), claimed: false });
                     }
                     Err(e) => tracing::error!(home = %rec.home.display(), error = %e, "cannot restore the driver"),
                 },
@@ -90,8 +103,20 @@ impl Plugin {
         self.driver
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .as_ref()
+            .map(|s| s.driver.clone())
             .ok_or_else(|| "the sharedloop driver is not initialised (GraphDriver.Init not called)".to_owned())
+    }
+
+    /// GraphDriver.Cleanup: the engine shuts down. Every mount goes and the
+    /// driver is dropped (its state lock with it); the next engine's Init
+    /// opens it again.
+    fn cleanup(&self) -> Result<Value, String> {
+        let mut slot = self.driver.write().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = slot.as_ref() else { return Ok(json!({})) };
+        let r = s.driver.cleanup().map_err(|e| e.to_string());
+        *slot = None;
+        r.map(|_| json!({}))
     }
 
     fn init(&self, req: InitRequest) -> Result<Value, String> {
@@ -105,8 +130,16 @@ impl Plugin {
         let opts = req.opts.unwrap_or_default();
         let cfg = Config::from_opts(&opts).map_err(|e| e.to_string())?;
         let home = PathBuf::from(&req.home);
-        // Release the old driver's lock on state before opening the new one.
         let mut slot = self.driver.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slot.as_ref().filter(|s| s.claimed && s.driver.home() != home) {
+            return Err(format!(
+                "the driver is already initialised with home {} by an earlier GraphDriver.Init; \
+                 it serves one engine: that engine's shutdown (GraphDriver.Cleanup) releases it",
+                s.driver.home().display()
+            ));
+        }
+        // A restarted dockerd initialising the same home: open it afresh.
+        // Release the old driver's lock on state before opening the new one.
         *slot = None;
         let d = Driver::open_shared(&home, cfg, self.mounts.clone()).map_err(|e| e.to_string())?;
         let rec = InitRecord { home, opts };
@@ -117,7 +150,7 @@ impl Plugin {
             .map_err(|e| e.to_string())?;
         tracing::info!(home = %rec.home.display(), root = %d.config().root.display(),
             fallback = %d.config().fallback.display(), fs = d.config().fs.name(), "driver initialised");
-        *slot = Some(Arc::new(d));
+        *slot = Some(Slot { driver: Arc::new(d), claimed: true });
         Ok(json!({}))
     }
 }
@@ -298,7 +331,18 @@ async fn diff(plugin: Arc<Plugin>, req: DriverRequest) -> Response<Body> {
 }
 
 async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, String> {
-    let bytes = req.into_body().collect().await.map_err(|e| format!("reading the request: {e}"))?.to_bytes();
+    let body = http_body_util::Limited::new(req.into_body(), MAX_JSON_BODY);
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                format!("request body larger than {MAX_JSON_BODY} bytes; refused")
+            } else {
+                format!("reading the request: {e}")
+            }
+        })?
+        .to_bytes();
     decode_json(&bytes)
 }
 
@@ -361,6 +405,10 @@ async fn route(plugin: Arc<Plugin>, req: Request<Incoming>, path: &str) -> Resul
     if path == "GraphDriver.Diff" {
         return Ok(diff(plugin, r).await);
     }
+    if path == "GraphDriver.Cleanup" {
+        let p = plugin.clone();
+        return Ok(respond(&path, blocking(move || p.cleanup()).await));
+    }
     let driver = match plugin.driver() {
         Ok(d) => d,
         Err(e) => return Ok(respond(&path, Err(e))),
@@ -392,7 +440,6 @@ fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
             Ok(json!({ "Status": s }))
         }
         "GraphDriver.GetMetadata" => d.metadata(&r.id).map(|m| json!({ "Metadata": m })).map_err(err),
-        "GraphDriver.Cleanup" => d.cleanup().map(|_| json!({})).map_err(err),
         "GraphDriver.Changes" => {
             let ch = d.changes(&r.id, parent).map_err(err)?;
             let v: Vec<Value> = ch.iter().map(|c| json!({ "Path": c.path, "Kind": c.kind as u8 })).collect();

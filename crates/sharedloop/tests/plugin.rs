@@ -7,33 +7,15 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::plugin_client::PluginClient;
 use common::*;
 use serde_json::json;
-
-fn plugin_host(name: &str) -> (Host, PluginClient) {
-    let mut host = Host::new(name);
-    host.start_plugin();
-    let c = PluginClient::new(&host.inside(Path::new("/run/docker/plugins/sharedloop.sock")));
-    let act = c.ok("Plugin.Activate", json!(null));
-    assert_eq!(act["Implements"], json!(["GraphDriver"]));
-    (host, c)
-}
-
-fn init(host: &Host, c: &PluginClient, extra: &[&str]) {
-    let mut opts: Vec<String> = host.default_storage_opts();
-    opts.extend(extra.iter().map(|s| s.to_string()));
-    c.ok("GraphDriver.Init", json!({"Home": host.dir.join("home"), "Opts": opts, "UIDMaps": null, "GIDMaps": null}));
-    let caps = c.ok("GraphDriver.Capabilities", json!({}));
-    assert_eq!(caps["Capabilities"]["ReproducesExactDiffs"], json!(false));
-}
 
 #[test]
 fn plugin_protocol_500_layer_stack() {
     require(&["busybox", "overlay", "ext4"]);
     let (host, c) = plugin_host("p500");
     fs::create_dir_all(host.root_dir()).unwrap();
-    init(&host, &c, &[]);
+    init_plugin(&host, &c, &[]);
     let rootfs = host.dir.join("rootfs");
     busybox_rootfs(&rootfs);
     let mut parent = String::new();
@@ -100,7 +82,7 @@ fn plugin_rejects_bad_requests_and_keeps_the_store_clean() {
     require(&["ext4"]);
     let (host, c) = plugin_host("badreq");
     fs::create_dir_all(host.root_dir()).unwrap();
-    init(&host, &c, &[]);
+    init_plugin(&host, &c, &[]);
     // unknown ids
     assert!(c.call("GraphDriver.Get", json!({"ID": "nope"})).err().unwrap().contains("nope"));
     assert_eq!(c.ok("GraphDriver.Exists", json!({"ID": "nope"}))["Exists"], json!(false));

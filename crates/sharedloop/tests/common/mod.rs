@@ -15,6 +15,8 @@
 pub mod plugin_client;
 pub mod snap_client;
 
+use plugin_client::PluginClient;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -466,6 +468,16 @@ impl Host {
             signal_inner(&p, rustix::process::Signal::KILL);
             let _ = p.wait();
         }
+    }
+
+    /// The pid of the running `sharedloop` (nsenter's child), as seen from
+    /// outside.
+    pub fn plugin_pid(&self) -> u32 {
+        let id = self.plugin.as_ref().expect("the plugin runs").id();
+        fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(id)
     }
 
     /// Waits for a plugin that aborted (fault injection) to be gone.
@@ -1247,4 +1259,29 @@ impl Drop for Sshfs {
         let _ = self.sshd.wait();
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A host running the plugin alone, and a client that speaks to it as
+/// dockerd does (activated).
+pub fn plugin_host(name: &str) -> (Host, PluginClient) {
+    let mut host = Host::new(name);
+    host.start_plugin();
+    let c = PluginClient::new(&host.inside(Path::new("/run/docker/plugins/sharedloop.sock")));
+    let act = c.ok("Plugin.Activate", serde_json::json!(null));
+    assert_eq!(act["Implements"], serde_json::json!(["GraphDriver"]));
+    (host, c)
+}
+
+/// GraphDriver.Init with the host's root and fallback plus `extra`
+/// options, home `<host>/home`.
+pub fn init_plugin(host: &Host, c: &PluginClient, extra: &[&str]) {
+    fs::create_dir_all(host.root_dir()).unwrap();
+    let mut opts: Vec<String> = host.default_storage_opts();
+    opts.extend(extra.iter().map(|s| s.to_string()));
+    c.ok(
+        "GraphDriver.Init",
+        serde_json::json!({"Home": host.dir.join("home"), "Opts": opts, "UIDMaps": null, "GIDMaps": null}),
+    );
+    let caps = c.ok("GraphDriver.Capabilities", serde_json::json!({}));
+    assert_eq!(caps["Capabilities"]["ReproducesExactDiffs"], serde_json::json!(false));
 }
