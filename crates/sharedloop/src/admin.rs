@@ -320,10 +320,20 @@ pub fn verify(args: &StoreArgs, which: &[String]) -> anyhow::Result<i32> {
                 Verdict::Empty => "ok (empty layer)".to_owned(),
                 Verdict::Removed => "removed while being checked".to_owned(),
                 Verdict::Missing { path } => format!("MISSING image {}", path.display()),
+                Verdict::NotRegular { path, kind } => {
+                    format!("BAD: {} is {kind}, not a regular file; not followed, not checked", path.display())
+                }
+                Verdict::Unreadable { error } => format!("UNREADABLE: {error}"),
+                Verdict::DigestRemoved { format } => format!(
+                    "CORRUPT: meta.json (format {format}) lacks the image digest that format always records; \
+                     it was removed or damaged"
+                ),
                 Verdict::DigestMismatch { expected, actual } => {
                     format!("CORRUPT: image digest {actual} differs from the {expected} recorded at publish")
                 }
-                Verdict::NoDigest => "UNVERIFIABLE: no digest was recorded at publish".to_owned(),
+                Verdict::NoDigest => {
+                    "UNVERIFIABLE: no digest was recorded at publish (format 1); fsck found no errors".to_owned()
+                }
                 Verdict::FsckFailed { output } => format!("CORRUPT: fsck found errors: {output}"),
             };
             println!("{} ({}): {what}", r.chain_id, r.location.name());
