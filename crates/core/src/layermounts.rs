@@ -215,7 +215,7 @@ impl LayerMounts {
         };
         let Ok(crate::imagefile::Opened::File(img)) = ImageFile::open(&image) else { return };
         if img.at_open() != built {
-            tracing::warn!(layer = %info.meta.chain_id, image = %image.display(),
+            tracing::info!(layer = %info.meta.chain_id, image = %image.display(),
                 "the published image is not the file this host built; it will be checked before its first mount");
             return;
         }
