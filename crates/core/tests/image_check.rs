@@ -7,7 +7,7 @@
 //! over `layer.img`, editing `meta.json`.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -130,7 +130,8 @@ fn fd_open_on(path: &Path) -> bool {
 /// while this host hashes the genuine one must not get its filesystem
 /// mounted. Each round, the peer waits until the check has the image open
 /// (and no loop device has it yet), then renames; the host mounts the
-/// genuine image or refuses, never the crafted one.
+/// genuine image or refuses, never the crafted one (with `digest` and
+/// `full` in turn).
 #[test]
 fn real_an_image_renamed_over_layer_img_during_the_check_is_never_mounted() {
     require(&["mkfs.ext4"]);
@@ -146,6 +147,7 @@ fn real_an_image_renamed_over_layer_img_during_the_check_is_never_mounted() {
     fs::create_dir_all(&peer_dir).unwrap();
     let (mut mounted, mut refused) = (0, 0);
     for round in 0..6 {
+        let mode = if round % 2 == 0 { VerifyMode::Digest } else { VerifyMode::Full };
         // The genuine image in place again (a new inode), the crafted one
         // ready on the same filesystem.
         let fresh = img.with_extension(format!("fresh{round}"));
@@ -177,7 +179,7 @@ fn real_an_image_renamed_over_layer_img_during_the_check_is_never_mounted() {
                 false
             })
         };
-        let r = mounts.acquire(&info, Path::new("/test-user"), VerifyMode::Digest, DirectIo::Off);
+        let r = mounts.acquire(&info, Path::new("/test-user"), mode, DirectIo::Off);
         done.store(true, Ordering::SeqCst);
         let raced = peer.join().unwrap();
         assert!(raced, "round {round}: the peer did not rename during the check; the round proves nothing");
@@ -300,4 +302,81 @@ fn real_a_removed_digest_does_not_lower_the_check() {
         mounts.release(&cg, user).unwrap();
     }
     assert_eq!(mounts.count(), 0);
+}
+
+/// The kernel thread id of the calling thread.
+fn gettid() -> u32 {
+    let link = fs::read_link("/proc/thread-self").unwrap();
+    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
+}
+
+/// Bytes `tid` of this process has read so far.
+fn rchar(tid: u32) -> u64 {
+    let io = fs::read_to_string(format!("/proc/self/task/{tid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
+}
+
+/// A peer writing into `layer.img` in place, behind the hash (into a region
+/// the check has already read), while the check runs: the hash matches the
+/// digest, but the file is not what was checked any more. The host refuses
+/// it (the file's size, mtime or ctime changed between open and attach).
+#[test]
+fn real_an_image_written_in_place_during_the_check_is_refused() {
+    require(&["mkfs.ext4"]);
+    let rig = Rig::new();
+    let store = store_in(&rig);
+    let genuine = make_image(rig.path(), "genuine", "genuine\n", 768);
+    let c = chain('d');
+    let info = publish(&store, &c, &genuine);
+    let img = info.image().unwrap();
+    let me = gettid();
+    for (round, mode) in [VerifyMode::Digest, VerifyMode::Full, VerifyMode::Digest].into_iter().enumerate() {
+        let fresh = img.with_extension(format!("fresh{round}"));
+        sparse_copy(&genuine, &fresh).unwrap();
+        fs::rename(&fresh, &img).unwrap();
+        let mounts = LayerMounts::open(
+            &rig.path().join(format!("mnt{round}")),
+            &rig.path().join(format!("verified{round}")),
+            false,
+        )
+        .unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let peer = {
+            let (img, done, layer_dir) = (img.clone(), done.clone(), info.dir.clone());
+            std::thread::spawn(move || -> bool {
+                while !done.load(Ordering::SeqCst) && !fd_open_on(&img) {
+                    std::thread::yield_now();
+                }
+                // Wait until the check has read 2 MiB: the file's identity
+                // was taken, and the first blocks are hashed.
+                let start = rchar(me);
+                while !done.load(Ordering::SeqCst) && rchar(me) < start + (2 << 20) {
+                    std::thread::yield_now();
+                }
+                if done.load(Ordering::SeqCst) {
+                    return false;
+                }
+                let attached = loopdev::list().iter().any(|(_, b)| b.starts_with(&layer_dir));
+                // Behind the hash: the boot block, which ext4 does not use.
+                let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+                f.write_all_at(b"written in place", 0).unwrap();
+                !attached
+            })
+        };
+        let r = mounts.acquire(&info, Path::new("/test-user"), mode, DirectIo::Off);
+        done.store(true, Ordering::SeqCst);
+        let raced = peer.join().unwrap();
+        assert!(raced, "round {round}: the peer did not write during the check; the round proves nothing");
+        if r.is_ok() {
+            mounts.release(&c, Path::new("/test-user")).unwrap();
+        }
+        let e = r.expect_err(&format!("round {round} ({mode:?}): an image written during the check was mounted"));
+        assert!(e.to_string().contains("changed while it was checked"), "round {round}: {e}");
+        assert_eq!(mounts.count(), 0);
+        assert!(!rig.path().join(format!("verified{round}")).join(c.dir_name()).exists());
+        assert!(
+            !loopdev::list().iter().any(|(_, b)| b.starts_with(&info.dir)),
+            "round {round}: a loop device still holds the image"
+        );
+    }
 }
