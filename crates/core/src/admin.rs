@@ -196,6 +196,13 @@ pub enum Verdict {
     FsckFailed {
         output: String,
     },
+    /// An entry of `layers/` named like a layer that cannot be one: a
+    /// symlink (not followed), not a directory, or without a readable
+    /// meta.json naming it. The store skips it; verify reports it.
+    NotALayer {
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl Verdict {
@@ -246,6 +253,49 @@ fn check_image(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdic
         return Ok(Verdict::FsckFailed { output });
     }
     Ok(if expected.is_some() { Verdict::Ok } else { Verdict::NoDigest })
+}
+
+/// Entries of `layers/` in `loc` named like a layer (`sha256-<hex>`) that
+/// cannot be used as one, with the reason; [`Store::layers`] skips them.
+/// Nothing is followed or opened but regular files.
+pub fn unusable_layer_dirs(store: &Store, loc: Location) -> Vec<(ChainId, PathBuf, String)> {
+    let base = store.base(loc);
+    let dir = base.join("layers");
+    let mut out = Vec::new();
+    match fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_symlink() || !m.is_dir() => {
+            tracing::warn!(path = %dir.display(), "the layers directory is not a directory; not followed");
+            return out;
+        }
+        Ok(_) => {}
+        Err(_) => return out,
+    }
+    let Ok(rd) = fs::read_dir(&dir) else { return out };
+    for e in rd.flatten() {
+        let Some(chain) = ChainId::from_dir_name(&e.file_name().to_string_lossy()) else { continue };
+        let p = e.path();
+        let Ok(md) = fs::symlink_metadata(&p) else { continue }; // removed meanwhile
+        let reason = if md.file_type().is_symlink() {
+            Some("a symbolic link, not followed".to_owned())
+        } else if !md.is_dir() {
+            Some("not a directory".to_owned())
+        } else {
+            match Store::read_meta(base, &p) {
+                Ok(m) if m.chain_id == chain => None,
+                Ok(m) => Some(format!("meta.json names another layer, {}", m.chain_id)),
+                Err(_) if !p.exists() => None, // removed meanwhile
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                    Some("meta.json is a symbolic link, not followed".to_owned())
+                }
+                Err(e) => Some(format!("meta.json cannot be used: {e}")),
+            }
+        };
+        if let Some(r) = reason {
+            out.push((chain, p, r));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// A read-only fsck of a layer image: `None` when clean, else the first

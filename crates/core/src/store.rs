@@ -222,10 +222,22 @@ impl Store {
         }
     }
 
-    fn read_meta(base: &Path, dir: &Path) -> io::Result<LayerMeta> {
+    /// Reads `dir/meta.json`: never through a symlink, and never anything
+    /// but a regular file (a FIFO planted there would block the reader).
+    pub(crate) fn read_meta(base: &Path, dir: &Path) -> io::Result<LayerMeta> {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let file = dir.join(META_FILE);
         no_links(base, &file)?;
-        let text = fs::read(&file)?;
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&file)?;
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "meta.json is not a regular file"));
+        }
+        let mut text = Vec::new();
+        f.read_to_end(&mut text)?;
         serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 

@@ -309,6 +309,16 @@ pub fn verify(args: &StoreArgs, which: &[String]) -> anyhow::Result<i32> {
         let verdict = admin::verify(l, &mut |n| pb.inc(n))?;
         rows.push(VerifyRow { chain_id: l.meta.chain_id.to_string(), location: l.location, image: l.image(), verdict });
     }
+    if which.is_empty() {
+        // Entries the store skips (a symlinked layer directory, a meta.json
+        // that is a link or a FIFO, ...) are problems too.
+        for loc in [Location::Root, Location::Fallback] {
+            for (chain, path, reason) in admin::unusable_layer_dirs(&store, loc) {
+                let verdict = Verdict::NotALayer { path, reason };
+                rows.push(VerifyRow { chain_id: chain.to_string(), location: loc, image: None, verdict });
+            }
+        }
+    }
     pb.finish_and_clear();
     let bad = rows.iter().filter(|r| !r.verdict.is_ok()).count();
     if args.json {
@@ -335,6 +345,9 @@ pub fn verify(args: &StoreArgs, which: &[String]) -> anyhow::Result<i32> {
                     "UNVERIFIABLE: no digest was recorded at publish (format 1); fsck found no errors".to_owned()
                 }
                 Verdict::FsckFailed { output } => format!("CORRUPT: fsck found errors: {output}"),
+                Verdict::NotALayer { path, reason } => {
+                    format!("BAD: {}: {reason}; not used as a layer", path.display())
+                }
             };
             println!("{} ({}): {what}", r.chain_id, r.location.name());
         }
