@@ -10,5 +10,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(c.root.is_absolute() && c.fallback.is_absolute());
         assert_ne!(c.root, c.fallback);
         assert!(c.rw_size.0 > 0 && c.heartbeat_secs > 0);
+        // Every accepted size fits a file (off_t): no later conversion fails.
+        assert!(c.rw_size <= sharedloop_core::ids::Bytes::MAX);
+        assert!(c.max_layer_size.is_none_or(|m| m.0 > 0 && m <= sharedloop_core::ids::Bytes::MAX));
     }
 });

@@ -11,8 +11,11 @@ use serde::Serialize;
 
 use crate::error::{Context, Error, Result};
 use crate::ids::{random_token, ChainId};
+use crate::imagefile::{ImageFile, Opened};
 use crate::options::FsType;
-use crate::store::{fsync_dir, no_links, now_unix, LayerInfo, Location, Store, IMAGE_FILE, META_FILE};
+use crate::store::{
+    fsync_dir, no_links, now_unix, LayerInfo, Location, Store, DIGEST_ALWAYS_FORMAT, IMAGE_FILE, META_FILE,
+};
 
 /// When hosts count as dead and unreferenced layers may go.
 #[derive(Debug, Clone, Copy)]
@@ -168,13 +171,37 @@ pub enum Verdict {
     Missing {
         path: PathBuf,
     },
+    /// `layer.img` is not a regular file (a symlink, a device node, a
+    /// FIFO, ...); it was neither followed nor opened for reading.
+    NotRegular {
+        path: PathBuf,
+        kind: String,
+    },
+    /// The image could not be read (an I/O error, a vanished file system).
+    Unreadable {
+        error: String,
+    },
     DigestMismatch {
         expected: String,
         actual: String,
     },
+    /// No digest was recorded (a layer of format 1, published before
+    /// sharedloop recorded digests); only fsck ran.
     NoDigest,
+    /// meta.json claims a format that records the digest of every image
+    /// but has none: the record was removed or damaged.
+    DigestRemoved {
+        format: u32,
+    },
     FsckFailed {
         output: String,
+    },
+    /// An entry of `layers/` named like a layer that cannot be one: a
+    /// symlink (not followed), not a directory, or without a readable
+    /// meta.json naming it. The store skips it; verify reports it.
+    NotALayer {
+        path: PathBuf,
+        reason: String,
     },
 }
 
@@ -185,51 +212,90 @@ impl Verdict {
 }
 
 /// Checks a layer image against the digest recorded at publish time and
-/// with a read-only fsck. `progress` is told how many bytes were hashed.
+/// with a read-only fsck, both through one open file. `progress` is told how
+/// many bytes were hashed. Never follows a link in the store, never opens
+/// anything but a regular file, and answers a verdict (not an error) for a
+/// layer it cannot check, so a caller goes on to the next layer.
 pub fn verify(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict> {
     let r = check_image(info, progress);
     // A layer its last user removed while this ran (removal renames the
     // whole directory away first) is not a broken one, whatever step the
     // removal interrupted.
-    match &r {
+    match r {
         Ok(Verdict::Ok | Verdict::Empty | Verdict::NoDigest) => r,
         _ if !info.dir.join(META_FILE).exists() => Ok(Verdict::Removed),
+        Err(e) => Ok(Verdict::Unreadable { error: e.to_string() }),
         _ => r,
     }
 }
 
 fn check_image(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict> {
     let (Some(img), Some(fs_type)) = (info.image(), info.meta.fs) else { return Ok(Verdict::Empty) };
-    if !img.exists() {
-        return Ok(Verdict::Missing { path: img });
-    }
-    let actual = {
-        use sha2::Digest as _;
-        use std::io::Read as _;
-        let mut f = fs::File::open(&img).ctx("open", &img)?;
-        let mut h = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).ctx("read", &img)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            progress(n as u64);
-        }
-        hex::encode(h.finalize())
+    let f = match ImageFile::open(&img)? {
+        Opened::File(f) => f,
+        Opened::Missing => return Ok(Verdict::Missing { path: img }),
+        Opened::NotRegular(kind) => return Ok(Verdict::NotRegular { path: img, kind: kind.to_owned() }),
     };
-    match &info.meta.image_sha256 {
-        None => return Ok(Verdict::NoDigest),
-        Some(expected) if *expected != actual => {
-            return Ok(Verdict::DigestMismatch { expected: expected.clone(), actual })
+    let expected = match &info.meta.image_sha256 {
+        Some(d) => Some(d),
+        None if info.meta.format >= DIGEST_ALWAYS_FORMAT => {
+            return Ok(Verdict::DigestRemoved { format: info.meta.format })
         }
-        Some(_) => {}
+        None => None,
+    };
+    if let Some(expected) = expected {
+        let actual = f.sha256(progress)?;
+        if *expected != actual {
+            return Ok(Verdict::DigestMismatch { expected: expected.clone(), actual });
+        }
     }
-    match fsck(&img, fs_type)? {
-        None => Ok(Verdict::Ok),
-        Some(output) => Ok(Verdict::FsckFailed { output }),
+    if let Some(output) = fsck(&f.proc_path(), fs_type)? {
+        return Ok(Verdict::FsckFailed { output });
     }
+    Ok(if expected.is_some() { Verdict::Ok } else { Verdict::NoDigest })
+}
+
+/// Entries of `layers/` in `loc` named like a layer (`sha256-<hex>`) that
+/// cannot be used as one, with the reason; [`Store::layers`] skips them.
+/// Nothing is followed or opened but regular files.
+pub fn unusable_layer_dirs(store: &Store, loc: Location) -> Vec<(ChainId, PathBuf, String)> {
+    let base = store.base(loc);
+    let dir = base.join("layers");
+    let mut out = Vec::new();
+    match fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_symlink() || !m.is_dir() => {
+            tracing::warn!(path = %dir.display(), "the layers directory is not a directory; not followed");
+            return out;
+        }
+        Ok(_) => {}
+        Err(_) => return out,
+    }
+    let Ok(rd) = fs::read_dir(&dir) else { return out };
+    for e in rd.flatten() {
+        let Some(chain) = ChainId::from_dir_name(&e.file_name().to_string_lossy()) else { continue };
+        let p = e.path();
+        let Ok(md) = fs::symlink_metadata(&p) else { continue }; // removed meanwhile
+        let reason = if md.file_type().is_symlink() {
+            Some("a symbolic link, not followed".to_owned())
+        } else if !md.is_dir() {
+            Some("not a directory".to_owned())
+        } else {
+            match Store::read_meta(base, &p) {
+                Ok(m) if m.chain_id == chain => None,
+                Ok(m) => Some(format!("meta.json names another layer, {}", m.chain_id)),
+                Err(_) if !p.exists() => None, // removed meanwhile
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                    Some("meta.json is a symbolic link, not followed".to_owned())
+                }
+                Err(e) => Some(format!("meta.json cannot be used: {e}")),
+            }
+        };
+        if let Some(r) = reason {
+            out.push((chain, p, r));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// A read-only fsck of a layer image: `None` when clean, else the first

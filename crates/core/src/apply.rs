@@ -22,7 +22,7 @@ use rustix::io::Errno;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Context, Error, Result};
-use crate::ids::DiffId;
+use crate::ids::{Bytes, DiffId};
 
 pub const WHITEOUT_PREFIX: &str = ".wh.";
 pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
@@ -137,6 +137,14 @@ struct DirMeta {
 /// Applies the tar read from `reader` into the (existing, empty) `dest`.
 /// The whole stream is consumed and hashed.
 pub fn apply_tar<R: Read>(reader: R, dest: &Path) -> Result<ApplyStats> {
+    apply_tar_limited(reader, dest, None)
+}
+
+/// [`apply_tar`], refusing a layer whose regular files add up to more than
+/// `max_content` bytes of apparent size (`sharedloop.max_layer_size`; holes
+/// of sparse files count). The entry that would cross the limit is refused
+/// before its data is written.
+pub fn apply_tar_limited<R: Read>(reader: R, dest: &Path, max_content: Option<Bytes>) -> Result<ApplyStats> {
     let root: OwnedFd = File::open(dest).ctx("open", dest)?.into();
     let mut hr = HashingReader { inner: reader, hash: Sha256::new(), count: 0 };
     let mut stats = ApplyStats::default();
@@ -147,6 +155,24 @@ pub fn apply_tar<R: Read>(reader: R, dest: &Path) -> Result<ApplyStats> {
         for entry in entries {
             let mut entry = entry.map_err(|e| bad(Path::new("?"), format!("unreadable entry: {e}")))?;
             let raw = entry.path().map_err(|e| bad(Path::new("?"), format!("bad name: {e}")))?.into_owned();
+            let data_entry = matches!(
+                entry.header().entry_type(),
+                tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse
+            );
+            if let Some(max) =
+                max_content.filter(|m| data_entry && stats.content_bytes.saturating_add(entry.size()) > m.0)
+            {
+                return Err(bad(
+                    &raw,
+                    format!(
+                        "the layer's files add up to more than sharedloop.max_layer_size={max} \
+                         ({} bytes; this entry declares {} bytes, sparse holes included); \
+                         raise the option to apply it",
+                        max.0,
+                        entry.size()
+                    ),
+                ));
+            }
             apply_entry(&root, dest, &raw, &mut entry, &mut stats, &mut dirs)?;
         }
     }
@@ -187,6 +213,63 @@ fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, raw: &Path) -> Result<Vec<
         }
     }
     Ok(out)
+}
+
+/// The granularity of holes: runs of zeros this long (and aligned) are
+/// not written.
+const HOLE_BLOCK: usize = 4096;
+static ZEROS: [u8; HOLE_BLOCK] = [0; HOLE_BLOCK];
+
+enum SparseError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies `from` into the new, empty `to`, leaving a hole wherever a whole
+/// aligned block is zero, and returns the bytes copied (the apparent size).
+/// A GNU sparse entry's holes come out of the tar reader as zeros: they stay
+/// holes here, and then in the image (`mkfs.ext4 -d` and `cp` keep holes),
+/// so a 10 KB tar declaring a 10 GiB sparse file costs kilobytes of disk,
+/// not gigabytes. Zero blocks of ordinary files become holes too; the
+/// contents read the same.
+fn write_sparse(from: &mut dyn Read, to: &File) -> std::result::Result<u64, SparseError> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    loop {
+        // Fill the buffer (or reach the end), so blocks stay aligned.
+        let mut len = 0;
+        while len < buf.len() {
+            match from.read(&mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(SparseError::Read(e)),
+            }
+        }
+        if len == 0 {
+            break;
+        }
+        let mut off = 0;
+        while off < len {
+            // A run of data blocks, written at once.
+            let start = off;
+            while off < len && buf[off..(off + HOLE_BLOCK).min(len)] != ZEROS[..(len - off).min(HOLE_BLOCK)] {
+                off = (off + HOLE_BLOCK).min(len);
+            }
+            if off > start {
+                to.write_all_at(&buf[start..off], pos + start as u64).map_err(SparseError::Write)?;
+            }
+            // A run of zero blocks: skipped.
+            while off < len && buf[off..(off + HOLE_BLOCK).min(len)] == ZEROS[..(len - off).min(HOLE_BLOCK)] {
+                off = (off + HOLE_BLOCK).min(len);
+            }
+        }
+        pos += len as u64;
+    }
+    // A trailing hole is the file's length, not data.
+    to.set_len(pos).map_err(SparseError::Write)?;
+    Ok(pos)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -294,8 +377,11 @@ fn apply_entry<R: Read>(
                 Mode::from_raw_mode(0o600),
             )
             .ctx("create", dest.join(&rel))?;
-            let mut f = File::from(fd);
-            let n = io::copy(entry, &mut f).map_err(|e| bad(raw, format!("reading file data: {e}")))?;
+            let f = File::from(fd);
+            let n = write_sparse(entry, &f).map_err(|e| match e {
+                SparseError::Read(e) => bad(raw, format!("reading file data: {e}")),
+                SparseError::Write(e) => Error::sys("write", dest.join(&rel), e),
+            })?;
             stats.content_bytes += n;
             fchown(f.as_fd(), Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).ctx("chown", dest.join(&rel))?;
             fchmod(f.as_fd(), Mode::from_raw_mode(mode & 0o7777)).ctx("chmod", dest.join(&rel))?;

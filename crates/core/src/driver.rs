@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::apply_tar;
+use crate::apply::apply_tar_limited;
 use crate::error::{Context, Error, Result};
 use crate::export::{self, Change};
 use crate::fsmagic;
@@ -577,12 +577,7 @@ impl Driver {
         let mut size = None;
         for (k, v) in storage_opt {
             match k.to_ascii_lowercase().as_str() {
-                "size" => {
-                    size = Some(Bytes::parse(v).filter(|b| b.0 > 0).ok_or_else(|| Error::Option {
-                        option: "size".into(),
-                        reason: format!("{v:?} is not a size (e.g. 2G)"),
-                    })?)
-                }
+                "size" => size = Some(crate::options::parse_size("size", v)?),
                 _ => {
                     return Err(Error::Option {
                         option: k.clone(),
@@ -1019,7 +1014,7 @@ impl Driver {
     fn apply_staged(&self, staging: &Path, parent: Option<&ChainId>, tar: &mut dyn Read) -> Result<(LayerInfo, u64)> {
         let t0 = std::time::Instant::now();
         crate::fault::point("apply", "staging made");
-        let stats = apply_tar(tar, &staging.join(image::LAYER_ROOT))?;
+        let stats = apply_tar_limited(tar, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
         crate::fault::point("apply", "tar applied to staging");
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, bytes = stats.tar_bytes, "tar applied to staging");
         let diff_id = stats.diff_id.clone().expect("set by apply");

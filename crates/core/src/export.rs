@@ -242,7 +242,10 @@ pub fn tree_counts(root: &Path) -> Result<TreeCounts> {
         }
         c.inodes += 1;
         c.blocks += if md.is_file() {
-            md.len().div_ceil(4096) + md.len() / (4096 * 340) // + extent tree blocks
+            // What the file occupies, not its apparent size: a sparse file's
+            // holes stay holes in the image (mkfs.ext4 -d, cp keep them).
+            let data = md.len().div_ceil(4096).min((md.blocks() * 512).div_ceil(4096));
+            data + data / 340 // + extent tree blocks
         } else if md.is_dir() {
             md.len().div_ceil(4096).max(1)
         } else if md.file_type().is_symlink() && md.len() > 59 {

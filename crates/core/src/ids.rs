@@ -96,34 +96,69 @@ impl Bytes {
     pub const MIB: u64 = 1024 * 1024;
     pub const GIB: u64 = 1024 * 1024 * 1024;
 
+    pub const TIB: u64 = 1024 * Self::GIB;
+    pub const PIB: u64 = 1024 * Self::TIB;
+    pub const EIB: u64 = 1024 * Self::PIB;
+    /// The largest size a file can have on Linux (`off_t` is signed 64-bit):
+    /// no image, and so no size option, can be larger.
+    pub const MAX: Bytes = Bytes(i64::MAX as u64);
+
     /// Parses sizes the way Docker's `--storage-opt size=` does: a number
     /// with an optional unit (b, k, kb, kib, m, mb, mib, g, ..., t),
-    /// units in powers of 1024, case-insensitive.
+    /// units in powers of 1024, case-insensitive. `None` for anything
+    /// [`Bytes::parse_size`] refuses.
     pub fn parse(s: &str) -> Option<Bytes> {
-        let s = s.trim();
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let num: f64 = num.parse().ok()?;
+        Self::parse_size(s).ok()
+    }
+
+    /// [`Bytes::parse`], saying why a value is refused: not a size, or more
+    /// than [`Bytes::MAX`].
+    pub fn parse_size(s: &str) -> Result<Bytes, SizeError> {
+        let not = || SizeError::NotASize(s.to_owned());
+        let t = s.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let num: f64 = num.parse().map_err(|_| not())?;
         if !num.is_finite() || num < 0.0 {
-            return None;
+            return Err(not());
         }
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" | "kib" => Self::KIB,
             "m" | "mb" | "mib" => Self::MIB,
             "g" | "gb" | "gib" => Self::GIB,
-            "t" | "tb" | "tib" => Self::GIB * 1024,
-            _ => return None,
+            "t" | "tb" | "tib" => Self::TIB,
+            _ => return Err(not()),
         };
         let v = num * mult as f64;
-        (v <= u64::MAX as f64).then_some(Bytes(v as u64))
+        // i64::MAX is not exact as an f64 (it rounds up to 2^63): compare
+        // below that, so the cast cannot saturate past the limit.
+        if v >= Self::MAX.0 as f64 {
+            return Err(SizeError::TooLarge { value: s.to_owned(), max: Self::MAX });
+        }
+        Ok(Bytes(v as u64))
     }
+}
+
+/// Why a size was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{0:?} is not a size (a number with an optional unit b, k, m, g or t, e.g. 10G)")]
+    NotASize(String),
+    #[error("{value:?} is more than the largest size a file can have, {max} ({} bytes)", max.0)]
+    TooLarge { value: String, max: Bytes },
 }
 
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let v = self.0 as f64;
-        if self.0 >= Self::GIB {
+        if self.0 >= Self::EIB {
+            write!(f, "{:.1} EiB", v / Self::EIB as f64)
+        } else if self.0 >= Self::PIB {
+            write!(f, "{:.1} PiB", v / Self::PIB as f64)
+        } else if self.0 >= Self::TIB {
+            write!(f, "{:.1} TiB", v / Self::TIB as f64)
+        } else if self.0 >= Self::GIB {
             write!(f, "{:.1} GiB", v / Self::GIB as f64)
         } else if self.0 >= Self::MIB {
             write!(f, "{:.1} MiB", v / Self::MIB as f64)
@@ -177,5 +212,21 @@ mod tests {
         assert_eq!(Bytes::parse("lots"), None);
         assert_eq!(Bytes::parse("-1G"), None);
         assert_eq!(Bytes::parse("3X"), None);
+    }
+
+    #[test]
+    fn sizes_beyond_what_a_file_can_hold_are_refused_naming_the_limit() {
+        for v in ["9999999T", "8388608T", "99999999999999999999999", "1e400"] {
+            let e = Bytes::parse_size(v).unwrap_err();
+            assert!(!e.to_string().contains("integral type"), "{v}: {e}");
+            if v != "1e400" {
+                assert_eq!(e, SizeError::TooLarge { value: v.into(), max: Bytes::MAX }, "{v}");
+                assert!(e.to_string().contains("8.0 EiB") && e.to_string().contains(v), "{e}");
+            }
+        }
+        // The largest accepted values fit an off_t.
+        let b = Bytes::parse_size("8388607T").unwrap();
+        assert!(i64::try_from(b.0).is_ok());
+        assert_eq!(Bytes(16 * Bytes::TIB).to_string(), "16.0 TiB");
     }
 }

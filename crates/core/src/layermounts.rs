@@ -12,24 +12,28 @@
 //!
 //! Before the kernel first mounts an image on this host, the image is
 //! checked (`sharedloop.verify`): its sha256 against the digest recorded at
-//! publish, and with `full` a read-only fsck. A record of the check, keyed
-//! by the file's identity and times (`<verified>/<sha256-HEX>`), keeps later
+//! publish, and with `full` a read-only fsck. The image is opened once
+//! ([`ImageFile`]); the check reads that open file and the loop device is
+//! attached to it, so a name swapped meanwhile changes nothing, and a file
+//! changed in place during the check (size, mtime or ctime) is detached
+//! and refused. A record of the check (`<verified>/<sha256-HEX>`: layer,
+//! path, the checked file's identity and times, digest, fsck) keeps later
 //! mounts of an unchanged file off the check: once per host per image.
+//! See "The image check before a mount" in docs/crash-safety.md.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::os::unix::fs::MetadataExt;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
 use crate::ids::ChainId;
+use crate::imagefile::{FileId, ImageFile};
 use crate::mount;
 use crate::options::{DirectIo, VerifyMode};
-use crate::store::{write_atomic, LayerInfo};
+use crate::store::{write_atomic, LayerInfo, DIGEST_ALWAYS_FORMAT};
 use crate::sys::loopdev;
 
 #[derive(Debug)]
@@ -39,31 +43,20 @@ struct Entry {
     users: HashSet<PathBuf>,
 }
 
-/// The identity of an image file when it was checked.
+/// `<verified>/<sha256-HEX>`: what this host checked before it first
+/// mounted a layer's image. It names the layer, the image path, the very
+/// file that was checked and attached (inode, size and times from `fstat`
+/// of the descriptor the loop device got), the digest it had and whether
+/// fsck ran. A later mount skips the check only when all of them match.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Checked {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-    sha256: String,
+    layer: ChainId,
+    image: PathBuf,
+    file: FileId,
+    /// `None` for a layer of a format that did not record digests (only
+    /// fsck ran).
+    sha256: Option<String>,
     fsck: bool,
-}
-
-impl Checked {
-    fn of(md: &fs::Metadata, sha256: String, fsck: bool) -> Checked {
-        let ts = |s: i64, ns: i64| s as i128 * 1_000_000_000 + ns as i128;
-        Checked {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.len(),
-            mtime_ns: ts(md.mtime(), md.mtime_nsec()),
-            ctime_ns: ts(md.ctime(), md.ctime_nsec()),
-            sha256,
-            fsck,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -167,13 +160,44 @@ impl LayerMounts {
             e.users.insert(user.to_owned());
             return Ok(e.dev.clone());
         }
-        self.check(info, &image, verify)?;
+        // One open file for the check and the loop device: a name that
+        // changes meanwhile (a peer renaming another image over it) changes
+        // nothing here.
+        let img = ImageFile::open_for_mount(&image)?;
+        let record = self.check(info, &img, verify)?;
         let target = self.path(chain);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
         let direct_io = direct_io.for_file(&image);
-        let dev = loopdev::attach(&image, loopdev::AttachOptions { read_only: true, direct_io })
+        let dev = loopdev::attach_file(img.file(), &image, loopdev::AttachOptions { read_only: true, direct_io })
             .ctx("attach loop device", &image)?;
-        mount::mount_layer_ro(dev.path(), &target, fs_type)?;
+        if verify != VerifyMode::Off {
+            // A writer changing the inode in place while it was checked:
+            // what the device reads is not what was checked.
+            let now = img.now()?;
+            if now != img.at_open() {
+                drop(dev); // autoclear: nothing else holds the device
+                let _ = fs::remove_dir(&target);
+                return Err(Error::Corrupt {
+                    path: image.clone(),
+                    reason: format!(
+                        "the file changed while it was checked (size, mtime or ctime: {:?} then {:?}); \
+                         something writes to the shared store; refusing to mount it",
+                        img.at_open(),
+                        now
+                    ),
+                });
+            }
+        }
+        if let Err(e) = mount::mount_layer_ro(dev.path(), &target, fs_type) {
+            let _ = fs::remove_dir(&target);
+            return Err(e);
+        }
+        if let Some(rec) = record {
+            let path = self.verified.join(chain.dir_name());
+            if let Err(e) = write_atomic(&path, &serde_json::to_vec(&rec).expect("serialises")) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot record the check; it will be repeated");
+            }
+        }
         tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(), "layer mounted");
         let dev = dev.path().display().to_string();
         t.insert(chain.clone(), Entry { dev: dev.clone(), users: HashSet::from([user.to_owned()]) });
@@ -181,11 +205,27 @@ impl LayerMounts {
     }
 
     /// Records `info`'s image as checked without reading it: for the host
-    /// that built it and computed its digest a moment ago.
+    /// that built it and computed its digest a moment ago. Only the file
+    /// this process built (`info.built`) is vouched for, not whatever the
+    /// name holds by now.
     pub fn vouch(&self, info: &LayerInfo) {
-        let (Some(image), Some(sha256)) = (info.image(), info.meta.image_sha256.clone()) else { return };
-        let Ok(md) = fs::symlink_metadata(&image) else { return };
-        let rec = Checked::of(&md, sha256, false);
+        let (Some(image), Some(sha256), Some(built)) = (info.image(), info.meta.image_sha256.clone(), info.built)
+        else {
+            return;
+        };
+        let Ok(crate::imagefile::Opened::File(img)) = ImageFile::open(&image) else { return };
+        if img.at_open() != built {
+            tracing::info!(layer = %info.meta.chain_id, image = %image.display(),
+                "the published image is not the file this host built; it will be checked before its first mount");
+            return;
+        }
+        let rec = Checked {
+            layer: info.meta.chain_id.clone(),
+            image: image.clone(),
+            file: built,
+            sha256: Some(sha256),
+            fsck: false,
+        };
         let path = self.verified.join(info.meta.chain_id.dir_name());
         if let Err(e) = write_atomic(&path, &serde_json::to_vec(&rec).expect("serialises")) {
             tracing::debug!(path = %path.display(), error = %e, "cannot record the image as checked");
@@ -193,45 +233,73 @@ impl LayerMounts {
     }
 
     /// Refuses an image that is not what was published, before the kernel
-    /// parses it. Skipped when this host checked the same file (same
-    /// device, inode, size, mtime and ctime) before, as thoroughly.
-    fn check(&self, info: &LayerInfo, image: &Path, verify: VerifyMode) -> Result<()> {
-        let chain = &info.meta.chain_id;
-        let md = fs::symlink_metadata(image).ctx("stat", image)?;
-        if !md.file_type().is_file() {
-            return Err(Error::Corrupt {
-                path: image.to_owned(),
-                reason: "not a regular file; refusing to mount it".into(),
-            });
-        }
+    /// parses it: its sha256 against the digest recorded at publish, and
+    /// with `full` a read-only fsck, both through the open file `img`.
+    /// Skipped when this host checked the same file (same layer, path,
+    /// device, inode, size, mtime, ctime and recorded digest) before, as
+    /// thoroughly. Returns the record to keep once the image is mounted.
+    ///
+    /// A layer without a recorded digest is refused when its meta.json
+    /// claims a format that always records one (the record was removed);
+    /// one of an older format is not digest-checked, but `full` still runs
+    /// fsck.
+    fn check(&self, info: &LayerInfo, img: &ImageFile, verify: VerifyMode) -> Result<Option<Checked>> {
         if verify == VerifyMode::Off {
-            return Ok(());
+            return Ok(None);
         }
-        let now = |sha256: String, fsck: bool| Checked::of(&md, sha256, fsck);
-        let record = self.verified.join(chain.dir_name());
+        let chain = &info.meta.chain_id;
+        let image = img.path();
         let want_fsck = verify == VerifyMode::Full;
+        let expected = match &info.meta.image_sha256 {
+            Some(d) => Some(d.clone()),
+            None if info.meta.format >= DIGEST_ALWAYS_FORMAT => {
+                return Err(Error::Corrupt {
+                    path: info.dir.join(crate::store::META_FILE),
+                    reason: format!(
+                        "meta.json is of format {}, which records the image digest (image_sha256) of every \
+                         layer, but it has none: the record was removed or damaged; refusing to mount the image \
+                         of layer {chain} (sharedloop verify names every such layer)",
+                        info.meta.format
+                    ),
+                });
+            }
+            None => None,
+        };
+        let now = |fsck: bool| Checked {
+            layer: chain.clone(),
+            image: image.to_owned(),
+            file: img.at_open(),
+            sha256: expected.clone(),
+            fsck,
+        };
+        let record = self.verified.join(chain.dir_name());
         if let Some(prev) = fs::read(&record).ok().and_then(|t| serde_json::from_slice::<Checked>(&t).ok()) {
-            if prev == now(prev.sha256.clone(), prev.fsck) && (prev.fsck || !want_fsck) {
-                return Ok(());
+            if prev == now(prev.fsck) && (prev.fsck || !want_fsck) {
+                return Ok(None);
             }
         }
-        let Some(expected) = &info.meta.image_sha256 else {
-            tracing::warn!(layer = %chain, "the layer has no recorded digest (published by an older sharedloop); not checked");
-            return Ok(());
-        };
+        if expected.is_none() {
+            tracing::warn!(layer = %chain, format = info.meta.format, fsck = want_fsck,
+                "the layer has no recorded digest (published by an older sharedloop); its digest is not checked");
+            if !want_fsck {
+                return Ok(None);
+            }
+        }
         let t0 = std::time::Instant::now();
-        let actual = crate::image::sha256_file(image)?;
-        if actual != *expected {
-            return Err(Error::Corrupt {
-                path: image.to_owned(),
-                reason: format!(
-                    "sha256 is {actual}, but {expected} was recorded at publish: the image was changed or damaged; \
-                     refusing to mount it (sharedloop verify names every such layer)"
-                ),
-            });
+        if let Some(expected) = &expected {
+            let actual = img.sha256(&mut |_| {})?;
+            if actual != *expected {
+                return Err(Error::Corrupt {
+                    path: image.to_owned(),
+                    reason: format!(
+                        "sha256 is {actual}, but {expected} was recorded at publish: the image was changed or \
+                         damaged; refusing to mount it (sharedloop verify names every such layer)"
+                    ),
+                });
+            }
         }
         if want_fsck {
-            if let Some(out) = crate::admin::fsck(image, info.meta.fs.expect("an image has a fs"))? {
+            if let Some(out) = crate::admin::fsck(&img.proc_path(), info.meta.fs.expect("an image has a fs"))? {
                 return Err(Error::Corrupt {
                     path: image.to_owned(),
                     reason: format!("the filesystem check failed; refusing to mount it: {out}"),
@@ -239,11 +307,7 @@ impl LayerMounts {
             }
         }
         tracing::debug!(layer = %chain, ms = t0.elapsed().as_secs_f64() * 1e3, fsck = want_fsck, "image checked before its first mount");
-        let rec = serde_json::to_vec(&now(actual, want_fsck)).expect("serialises");
-        if let Err(e) = write_atomic(&record, &rec) {
-            tracing::warn!(path = %record.display(), error = %e, "cannot record the check; it will be repeated");
-        }
-        Ok(())
+        Ok(Some(now(want_fsck)))
     }
 
     /// `user` no longer uses `chain`; the mount goes when nobody does.

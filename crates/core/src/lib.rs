@@ -11,6 +11,7 @@ pub mod fault;
 pub mod fsmagic;
 pub mod ids;
 pub mod image;
+pub mod imagefile;
 pub mod layermounts;
 pub mod mount;
 pub mod options;

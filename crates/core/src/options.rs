@@ -83,6 +83,11 @@ pub struct Config {
     /// `sharedloop.verify`: what is checked of a layer image before this
     /// host first mounts it.
     pub verify: VerifyMode,
+    /// `sharedloop.max_layer_size`: the largest expanded content of one
+    /// layer (the sum of its regular files' apparent sizes, holes of sparse
+    /// files included) that applying a layer accepts; `None`: no limit.
+    #[serde(default)]
+    pub max_layer_size: Option<Bytes>,
 }
 
 /// Direct I/O of loop devices on their image files.
@@ -152,6 +157,7 @@ impl Default for Config {
             direct_io: DirectIo::Auto,
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
             verify: VerifyMode::Digest,
+            max_layer_size: None,
         }
     }
 }
@@ -169,6 +175,16 @@ fn parse_bool(option: &str, v: &str) -> Result<bool> {
         "" | "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
         _ => Err(bad(option, format!("{v:?} is not a boolean (true or false)"))),
+    }
+}
+
+/// A size option's value: a positive size no larger than [`Bytes::MAX`];
+/// errors name the option, the value and the limit.
+pub fn parse_size(option: &str, v: &str) -> Result<Bytes> {
+    match Bytes::parse_size(v) {
+        Ok(b) if b.0 > 0 => Ok(b),
+        Ok(_) => Err(bad(option, format!("{v:?} is zero; give a size such as 10G"))),
+        Err(e) => Err(bad(option, e.to_string())),
     }
 }
 
@@ -221,18 +237,20 @@ impl Config {
                     }
                 }
                 "sharedloop.verify" => c.verify = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
-                "sharedloop.size" => {
+                "sharedloop.size" => c.rw_size = parse_size(&key, need(&key, val)?)?,
+                "sharedloop.max_layer_size" => {
                     let v = need(&key, val)?;
-                    c.rw_size = Bytes::parse(v)
-                        .filter(|b| b.0 > 0)
-                        .ok_or_else(|| bad(&key, format!("{v:?} is not a size (e.g. 10G)")))?
+                    c.max_layer_size = match v.to_ascii_lowercase().as_str() {
+                        "" | "none" | "unlimited" | "0" => None,
+                        _ => Some(parse_size(&key, v)?),
+                    }
                 }
                 _ => {
                     return Err(bad(
                         &key,
                         "unknown option; known: sharedloop.loopback_root, sharedloop.loopback_fallback, \
                          sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size, sharedloop.direct_io, \
-                         sharedloop.heartbeat_interval, sharedloop.verify",
+                         sharedloop.heartbeat_interval, sharedloop.verify, sharedloop.max_layer_size",
                     ))
                 }
             }
@@ -313,6 +331,7 @@ mod tests {
             "sharedloop.direct_io=false",
             "sharedloop.heartbeat_interval=2m",
             "sharedloop.verify=full",
+            "sharedloop.max_layer_size=20G",
         ])
         .unwrap();
         assert_eq!(c.root, PathBuf::from("/srv/shared"));
@@ -323,6 +342,9 @@ mod tests {
         assert_eq!(c.direct_io, DirectIo::Off);
         assert_eq!(c.heartbeat_secs, 120);
         assert_eq!(c.verify, VerifyMode::Full);
+        assert_eq!(c.max_layer_size, Some(Bytes(20 * Bytes::GIB)));
+        assert_eq!(Config::default().max_layer_size, None);
+        assert_eq!(Config::from_opts(&["sharedloop.max_layer_size=none"]).unwrap().max_layer_size, None);
         let c = Config::from_opts(&["sharedloop.override_kernel_check=false"]).unwrap();
         assert!(!c.override_kernel_check);
     }
@@ -339,6 +361,7 @@ mod tests {
             ("sharedloop.heartbeat_interval=soon", "sharedloop.heartbeat_interval"),
             ("sharedloop.direct_io=sometimes", "sharedloop.direct_io"),
             ("sharedloop.verify=maybe", "sharedloop.verify"),
+            ("sharedloop.max_layer_size=big", "sharedloop.max_layer_size"),
             ("overlay2.size=1G", "overlay2.size"),
         ] {
             let e = Config::from_opts(&[opt]).unwrap_err().to_string();
@@ -348,6 +371,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sharedloop.loopback_fallback"), "{e}");
+    }
+
+    #[test]
+    fn too_large_sizes_name_the_option_and_the_limit() {
+        for (opt, name) in [
+            ("sharedloop.size=9999999T", "sharedloop.size"),
+            ("sharedloop.max_layer_size=9999999T", "sharedloop.max_layer_size"),
+        ] {
+            let e = Config::from_opts(&[opt]).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("9999999T") && e.contains("8.0 EiB"), "{opt}: {e}");
+            assert!(!e.contains("integral type"), "{opt}: {e}");
+        }
+        let e = Config::from_opts(&["sharedloop.size=0"]).unwrap_err().to_string();
+        assert!(e.contains("sharedloop.size") && e.contains("zero"), "{e}");
+        assert_eq!(parse_size("size", "2G").unwrap(), Bytes(2 * Bytes::GIB));
+        let e = parse_size("size", "9999999T").unwrap_err().to_string();
+        assert!(e.starts_with("option size: ") && e.contains("8.0 EiB"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The layer store on the root and fallback directories.
 //!
-//! On-disk format, version 1 (docs/on-disk-format.md):
+//! On-disk format, version 2 (docs/on-disk-format.md):
 //! ```text
 //! <root or fallback>/
 //!   layers/<sha256-HEX>/layer.img      the layer image (absent for an empty layer)
@@ -26,9 +26,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
 use crate::ids::{random_token, ChainId, DiffId};
+use crate::imagefile::{FileId, ImageFile, Opened};
 use crate::options::{Config, FsType};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The `format` written into each new meta.json. Readers take every
+/// version up to this one (the layout is the same).
+/// - 1: the first; `image_sha256` was added during its life, so a layer of
+///   format 1 may lack it.
+/// - 2: `image_sha256` is recorded for every layer that has an image.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format whose layers all record `image_sha256`: a layer of this
+/// format or later without it had its record removed, and is refused.
+pub const DIGEST_ALWAYS_FORMAT: u32 = 2;
 /// Below this much free space, `docker info` says root cannot take layers.
 const MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
 pub const IMAGE_FILE: &str = "layer.img";
@@ -80,6 +89,9 @@ pub struct LayerInfo {
     pub location: Location,
     pub dir: PathBuf,
     pub meta: LayerMeta,
+    /// For a layer this process just published: the identity of the image
+    /// file it built, so that only that file is recorded as checked.
+    pub built: Option<FileId>,
 }
 
 impl LayerInfo {
@@ -210,10 +222,22 @@ impl Store {
         }
     }
 
-    fn read_meta(base: &Path, dir: &Path) -> io::Result<LayerMeta> {
+    /// Reads `dir/meta.json`: never through a symlink, and never anything
+    /// but a regular file (a FIFO planted there would block the reader).
+    pub(crate) fn read_meta(base: &Path, dir: &Path) -> io::Result<LayerMeta> {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let file = dir.join(META_FILE);
         no_links(base, &file)?;
-        let text = fs::read(&file)?;
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&file)?;
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "meta.json is not a regular file"));
+        }
+        let mut text = Vec::new();
+        f.read_to_end(&mut text)?;
         serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
@@ -223,7 +247,9 @@ impl Store {
         for loc in [Location::Root, Location::Fallback] {
             let dir = self.base(loc).join("layers").join(chain.dir_name());
             match Self::read_meta(self.base(loc), &dir) {
-                Ok(meta) if meta.chain_id == *chain => return Some(LayerInfo { location: loc, dir, meta }),
+                Ok(meta) if meta.chain_id == *chain => {
+                    return Some(LayerInfo { location: loc, dir, meta, built: None })
+                }
                 Ok(_) => {
                     tracing::warn!(layer = %chain, dir = %dir.display(), "meta.json names another layer; ignored")
                 }
@@ -281,6 +307,11 @@ impl Store {
             crate::fault::point("publish", "temp dir made");
             let meta = build(&tmp)?;
             crate::fault::point("publish", "image built");
+            // What this host built and hashed, to vouch for exactly that file.
+            let built = match meta.fs.map(|_| ImageFile::open(&tmp.join(IMAGE_FILE))).transpose()? {
+                Some(Opened::File(f)) => Some(f.at_open()),
+                _ => None,
+            };
             let text = serde_json::to_vec_pretty(&meta).expect("meta serialises");
             {
                 // Closed before anything may remove the directory: a network
@@ -296,7 +327,7 @@ impl Store {
                 Ok(()) => {
                     crate::fault::point("publish", "renamed into place");
                     fsync_dir(&layers)?;
-                    Ok(Published::Created(LayerInfo { location: loc, dir: dest, meta }))
+                    Ok(Published::Created(LayerInfo { location: loc, dir: dest, meta, built }))
                 }
                 // EEXIST/ENOTEMPTY locally; network filesystems may answer
                 // otherwise (EPERM, EIO): what counts is whether the name
@@ -305,7 +336,7 @@ impl Store {
                     Ok(meta) if meta.chain_id == *chain => {
                         tracing::info!(layer = %chain, "another host published this layer first; using theirs");
                         remove_tree(&tmp);
-                        Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta }))
+                        Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta, built: None }))
                     }
                     _ => Err(Error::sys("rename", dest, e)),
                 },
@@ -366,7 +397,7 @@ impl Store {
                 if fs::symlink_metadata(e.path().join(host)).is_ok() {
                     let dir = base.join("layers").join(c.dir_name());
                     let info = match Self::read_meta(base, &dir) {
-                        Ok(meta) => LayerInfo { location: loc, dir, meta },
+                        Ok(meta) => LayerInfo { location: loc, dir, meta, built: None },
                         // The layer is gone: a reference to nothing.
                         Err(_) => {
                             let _ = fs::remove_file(e.path().join(host));
@@ -483,7 +514,7 @@ impl Store {
             .filter_map(|e| {
                 let chain = ChainId::from_dir_name(&e.file_name().to_string_lossy())?;
                 let meta = Self::read_meta(self.base(loc), &e.path()).ok().filter(|m| m.chain_id == chain)?;
-                Some(LayerInfo { location: loc, dir: e.path(), meta })
+                Some(LayerInfo { location: loc, dir: e.path(), meta, built: None })
             })
             .collect();
         v.sort_by(|a, b| a.meta.chain_id.cmp(&b.meta.chain_id));

@@ -309,6 +309,16 @@ pub fn verify(args: &StoreArgs, which: &[String]) -> anyhow::Result<i32> {
         let verdict = admin::verify(l, &mut |n| pb.inc(n))?;
         rows.push(VerifyRow { chain_id: l.meta.chain_id.to_string(), location: l.location, image: l.image(), verdict });
     }
+    if which.is_empty() {
+        // Entries the store skips (a symlinked layer directory, a meta.json
+        // that is a link or a FIFO, ...) are problems too.
+        for loc in [Location::Root, Location::Fallback] {
+            for (chain, path, reason) in admin::unusable_layer_dirs(&store, loc) {
+                let verdict = Verdict::NotALayer { path, reason };
+                rows.push(VerifyRow { chain_id: chain.to_string(), location: loc, image: None, verdict });
+            }
+        }
+    }
     pb.finish_and_clear();
     let bad = rows.iter().filter(|r| !r.verdict.is_ok()).count();
     if args.json {
@@ -320,11 +330,24 @@ pub fn verify(args: &StoreArgs, which: &[String]) -> anyhow::Result<i32> {
                 Verdict::Empty => "ok (empty layer)".to_owned(),
                 Verdict::Removed => "removed while being checked".to_owned(),
                 Verdict::Missing { path } => format!("MISSING image {}", path.display()),
+                Verdict::NotRegular { path, kind } => {
+                    format!("BAD: {} is {kind}, not a regular file; not followed, not checked", path.display())
+                }
+                Verdict::Unreadable { error } => format!("UNREADABLE: {error}"),
+                Verdict::DigestRemoved { format } => format!(
+                    "CORRUPT: meta.json (format {format}) lacks the image digest that format always records; \
+                     it was removed or damaged"
+                ),
                 Verdict::DigestMismatch { expected, actual } => {
                     format!("CORRUPT: image digest {actual} differs from the {expected} recorded at publish")
                 }
-                Verdict::NoDigest => "UNVERIFIABLE: no digest was recorded at publish".to_owned(),
+                Verdict::NoDigest => {
+                    "UNVERIFIABLE: no digest was recorded at publish (format 1); fsck found no errors".to_owned()
+                }
                 Verdict::FsckFailed { output } => format!("CORRUPT: fsck found errors: {output}"),
+                Verdict::NotALayer { path, reason } => {
+                    format!("BAD: {}: {reason}; not used as a layer", path.display())
+                }
             };
             println!("{} ({}): {what}", r.chain_id, r.location.name());
         }

@@ -100,9 +100,19 @@ fn configure(dev: &File, cfg: &LoopConfig) -> io::Result<()> {
     }
 }
 
-/// Attaches `backing` to a free loop device.
+/// Attaches `backing` to a free loop device, opening it by path.
 pub fn attach(backing: &Path, opts: AttachOptions) -> io::Result<LoopDevice> {
     let file = OpenOptions::new().read(true).write(!opts.read_only).open(backing)?;
+    attach_file(&file, backing, opts)
+}
+
+/// Attaches the already open `file` to a free loop device: the device
+/// reads exactly the inode the caller opened (and may have checked), not
+/// whatever `name` names by now. `name` is only the label the kernel shows
+/// (the first 63 bytes of `lo_file_name`). A read-write device needs a file
+/// opened for writing.
+pub fn attach_file(file: &File, name: &Path, opts: AttachOptions) -> io::Result<LoopDevice> {
+    let backing = name;
     let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
     let mut flags = LO_FLAGS_AUTOCLEAR;
     if opts.read_only {

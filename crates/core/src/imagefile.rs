@@ -1,0 +1,205 @@
+//! A published layer image opened once, for checking and attaching.
+//!
+//! The check before a mount (`sharedloop.verify`) and the loop device must
+//! see the same file: a host that hashes `layer.img` by path and then lets
+//! the loop device open it by path again mounts whatever a peer renamed
+//! over the name in between. So the image is opened once, here, without
+//! following links ([`ImageFile::open`]); it is identified by `fstat` of
+//! that descriptor ([`FileId`]), hashed through it, given to fsck as
+//! `/proc/<pid>/fd/<n>`, and attached to the loop device by descriptor
+//! ([`crate::sys::loopdev::attach_file`]).
+//!
+//! Opening never opens anything but a regular file: the name is first
+//! opened `O_PATH` (which reads nothing and never blocks, whatever the
+//! inode is), checked with `fstat`, and only a regular file is reopened for
+//! reading through the descriptor. Nothing below the store directory is
+//! followed when it is a symlink (as everywhere in the store).
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{fstat, openat2, FileType, Mode, OFlags, ResolveFlags, Stat};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Error, Result};
+
+/// What identifies the contents of an image file without reading it: the
+/// inode and its size and times. A writer changes size, mtime or ctime
+/// (a rename over the name changes the inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileId {
+    fn of(st: &Stat) -> FileId {
+        let ts = |s: i64, ns: i64| s as i128 * 1_000_000_000 + ns as i128;
+        FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: ts(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime_ns: ts(st.st_ctime, st.st_ctime_nsec as i64),
+        }
+    }
+}
+
+/// What opening an image found.
+#[derive(Debug)]
+pub enum Opened {
+    File(ImageFile),
+    /// Nothing has that name.
+    Missing,
+    /// The name is not a regular file (a symlink, a device node, a FIFO,
+    /// ...), or is reached through a symlink; it was not opened for reading.
+    NotRegular(&'static str),
+}
+
+/// An image file open for reading, with its identity when opened.
+#[derive(Debug)]
+pub struct ImageFile {
+    path: PathBuf,
+    file: File,
+    at_open: FileId,
+}
+
+fn kind_name(ft: FileType) -> &'static str {
+    match ft {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symbolic link",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Unknown => "of an unknown type",
+    }
+}
+
+/// Splits `<base>/layers/<dir>/<file>` into the store base (followed: the
+/// operator chose it) and the part below it (never followed). Other paths
+/// are split at their parent.
+fn split(path: &Path) -> (&Path, &Path) {
+    let store_base = path
+        .parent()
+        .and_then(Path::parent)
+        .filter(|layers| layers.file_name().is_some_and(|n| n == "layers"))
+        .and_then(Path::parent);
+    let base = store_base.or(path.parent()).filter(|b| !b.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    (base, path.strip_prefix(base).unwrap_or(path))
+}
+
+impl ImageFile {
+    /// Opens `path` for reading if it is a regular file, following no
+    /// symlink below the store directory.
+    pub fn open(path: &Path) -> Result<Opened> {
+        let (base, rel) = split(path);
+        let dir: OwnedFd = File::open(base).ctx("open", base)?.into();
+        let pfd = match openat2(
+            &dir,
+            rel,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(Opened::Missing),
+            Err(Errno::LOOP | Errno::XDEV) => return Ok(Opened::NotRegular("reached through a symbolic link")),
+            Err(Errno::NOTDIR) => return Ok(Opened::NotRegular("below something that is not a directory")),
+            Err(e) => return Err(Error::sys("open", path, e)),
+        };
+        let st = fstat(&pfd).ctx("stat", path)?;
+        let ft = FileType::from_raw_mode(st.st_mode);
+        if ft != FileType::RegularFile {
+            return Ok(Opened::NotRegular(kind_name(ft)));
+        }
+        // Reopen the very inode the O_PATH descriptor holds, for reading.
+        let file = File::open(format!("/proc/self/fd/{}", pfd.as_raw_fd())).ctx("open", path)?;
+        let at_open = FileId::of(&fstat(file.as_fd()).ctx("stat", path)?);
+        if (at_open.dev, at_open.ino) != (st.st_dev, st.st_ino) {
+            return Err(Error::Corrupt {
+                path: path.to_owned(),
+                reason: "the file changed while it was opened".into(),
+            });
+        }
+        Ok(Opened::File(ImageFile { path: path.to_owned(), file, at_open }))
+    }
+
+    /// [`ImageFile::open`] for a mount: anything but a regular file is an
+    /// error naming what it is.
+    pub fn open_for_mount(path: &Path) -> Result<ImageFile> {
+        match Self::open(path)? {
+            Opened::File(f) => Ok(f),
+            Opened::Missing => Err(Error::sys("open", path, std::io::Error::from_raw_os_error(libc::ENOENT))),
+            Opened::NotRegular(kind) => Err(Error::Corrupt {
+                path: path.to_owned(),
+                reason: format!("{kind}, not a regular file; refusing to mount it (links are not followed)"),
+            }),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The file's identity when it was opened.
+    pub fn at_open(&self) -> FileId {
+        self.at_open
+    }
+
+    /// The file's identity now (`fstat` of the open descriptor).
+    pub fn now(&self) -> Result<FileId> {
+        Ok(FileId::of(&fstat(self.file.as_fd()).ctx("stat", &self.path)?))
+    }
+
+    /// A path other processes (fsck) can open to reach this very file.
+    pub fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd()))
+    }
+
+    /// The sha256 of the file's contents, read through the open descriptor;
+    /// `progress` is told how many bytes were read.
+    pub fn sha256(&self, progress: &mut dyn FnMut(u64)) -> Result<String> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0u64;
+        loop {
+            let n = match self.file.read_at(&mut buf, pos) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::sys("read", &self.path, e)),
+            };
+            h.update(&buf[..n]);
+            pos += n as u64;
+            progress(n as u64);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_paths_split_at_the_store_base() {
+        let p = Path::new("/srv/root/layers/sha256-ab/layer.img");
+        assert_eq!(split(p), (Path::new("/srv/root"), Path::new("layers/sha256-ab/layer.img")));
+        let p = Path::new("/tmp/x/image.img");
+        assert_eq!(split(p), (Path::new("/tmp/x"), Path::new("image.img")));
+        assert_eq!(split(Path::new("a.img")), (Path::new("."), Path::new("a.img")));
+    }
+}
