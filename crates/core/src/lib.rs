@@ -14,6 +14,7 @@ pub mod image;
 pub mod layermounts;
 pub mod mount;
 pub mod options;
+pub mod perms;
 pub mod snapshots;
 pub mod store;
 pub mod sys;
