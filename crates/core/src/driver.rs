@@ -266,6 +266,7 @@ impl Driver {
         let empty = home.join("empty");
         fs::create_dir_all(&empty).ctx("mkdir", &empty)?;
         crate::perms::restrict_old_files(home);
+        crate::placement::warn_if_local(&cfg.root, home);
         let lock_path = home.join("lock");
         let lock =
             fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).ctx("open", &lock_path)?;
@@ -1230,6 +1231,10 @@ impl Driver {
                 None => "writable".to_owned(),
                 Some(why) => format!("new layers go to fallback ({why})"),
             },
+        ));
+        v.push((
+            "Root Directory Placement".to_owned(),
+            crate::placement::check_root(&self.cfg.root, Some(&self.home)).describe(),
         ));
         for loc in [Location::Root, Location::Fallback] {
             let base = self.store.base(loc);

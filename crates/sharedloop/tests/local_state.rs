@@ -207,3 +207,56 @@ fn serve_starts_where_old_mounts_are_covered_by_later_ones() {
     let log = h.plugin_log();
     assert!(!log.contains("Invalid argument"), "{log}");
 }
+
+/// Item 4: a shared filesystem mounted at the spec's default root,
+/// /var/lib/docker/loopback/root, before dockerd starts is covered when
+/// dockerd binds its data root (not a mount point) onto itself. sharedloop
+/// says so in `docker info`, `sharedloop status` and its log, instead of
+/// calling the local directory under it a writable root.
+#[test]
+fn a_root_covered_by_dockerds_data_root_bind_is_reported() {
+    require(&["dockerd", "busybox", "mkfs.ext4"]);
+    let mut h = Host::new("covered-root");
+    // The host's own /var/lib, so /var/lib/docker is a plain directory
+    // (not a mount point) as on a fresh machine; then the "shared"
+    // filesystem at the default root.
+    let script = format!(
+        "set -e\nmkdir -p {v}\nmount --bind {v} /var/lib\n\
+         mkdir -p /var/lib/docker/loopback/root\n\
+         mount -t tmpfs -o size=256m shared-store /var/lib/docker/loopback/root\n",
+        v = h.dir.join("varlib").display()
+    );
+    run_ok(h.cmd("sh").args(["-c", &script]));
+    h.start_plugin();
+    h.try_start_dockerd(&[], None).unwrap_or_else(|e| panic!("{e}\n{}", h.plugin_log()));
+    let mi = h.mountinfo();
+    assert!(
+        mi.lines().any(|l| l.split_whitespace().nth(4) == Some("/var/lib/docker")),
+        "dockerd did not bind its data root onto itself:\n{mi}"
+    );
+
+    let status = h.driver_status();
+    assert!(status.contains("Loopback Root Directory: /var/lib/docker/loopback/root"), "{status}");
+    let line =
+        status.lines().find(|l| l.starts_with("Root Directory Placement: ")).unwrap_or_else(|| panic!("{status}"));
+    assert!(line.contains("LOCAL, NOT SHARED"), "{line}");
+    assert!(line.contains("tmpfs filesystem shared-store mounted on /var/lib/docker/loopback/root"), "{line}");
+    assert!(line.contains("covered by a later mount on /var/lib/docker"), "{line}");
+
+    let out = h.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("placement:   LOCAL, NOT SHARED: the tmpfs filesystem shared-store"), "{text}");
+    let out = h.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["local"], serde_json::json!(true), "{v}");
+
+    let log = h.plugin_log();
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("LOCAL, NOT SHARED")), "{log}");
+
+    // A root on a filesystem of its own, not covered: said so, not warned.
+    run_ok(h.cmd("sh").args(["-c", "mkdir -p /srv/shared && mount -t tmpfs -o size=64m other-store /srv/shared"]));
+    let out = h.cli(&["status", "--root", "/srv/shared"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("placement:   own filesystem (tmpfs other-store on /srv/shared)"), "{text}");
+}
