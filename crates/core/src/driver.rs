@@ -266,7 +266,7 @@ impl Driver {
         let empty = home.join("empty");
         fs::create_dir_all(&empty).ctx("mkdir", &empty)?;
         crate::perms::restrict_old_files(home);
-        crate::placement::warn_if_local(&cfg.root, home);
+        crate::placement::check_at_start(&cfg, home)?;
         let lock_path = home.join("lock");
         let lock =
             fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).ctx("open", &lock_path)?;

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
 
+use crate::error::{Error, Result};
 use crate::mount::{mountinfo, MountEntry};
+use crate::options::Config;
 
 /// Where the root directory is, as far as this host can tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,14 +104,23 @@ pub fn check_root(root: &Path, home: Option<&Path>) -> RootPlacement {
     }
 }
 
-/// Logs a warning when `root` is local (see [`check_root`]).
-pub fn warn_if_local(root: &Path, home: &Path) {
-    let p = check_root(root, Some(home));
-    if p.is_local() {
-        tracing::warn!(root = %root.display(), "loopback root: {}", p.describe());
-    } else {
-        tracing::info!(root = %root.display(), "loopback root: {}", p.describe());
+/// Logs where the root is, a warning when it is local (see
+/// [`check_root`]); with `sharedloop.require_shared_root` a local root is
+/// an error instead.
+pub fn check_at_start(cfg: &Config, home: &Path) -> Result<()> {
+    let p = check_root(&cfg.root, Some(home));
+    if !p.is_local() {
+        tracing::info!(root = %cfg.root.display(), "loopback root: {}", p.describe());
+        return Ok(());
     }
+    if cfg.require_shared_root {
+        return Err(Error::Option {
+            option: "sharedloop.require_shared_root".into(),
+            reason: format!("the loopback root {} is {}", cfg.root.display(), p.describe()),
+        });
+    }
+    tracing::warn!(root = %cfg.root.display(), "loopback root: {}", p.describe());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -128,5 +139,10 @@ mod tests {
         assert!(p.describe().contains(home.to_str().unwrap()), "{}", p.describe());
         assert_eq!(check_root(&t.path().join("nope"), Some(&home)), RootPlacement::Missing);
         assert!(!RootPlacement::Missing.is_local());
+        let cfg = Config { root: root.clone(), ..Config::default() };
+        assert!(check_at_start(&cfg, &home).is_ok(), "a local root is only a warning by default");
+        let strict = Config { require_shared_root: true, ..cfg };
+        let e = check_at_start(&strict, &home).unwrap_err().to_string();
+        assert!(e.contains("sharedloop.require_shared_root") && e.contains("LOCAL, NOT SHARED"), "{e}");
     }
 }

@@ -255,8 +255,60 @@ fn a_root_covered_by_dockerds_data_root_bind_is_reported() {
     assert!(log.lines().any(|l| l.contains("WARN") && l.contains("LOCAL, NOT SHARED")), "{log}");
 
     // A root on a filesystem of its own, not covered: said so, not warned.
-    run_ok(h.cmd("sh").args(["-c", "mkdir -p /srv/shared && mount -t tmpfs -o size=64m other-store /srv/shared"]));
-    let out = h.cli(&["status", "--root", "/srv/shared"]);
+    let other = h.dir.join("other");
+    fs::create_dir_all(&other).unwrap();
+    run_ok(h.cmd("mount").args(["-t", "tmpfs", "-o", "size=64m", "other-store"]).arg(&other));
+    let out = h.cli(&["status", "--root", other.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("placement:   own filesystem (tmpfs other-store on /srv/shared)"), "{text}");
+    let want = format!("placement:   own filesystem (tmpfs other-store on {})", other.display());
+    assert!(text.contains(&want), "{text}");
+}
+
+/// `sharedloop.require_shared_root=true` turns a local root into a refusal
+/// to start, naming the option and the reason; a root on its own
+/// filesystem starts.
+#[test]
+fn require_shared_root_refuses_a_local_root() {
+    require(&["mkfs.ext4"]);
+    let h = Host::new("strict-root");
+    let (local, shared) = (h.dir.join("local-root"), h.dir.join("shared-root"));
+    fs::create_dir_all(&local).unwrap();
+    fs::create_dir_all(&shared).unwrap();
+    run_ok(h.cmd("mount").args(["-t", "tmpfs", "-o", "size=64m", "other-store"]).arg(&shared));
+    let serve = |name: &str, root: &str| {
+        let mut c = h.cmd(sharedloop_bin());
+        c.args(["serve", "--config", "/dev/null", "--no-docker", "--containerd"])
+            .arg("--containerd-socket")
+            .arg(format!("/run/{name}.sock"))
+            .arg("--containerd-root")
+            .arg(h.dir.join(format!("home-{name}")))
+            .args(["--run-dir", &format!("/run/{name}")])
+            .args(["-o", &format!("loopback_root={root}"), "-o", "require_shared_root=true"]);
+        c
+    };
+    let out = run(&mut serve("local", local.to_str().unwrap()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a local root: {err}");
+    let want =
+        format!("option sharedloop.require_shared_root: the loopback root {} is LOCAL, NOT SHARED", local.display());
+    assert!(err.contains(&want), "{err}");
+
+    let mut child = serve("shared", shared.to_str().unwrap())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(h.dir.join("shared.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let sock = h.inside(Path::new("/run/shared.sock"));
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("refused a shared root ({s}): {}", fs::read_to_string(h.dir.join("shared.log")).unwrap());
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(20), "no socket");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The host's end kills it (and its namespace); reap our handle.
+    drop(h);
+    let _ = child.wait();
 }
