@@ -344,7 +344,7 @@ pub fn promote(store: &Store, progress: &mut dyn FnMut(u64)) -> Result<PromoteRe
             fs::create_dir_all(&tmp).ctx("mkdir", &tmp)?;
             let r = (|| -> Result<()> {
                 if let Some(img) = layer.image() {
-                    crate::image::sparse_copy(&img, &tmp.join(IMAGE_FILE))?;
+                    crate::image::sparse_copy(&img, &tmp.join(IMAGE_FILE), crate::image::SHARED_IMAGE_MODE)?;
                     fs::File::open(tmp.join(IMAGE_FILE))
                         .ctx("open", tmp.join(IMAGE_FILE))?
                         .sync_all()
@@ -353,7 +353,7 @@ pub fn promote(store: &Store, progress: &mut dyn FnMut(u64)) -> Result<PromoteRe
                     progress(layer.meta.image_bytes);
                 }
                 let text = fs::read(layer.dir.join(META_FILE)).ctx("read", layer.dir.join(META_FILE))?;
-                crate::store::write_atomic(&tmp.join(META_FILE), &text)?;
+                crate::store::write_atomic_shared(&tmp.join(META_FILE), &text)?;
                 fsync_dir(&tmp)?;
                 if fs::rename(&tmp, &dest).is_err() && !dest.join(META_FILE).exists() {
                     return Err(Error::sys("rename", &dest, std::io::Error::last_os_error()));

@@ -317,10 +317,15 @@ impl Driver {
 
     fn open_with(home: &Path, cfg: Config, mounts: Option<Arc<LayerMounts>>) -> Result<Driver> {
         cfg.check_kernel(&rustix::system::uname().release().to_string_lossy())?;
-        for d in ["", "layers", "rw", "mnt", "rwmnt", "merged", "tmp", "empty"] {
-            let p = home.join(d);
-            fs::create_dir_all(&p).ctx("mkdir", &p)?;
+        // Root's alone (see crate::perms). `empty` keeps the usual mode:
+        // it is a lower layer, whose root directory a stack may show.
+        for d in ["", "layers", "rw", "mnt", "rwmnt", "merged", "tmp"] {
+            crate::perms::private_dir(&home.join(d))?;
         }
+        let empty = home.join("empty");
+        fs::create_dir_all(&empty).ctx("mkdir", &empty)?;
+        crate::perms::restrict_old_files(home);
+        crate::placement::check_at_start(&cfg, home)?;
         let lock_path = home.join("lock");
         let lock =
             fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).ctx("open", &lock_path)?;
@@ -476,7 +481,7 @@ impl Driver {
             self.mounts.sweep();
         }
         let own_mnt = self.mounts.dir() == self.home.join("mnt");
-        let mounts = mount::mountinfo()?;
+        let mounts = mount::mounts_under(&self.home)?;
         // Deepest first, so merged overlays go before the layers under them.
         let mut orphans = Vec::new();
         for m in &mounts {
@@ -1455,6 +1460,10 @@ impl Driver {
                 None => "writable".to_owned(),
                 Some(why) => format!("new layers go to fallback ({why})"),
             },
+        ));
+        v.push((
+            "Root Directory Placement".to_owned(),
+            crate::placement::check_root(&self.cfg.root, Some(&self.home)).describe(),
         ));
         for loc in [Location::Root, Location::Fallback] {
             let base = self.store.base(loc);

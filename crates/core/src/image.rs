@@ -48,8 +48,14 @@ fn run(cmd: &mut Command) -> Result<()> {
     }
 }
 
-fn create_sparse(path: &Path, size: Bytes) -> Result<File> {
-    let f = OpenOptions::new().write(true).read(true).create_new(true).open(path).ctx("create", path)?;
+/// Mode of a published layer image: other hosts read it.
+pub const SHARED_IMAGE_MODE: u32 = 0o644;
+
+/// A new sparse file of `size` with `mode` (a writable image is 0600: it
+/// holds a container's files; a layer image for the store 0644).
+fn create_sparse(path: &Path, size: Bytes, mode: u32) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new().write(true).read(true).create_new(true).mode(mode).open(path).ctx("create", path)?;
     f.set_len(size.0).ctx("truncate", path)?;
     Ok(f)
 }
@@ -96,7 +102,7 @@ pub fn build_layer_image(staging: &Path, out: &Path, counts: TreeCounts, fs: FsT
 }
 
 fn build_ext4(staging: &Path, out: &Path, size: Bytes, counts: TreeCounts) -> Result<()> {
-    create_sparse(out, size)?;
+    create_sparse(out, size, SHARED_IMAGE_MODE)?;
     let inodes = (counts.inodes + counts.inodes / 10 + 64).to_string();
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N", &inodes, "-L", "sharedloop"])
@@ -106,7 +112,7 @@ fn build_ext4(staging: &Path, out: &Path, size: Bytes, counts: TreeCounts) -> Re
 }
 
 fn build_xfs(staging: &Path, out: &Path, size: Bytes) -> Result<()> {
-    create_sparse(out, size)?;
+    create_sparse(out, size, SHARED_IMAGE_MODE)?;
     run(Command::new("mkfs.xfs").args(["-q", "-f", "-K", "-L", "sharedloop"]).arg(out))?;
     copy_into_image(staging, out, FsType::Xfs)
 }
@@ -154,13 +160,14 @@ fn copy_range(from: &File, to: &File, start: u64, end: u64) -> std::io::Result<(
     Ok(())
 }
 
-/// Copies the data extents of sparse file `src` into new file `dst`, so a
-/// 10 GiB image with 4 MiB of metadata costs 4 MiB of I/O.
-pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
+/// Copies the data extents of sparse file `src` into new file `dst` (of
+/// `mode`), so a 10 GiB image with 4 MiB of metadata costs 4 MiB of I/O.
+pub fn sparse_copy(src: &Path, dst: &Path, mode: u32) -> Result<()> {
     use rustix::fs::{copy_file_range, seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
     let from = File::open(src).ctx("open", src)?;
     let len = from.metadata().ctx("stat", src)?.len();
-    let to = OpenOptions::new().write(true).create_new(true).open(dst).ctx("create", dst)?;
+    let to = OpenOptions::new().write(true).create_new(true).mode(mode).open(dst).ctx("create", dst)?;
     to.set_len(len).ctx("truncate", dst)?;
     let mut pos = 0u64;
     while pos < len {
@@ -197,7 +204,7 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
 /// A sparse, journal-less ext4 image of `size` at `out` (must not exist),
 /// used as scratch space for staging.
 pub fn create_scratch_image(out: &Path, size: Bytes) -> Result<()> {
-    drop(create_sparse(out, size)?);
+    drop(create_sparse(out, size, crate::perms::PRIVATE_FILE)?);
     let r = run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-E", "lazy_itable_init=1,nodiscard", "-L", "sl-scratch"])
         .arg(out));
@@ -227,9 +234,9 @@ pub fn create_rw_image(out: &Path, fs: FsType, size: Bytes, templates: &Path) ->
     let size = Bytes(size.0.max(fs.min_image_size().0));
     let template = templates.join(format!("{}-{}.img", fs.name(), size.0));
     if !template.exists() {
-        std::fs::create_dir_all(templates).ctx("mkdir", templates)?;
+        crate::perms::private_dir(templates)?;
         let tmp = templates.join(format!(".{}-{}.{}", fs.name(), size.0, crate::ids::random_token()));
-        let made = create_sparse(&tmp, size).and_then(|f| {
+        let made = create_sparse(&tmp, size, crate::perms::PRIVATE_FILE).and_then(|f| {
             drop(f);
             mkfs_rw(&tmp, fs)
         });
@@ -239,7 +246,7 @@ pub fn create_rw_image(out: &Path, fs: FsType, size: Bytes, templates: &Path) ->
             return Err(e);
         }
     }
-    let r = sparse_copy(&template, out);
+    let r = sparse_copy(&template, out, crate::perms::PRIVATE_FILE);
     if r.is_err() {
         let _ = std::fs::remove_file(out);
     }

@@ -76,12 +76,12 @@ impl LayerMounts {
     /// adopts the layer mounts already there.
     /// Records of checked images go to `verified`.
     pub fn open(dir: &Path, verified: &Path, shared: bool) -> Result<Arc<LayerMounts>> {
-        fs::create_dir_all(dir).ctx("mkdir", dir)?;
-        fs::create_dir_all(verified).ctx("mkdir", verified)?;
+        crate::perms::private_dir(dir)?;
+        crate::perms::private_dir(verified)?;
         mount::make_private(dir)?;
         let mut table = HashMap::new();
         let mut strays = Vec::new();
-        for m in mount::mountinfo()? {
+        for m in mount::mounts_under(dir)? {
             let Ok(rel) = m.mount_point.strip_prefix(dir) else { continue };
             let mut comps = rel.iter();
             let (Some(name), None) = (comps.next(), comps.next()) else {

@@ -15,6 +15,8 @@ pub mod imagefile;
 pub mod layermounts;
 pub mod mount;
 pub mod options;
+pub mod perms;
+pub mod placement;
 pub mod snapshots;
 pub mod store;
 pub mod sys;

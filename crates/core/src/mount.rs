@@ -11,7 +11,7 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustix::fs::CWD;
+use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
 use rustix::io::Errno;
 use rustix::mount::{
     fsconfig_create, fsconfig_set_string, fsmount, fsopen, mount, mount_bind, mount_change, move_mount, unmount,
@@ -167,6 +167,8 @@ pub fn make_inert(dir: &Path) -> Result<()> {
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The mount's id (the first field), as `statx`'s `STATX_MNT_ID` gives it.
+    pub mount_id: u64,
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
@@ -194,11 +196,13 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
+            let mount_id = left.split(' ').next()?.parse().ok()?;
             let mount_point = left.split(' ').nth(4)?;
             let mut r = right.split(' ');
             let fs_type = r.next()?;
             let source = r.next().unwrap_or("");
             Some(MountEntry {
+                mount_id,
                 mount_point: PathBuf::from(unescape(mount_point)),
                 fs_type: fs_type.to_owned(),
                 source: unescape(source),
@@ -213,9 +217,44 @@ pub fn mountinfo() -> Result<Vec<MountEntry>> {
     Ok(parse_mountinfo(&text))
 }
 
-/// Whether `p` is a mount point (in this mount namespace).
+/// Whether `p` is the root of the mount that a lookup of `p` reaches.
+///
+/// Asks the kernel about the path itself (`STATX_ATTR_MOUNT_ROOT`, Linux
+/// 5.8+), not mountinfo: a mount that mountinfo lists at `p` but that a
+/// later mount on a parent covers (a host's `/run/sharedloop/layers` in a
+/// namespace with its own tmpfs on `/run`) is not what `p` names, and
+/// treating it as such makes `make_private` fail with EINVAL. Kernels
+/// without the attribute get the mountinfo answer, narrowed by
+/// [`is_visible`].
 pub fn is_mountpoint(p: &Path) -> bool {
-    mountinfo().map(|m| m.iter().any(|e| e.mount_point == p)).unwrap_or(false)
+    match statx(CWD, p, AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT, StatxFlags::empty()) {
+        Ok(st) if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
+            st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+        }
+        Ok(_) | Err(Errno::NOSYS) => {
+            mountinfo().map(|m| m.iter().any(|e| e.mount_point == p && is_visible(e))).unwrap_or(false)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether the mount `e` is the one a lookup of its mount point reaches,
+/// not one covered by a later mount there or on a parent (mountinfo lists
+/// those too). Asks `statx` for the path's mount id (Linux 5.8+); older
+/// kernels cannot tell, and every mount counts as visible.
+pub fn is_visible(e: &MountEntry) -> bool {
+    match statx(CWD, &e.mount_point, AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT, StatxFlags::MNT_ID) {
+        Ok(st) if st.stx_mask & StatxFlags::MNT_ID.bits() != 0 => st.stx_mnt_id == e.mount_id,
+        Ok(_) | Err(Errno::NOSYS) => true,
+        Err(_) => false,
+    }
+}
+
+/// The mounts at or below `dir` that paths there reach (see
+/// [`is_visible`]), in mountinfo order. Only these are asked about, so a
+/// hung network mount elsewhere cannot stall the caller.
+pub fn mounts_under(dir: &Path) -> Result<Vec<MountEntry>> {
+    Ok(mountinfo()?.into_iter().filter(|e| e.mount_point.starts_with(dir) && is_visible(e)).collect())
 }
 
 #[cfg(test)]
@@ -232,5 +271,6 @@ mod tests {
         assert_eq!(m[0].fs_type, "ext3");
         assert_eq!(m[1].source, "/dev/loop3");
         assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/x/mnt/sha256-ab"));
+        assert_eq!((m[0].mount_id, m[1].mount_id), (36, 40));
     }
 }

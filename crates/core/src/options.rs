@@ -88,6 +88,10 @@ pub struct Config {
     /// files included) that applying a layer accepts; `None`: no limit.
     #[serde(default)]
     pub max_layer_size: Option<Bytes>,
+    /// `sharedloop.require_shared_root`: refuse to start when the root is
+    /// local (see [`crate::placement`]).
+    #[serde(default)]
+    pub require_shared_root: bool,
 }
 
 /// Direct I/O of loop devices on their image files.
@@ -158,6 +162,7 @@ impl Default for Config {
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
             verify: VerifyMode::Digest,
             max_layer_size: None,
+            require_shared_root: false,
         }
     }
 }
@@ -237,6 +242,7 @@ impl Config {
                     }
                 }
                 "sharedloop.verify" => c.verify = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
+                "sharedloop.require_shared_root" => c.require_shared_root = parse_bool(&key, val.unwrap_or(""))?,
                 "sharedloop.size" => c.rw_size = parse_size(&key, need(&key, val)?)?,
                 "sharedloop.max_layer_size" => {
                     let v = need(&key, val)?;
@@ -250,7 +256,8 @@ impl Config {
                         &key,
                         "unknown option; known: sharedloop.loopback_root, sharedloop.loopback_fallback, \
                          sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size, sharedloop.direct_io, \
-                         sharedloop.heartbeat_interval, sharedloop.verify, sharedloop.max_layer_size",
+                         sharedloop.heartbeat_interval, sharedloop.verify, sharedloop.max_layer_size, \
+                         sharedloop.require_shared_root",
                     ))
                 }
             }
@@ -314,6 +321,10 @@ mod tests {
         assert_eq!(c.fs, FsType::Ext4);
         assert_eq!(c.verify, VerifyMode::Digest);
         assert_eq!(c.direct_io, DirectIo::Auto);
+        assert!(!c.require_shared_root);
+        assert!(Config::from_opts(&["sharedloop.require_shared_root=true"]).unwrap().require_shared_root);
+        assert!(Config::from_opts(&["sharedloop.require_shared_root"]).unwrap().require_shared_root);
+        assert!(Config::from_opts(&["sharedloop.require_shared_root=maybe"]).is_err());
         assert_eq!(Config::from_opts(&["sharedloop.direct_io=auto"]).unwrap().direct_io, DirectIo::Auto);
         assert_eq!(Config::from_opts(&["sharedloop.direct_io=true"]).unwrap().direct_io, DirectIo::On);
         assert!(DirectIo::On.for_file(std::path::Path::new("/proc/self/status")));

@@ -111,7 +111,7 @@ impl Snapshotter {
     /// records whose layer a crash left behind (or never made).
     pub fn open(driver: Driver) -> Result<Snapshotter> {
         let dir = driver.home().join("snapshots");
-        fs::create_dir_all(&dir).ctx("mkdir", &dir)?;
+        crate::perms::private_dir(&dir)?;
         let mut snaps = HashMap::new();
         for e in fs::read_dir(&dir).ctx("read dir", &dir)?.flatten() {
             let p = e.path();

@@ -154,12 +154,25 @@ pub fn remove_tree(p: &Path) {
 }
 
 /// Writes `data` to `path` crash-atomically: temp file, fsync, rename,
-/// fsync the directory. A state file is never rewritten in place.
+/// fsync the directory. A state file is never rewritten in place. The
+/// file is root's alone (0600, see [`crate::perms`]): local state. Files
+/// that other hosts read go through [`write_atomic_shared`].
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, crate::perms::PRIVATE_FILE)
+}
+
+/// [`write_atomic`] for a file of the shared store, which other hosts
+/// read: 0644.
+pub fn write_atomic_shared(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o644)
+}
+
+fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().expect("file has a parent");
     let tmp = dir.join(format!(".{}.{}", path.file_name().unwrap().to_string_lossy(), random_token()));
     let r = (|| {
-        let mut f = File::create(&tmp).ctx("create", &tmp)?;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).ctx("create", &tmp)?;
         f.write_all(data).ctx("write", &tmp)?;
         f.sync_all().ctx("fsync", &tmp)?;
         fs::rename(&tmp, path).ctx("rename", path)?;
@@ -542,7 +555,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
                 Err(e) => Err(Error::sys("mkdir", &dir, e)),
             }
-            .and_then(|_| write_atomic(&dir.join(&self.host_id), &text));
+            .and_then(|_| write_atomic_shared(&dir.join(&self.host_id), &text));
             if let Err(e) = r {
                 tracing::debug!(dir = %dir.display(), error = %e, "cannot write the heartbeat");
             }

@@ -106,7 +106,7 @@ fn publish(store: &Store, chain: &ChainId, img: &Path) -> LayerInfo {
     };
     store
         .publish(chain, &|tmp: &Path| {
-            sparse_copy(img, &tmp.join(IMAGE_FILE))?;
+            sparse_copy(img, &tmp.join(IMAGE_FILE), 0o644)?;
             Ok(meta.clone())
         })
         .unwrap()
@@ -151,10 +151,10 @@ fn real_an_image_renamed_over_layer_img_during_the_check_is_never_mounted() {
         // The genuine image in place again (a new inode), the crafted one
         // ready on the same filesystem.
         let fresh = img.with_extension(format!("fresh{round}"));
-        sparse_copy(&genuine, &fresh).unwrap();
+        sparse_copy(&genuine, &fresh, 0o644).unwrap();
         fs::rename(&fresh, &img).unwrap();
         let swap = peer_dir.join(format!("crafted{round}.img"));
-        sparse_copy(&crafted, &swap).unwrap();
+        sparse_copy(&crafted, &swap, 0o644).unwrap();
         let genuine_ino = fs::metadata(&img).unwrap().ino();
 
         let mounts = LayerMounts::open(
@@ -332,7 +332,7 @@ fn real_an_image_written_in_place_during_the_check_is_refused() {
     let me = gettid();
     for (round, mode) in [VerifyMode::Digest, VerifyMode::Full, VerifyMode::Digest].into_iter().enumerate() {
         let fresh = img.with_extension(format!("fresh{round}"));
-        sparse_copy(&genuine, &fresh).unwrap();
+        sparse_copy(&genuine, &fresh, 0o644).unwrap();
         fs::rename(&fresh, &img).unwrap();
         let mounts = LayerMounts::open(
             &rig.path().join(format!("mnt{round}")),

@@ -46,13 +46,22 @@ impl std::fmt::Display for Usage {
 impl std::error::Error for Usage {}
 
 impl StoreArgs {
-    pub fn store(&self) -> Result<Store, Usage> {
-        let mut opts: Vec<String> = std::fs::read(self.run_dir.join("docker-init.json"))
+    /// A field of what dockerd passed at Init, as the plugin recorded it.
+    fn init_record(&self, field: &str) -> Option<serde_json::Value> {
+        std::fs::read(self.run_dir.join("docker-init.json"))
             .ok()
             .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("opts").cloned())
-            .and_then(|o| serde_json::from_value(o).ok())
-            .unwrap_or_default();
+            .and_then(|v| v.get(field).cloned())
+    }
+
+    /// The Docker plugin's home (its local state), when dockerd initialised it.
+    pub fn docker_home(&self) -> Option<PathBuf> {
+        self.init_record("home").and_then(|h| serde_json::from_value(h).ok())
+    }
+
+    pub fn store(&self) -> Result<Store, Usage> {
+        let mut opts: Vec<String> =
+            self.init_record("opts").and_then(|o| serde_json::from_value(o).ok()).unwrap_or_default();
         opts.extend(self.storage_opt.iter().cloned());
         let mut cfg = Config::from_opts(&opts).map_err(|e| Usage(e.to_string()))?;
         if let Some(r) = &self.root {
@@ -104,6 +113,12 @@ struct DirStatus {
     path: PathBuf,
     filesystem: String,
     new_layers: String,
+    /// Root only: whether it is a filesystem of its own or local
+    /// (sharedloop_core::placement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    placement: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local: Option<bool>,
     layers: usize,
     image_bytes: u64,
     hosts: Vec<HostStatus>,
@@ -135,7 +150,11 @@ pub fn status(args: &StoreArgs, host_timeout: &str) -> anyhow::Result<i32> {
             },
             Location::Fallback => "created here when root cannot take them".to_owned(),
         };
+        let placement = (loc == Location::Root)
+            .then(|| sharedloop_core::placement::check_root(&base, args.docker_home().as_deref()));
         out.push(DirStatus {
+            placement: placement.as_ref().map(|p| p.describe()),
+            local: placement.as_ref().map(|p| p.is_local()),
             location: loc,
             filesystem: if base.exists() { fsmagic::fs_name_of(&base) } else { "(missing)".into() },
             path: base,
@@ -162,6 +181,9 @@ pub fn status(args: &StoreArgs, host_timeout: &str) -> anyhow::Result<i32> {
         println!("{} directory: {}", if d.location == Location::Root { "Root" } else { "Fallback" }, d.path.display());
         println!("  filesystem:  {}", d.filesystem);
         println!("  new layers:  {}", d.new_layers);
+        if let Some(p) = &d.placement {
+            println!("  placement:   {p}");
+        }
         println!("  layers:      {} ({})", d.layers, bytes(d.image_bytes));
         for h in &d.hosts {
             println!(

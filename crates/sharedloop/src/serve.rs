@@ -196,13 +196,29 @@ fn share_socket(path: &Path, gid: Option<u32>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates the run directory root's alone (0700; see
+/// `sharedloop_core::perms`): its layer mounts show every image's files.
+/// When a socket group is given and the snapshotter socket lives in it,
+/// that group may pass through (0710) to reach the socket, but lists and
+/// enters nothing else: `layers/` and `verified/` stay 0700.
+fn private_run_dir(run_dir: &Path, gid: Option<u32>, socket: Option<&Path>) -> anyhow::Result<()> {
+    sharedloop_core::perms::private_dir(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if let (Some(gid), true) = (gid, socket.is_some_and(|s| s.parent() == Some(run_dir))) {
+        rustix::fs::chown(run_dir, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .with_context(|| format!("chown {}", run_dir.display()))?;
+        rustix::fs::chmod(run_dir, rustix::fs::Mode::from_raw_mode(0o710))
+            .with_context(|| format!("chmod {}", run_dir.display()))?;
+    }
+    Ok(())
+}
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.plan()?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(64).enable_all().build()?;
     rt.block_on(async move {
         let run_dir = plan.run_dir.clone();
-        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        private_run_dir(&run_dir, plan.socket_gid, plan.containerd.as_ref().map(|c| c.0.as_path()))?;
         let mounts = LayerMounts::open(&run_dir.join("layers"), &run_dir.join("verified"), true)?;
         let m = mounts.clone();
         let docker = plan.docker.clone();

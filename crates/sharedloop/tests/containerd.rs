@@ -550,6 +550,12 @@ fn sockets_are_root_only_unless_a_group_is_given() {
             assert_eq!(md.permissions().mode() & 0o777, mode, "{} with group {group:?}", sock.display());
             assert_eq!((md.uid(), md.gid()), (0, gid), "{} with group {group:?}", sock.display());
         }
+        // The group passes through the run directory to the socket, and no further.
+        let run_dir = fs::metadata(h.inside(Path::new("/run/sharedloop"))).unwrap();
+        let want = if group.is_some() { 0o710 } else { 0o700 };
+        assert_eq!((run_dir.permissions().mode() & 0o777, run_dir.gid()), (want, gid), "run dir, group {group:?}");
+        let layers = fs::metadata(h.inside(Path::new(LAYER_MOUNTS))).unwrap();
+        assert_eq!(layers.permissions().mode() & 0o777, 0o700);
     }
 }
 
