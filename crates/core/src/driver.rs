@@ -605,15 +605,20 @@ impl Driver {
             let writable_parent = match parent {
                 Some(p) => match st.layers.get(p) {
                     None => return Err(Error::ParentNotFound { id: id.into(), parent: p.into() }),
-                    Some(pl) => matches!(pl.kind, Kind::Rw { .. }).then(|| p.to_owned()),
+                    // Only a read-only layer freezes its parent: a writable
+                    // one over a writable parent (Docker's container over
+                    // its -init layer) sees the parent live, as overlay2's.
+                    Some(pl) => {
+                        (kind == CreateKind::ReadOnly && matches!(pl.kind, Kind::Rw { .. })).then(|| p.to_owned())
+                    }
                 },
                 None => None,
             };
             (self.reserve(&mut st, &[id], parent)?, writable_parent)
         };
-        // Over a writable parent, the new layer stands on a snapshot of the
-        // parent's content as it is now (as vfs copies its parent): what is
-        // written to the parent later does not show through.
+        // A read-only layer over a writable parent stands on a snapshot of
+        // the parent's content as it is now (as vfs copies its parent): what
+        // is written to the parent later does not show through.
         let base = match &writable_parent {
             Some(p) => {
                 let info = self.publish_upper(p, None)?;
