@@ -24,6 +24,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -120,11 +121,35 @@ struct State {
     busy: HashSet<String>,
     /// Parents of creates in flight, with their count: not removable.
     pinned: HashMap<String, u32>,
+    /// Published layers a request has referenced and not yet recorded
+    /// (an ApplyDiff, commit or snapshot between taking the store's
+    /// reference and saving the layer): a removal of another layer on the
+    /// same chain must not drop this host's reference meanwhile.
+    inflight: HashMap<ChainId, u32>,
     /// Set by [`Driver::cleanup`]: every mount is released and no request
     /// is served any more.
     closed: bool,
     /// Background removals of writable layers; each sender drops when done.
     pending: Vec<std::sync::mpsc::Receiver<()>>,
+}
+
+/// A published layer held in flight (see `State::inflight`) until
+/// dropped, once its user is recorded.
+struct ChainHold<'a> {
+    state: &'a Mutex<State>,
+    chain: ChainId,
+}
+
+impl Drop for ChainHold<'_> {
+    fn drop(&mut self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = st.inflight.get_mut(&self.chain) {
+            *n -= 1;
+            if *n == 0 {
+                st.inflight.remove(&self.chain);
+            }
+        }
+    }
 }
 
 /// Ids reserved by one request while it works outside the lock; released
@@ -329,11 +354,17 @@ impl Driver {
         let lock_path = home.join("lock");
         let lock =
             fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).ctx("open", &lock_path)?;
-        if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            return Err(Error::Invalid(format!(
-                "{} is in use by another sharedloop process ({e}); one process per state directory",
-                home.display()
-            )));
+        // A driver of this process reopened (dockerd's Init again) may wait
+        // a moment for requests still running on the one it replaces.
+        let t0 = std::time::Instant::now();
+        while let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                return Err(Error::Invalid(format!(
+                    "{} is in use by another sharedloop process ({e}); one process per state directory",
+                    home.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         mount::make_private(home)?;
         prepare_staging(home)?;
@@ -619,14 +650,15 @@ impl Driver {
         // A read-only layer over a writable parent stands on a snapshot of
         // the parent's content as it is now (as vfs copies its parent): what
         // is written to the parent later does not show through.
-        let base = match &writable_parent {
+        let (base, mut base_hold) = match &writable_parent {
             Some(p) => {
-                let info = self.publish_upper(p, None)?;
-                Some(info.meta.chain_id)
+                let (info, hold) = self.publish_upper(p, None)?;
+                (Some(info.meta.chain_id), Some(hold))
             }
-            None => None,
+            None => (None, None),
         };
-        let release_base = |base: &Option<ChainId>| {
+        let release_base = |base: &Option<ChainId>, hold: Option<ChainHold<'_>>| {
+            drop(hold);
             if let Some(c) = base {
                 let mut st = self.lock();
                 if let Err(e) = self.release_chain(&mut st, c, id) {
@@ -639,7 +671,7 @@ impl Driver {
             CreateKind::ReadWrite => {
                 let fs_type = self.cfg.fs;
                 if let Some(s) = size.filter(|s| *s < fs_type.min_image_size()) {
-                    release_base(&base);
+                    release_base(&base, base_hold.take());
                     return Err(Error::Option {
                         option: "size".into(),
                         reason: format!("{s} is below the {} minimum of {}", fs_type.name(), fs_type.min_image_size()),
@@ -648,7 +680,7 @@ impl Driver {
                 let default = if id.ends_with("-init") { INIT_LAYER_SIZE } else { self.cfg.rw_size };
                 let size = size.unwrap_or(default);
                 if let Err(e) = self.make_rw_image(id, fs_type, size) {
-                    release_base(&base);
+                    release_base(&base, base_hold.take());
                     return Err(e);
                 }
                 Kind::Rw { size, fs: fs_type }
@@ -657,7 +689,7 @@ impl Driver {
         let l = LocalLayer { id: id.into(), parent: parent.map(str::to_owned), base: base.clone(), kind };
         if let Err(e) = self.save(&l) {
             let _ = fs::remove_dir_all(self.rw_image(id).parent().unwrap());
-            release_base(&base);
+            release_base(&base, base_hold.take());
             return Err(e);
         }
         self.lock().layers.insert(id.into(), l);
@@ -705,6 +737,20 @@ impl Driver {
             return Ok(target);
         }
         let img = self.rw_image(id);
+        // A writable image still attached from before (a mount that a
+        // process kept alive through a restart) must not be mounted twice:
+        // two filesystems writing one image corrupt it.
+        if let Some((dev, _)) = loopdev::list().into_iter().find(|(_, b)| *b == img) {
+            return Err(Error::InUse {
+                id: id.into(),
+                why: format!(
+                    "its image {} is still attached to {} by an earlier mount that something keeps alive; \
+                     stop what uses it (a container's processes) and try again",
+                    img.display(),
+                    dev.display()
+                ),
+            });
+        }
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
         let direct_io = self.cfg.direct_io.for_file(&img);
         let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io })
@@ -815,6 +861,14 @@ impl Driver {
             return Err(Error::InUse { id: id.into(), why: "another request is working on it".into() });
         }
         if let Kind::Image { chain: None, .. } = l.kind {
+            // Layers built on it see it as it is: empty. Opening it for
+            // writing now would change what they stand on.
+            if st.pinned.contains_key(id) || st.layers.values().any(|c| c.parent.as_deref() == Some(id)) {
+                return Err(Error::InUse {
+                    id: id.into(),
+                    why: "it is empty and layers are built on it; it can no longer be written".into(),
+                });
+            }
             let fs_type = self.cfg.fs;
             self.make_rw_image(id, fs_type, self.cfg.rw_size)?;
             l.kind = Kind::Rw { size: self.cfg.rw_size, fs: fs_type };
@@ -1004,24 +1058,28 @@ impl Driver {
         if let Err(e) = fs::remove_dir_all(&staging) {
             tracing::warn!(path = %staging.display(), error = %e, "cannot remove staging directory");
         }
-        let (info, content) = r?;
+        let (info, content, hold) = r?;
         crate::fault::point("apply", "published and referenced");
         let chain = info.meta.chain_id.clone();
-        let mut st = self.lock();
-        let Some(mut l) = st.layers.get(id).cloned() else {
-            return Err(Error::NotFound(format!("layer {id}")));
-        };
+        let mut l = self.lock().layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         l.kind = Kind::Image { chain: Some(chain.clone()), size: content };
         if let Err(e) = self.save(&l) {
-            let _ = self.store.release(&info);
+            drop(hold);
+            let _ = self.release_chain(&mut self.lock(), &chain, id);
             return Err(e);
         }
-        st.layers.insert(id.to_owned(), l);
+        self.lock().layers.insert(id.to_owned(), l);
+        drop(hold);
         tracing::info!(layer = id, chain = %chain, location = info.location.name(), bytes = content, "diff applied");
         Ok(content)
     }
 
-    fn apply_staged(&self, staging: &Path, parent: Option<&ChainId>, tar: &mut dyn Read) -> Result<(LayerInfo, u64)> {
+    fn apply_staged(
+        &self,
+        staging: &Path,
+        parent: Option<&ChainId>,
+        tar: &mut dyn Read,
+    ) -> Result<(LayerInfo, u64, ChainHold<'_>)> {
         let t0 = std::time::Instant::now();
         crate::fault::point("apply", "staging made");
         let stats = apply_tar_limited(tar, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
@@ -1035,8 +1093,8 @@ impl Driver {
             tar_bytes: stats.tar_bytes,
             entries: stats.entries,
         };
-        let info = self.publish_tree(staging, &chain, parent, &tree)?;
-        Ok((info, stats.content_bytes))
+        let (info, hold) = self.publish_tree(staging, &chain, parent, &tree)?;
+        Ok((info, stats.content_bytes, hold))
     }
 
     /// Publishes the tree under `staging/fs` as layer `chain` (or uses the
@@ -1047,7 +1105,11 @@ impl Driver {
         chain: &ChainId,
         parent: Option<&ChainId>,
         tree: &TreeFacts,
-    ) -> Result<LayerInfo> {
+    ) -> Result<(LayerInfo, ChainHold<'_>)> {
+        // Held before the store's reference is taken, so that no removal
+        // on this host drops it before the caller records the layer.
+        *self.lock().inflight.entry(chain.clone()).or_default() += 1;
+        let hold = ChainHold { state: &self.state, chain: chain.clone() };
         let fs_type = self.cfg.fs;
         let build = |tmp: &Path| -> Result<LayerMeta> {
             let t1 = std::time::Instant::now();
@@ -1103,7 +1165,7 @@ impl Driver {
                 },
             };
             if let Some(info) = self.store.acquire(&info) {
-                return Ok(info);
+                return Ok((info, hold));
             }
             tracing::info!(layer = %chain, "the layer was removed while being referenced; publishing it again");
         }
@@ -1144,7 +1206,7 @@ impl Driver {
             kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
         };
         if let Err(e) = self.save(&l) {
-            let _ = self.store.release(&info);
+            let _ = self.release_chain(&mut st, chain, id);
             return Err(e);
         }
         tracing::info!(layer = %chain, location = info.location.name(), "using the published layer; nothing to unpack");
@@ -1167,8 +1229,7 @@ impl Driver {
             let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
             (self.reserve(&mut st, &[new_id], Some(rw_id))?, l)
         };
-        let r = self.publish_upper(rw_id, chain);
-        let info = r?;
+        let (info, hold) = self.publish_upper(rw_id, chain)?;
         crate::fault::point("commit", "published and referenced");
         let chain = info.meta.chain_id.clone();
         let l = LocalLayer {
@@ -1178,10 +1239,12 @@ impl Driver {
             kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
         };
         if let Err(e) = self.save(&l) {
-            let _ = self.store.release(&info);
+            drop(hold);
+            let _ = self.release_chain(&mut self.lock(), &chain, new_id);
             return Err(e);
         }
         self.lock().layers.insert(new_id.into(), l);
+        drop(hold);
         crate::fault::point("commit", "committed layer recorded");
         tracing::info!(layer = %chain, from = rw_id, location = info.location.name(), "writable layer committed");
         Ok(chain)
@@ -1191,14 +1254,23 @@ impl Driver {
     /// the layer `chain` (or, without one, named by the digest of its
     /// content as a tar) over what the writable layer stands on; takes a
     /// reference.
-    fn publish_upper(&self, rw_id: &str, chain: Option<ChainId>) -> Result<LayerInfo> {
+    fn publish_upper(&self, rw_id: &str, chain: Option<ChainId>) -> Result<(LayerInfo, ChainHold<'_>)> {
         let (parent_chain, upper) = {
             let mut st = self.state()?;
             let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
             let Kind::Rw { fs, .. } = l.kind else {
                 return Err(Error::FailedPrecondition(format!("layer {rw_id} is not writable")));
             };
-            let parent_chain = Self::lower_chain(&st, &l)?;
+            let parent_chain = match Self::lower_chain(&st, &l) {
+                Err(Error::Invalid(_)) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "layer {rw_id} stands on a writable layer ({}): only a writable layer over published \
+                         layers can be frozen (a read-only layer over a Docker container's layer is not supported)",
+                        l.parent.as_deref().unwrap_or("")
+                    )))
+                }
+                r => r?,
+            };
             let upper = self.ensure_rw(&mut st, rw_id, fs)?.join("upper");
             (parent_chain, upper)
         };
@@ -1237,7 +1309,20 @@ impl Driver {
         upper: &Path,
         chain: Option<ChainId>,
         parent: Option<&ChainId>,
-    ) -> Result<LayerInfo> {
+    ) -> Result<(LayerInfo, ChainHold<'_>)> {
+        // The staging must still show the upper (a bind of it): a tree
+        // gone from under it would publish an empty layer under the real
+        // content's name.
+        let same = |a: &Path, b: &Path| -> Result<bool> {
+            let (x, y) = (fs::metadata(a).ctx("stat", a)?, fs::metadata(b).ctx("stat", b)?);
+            Ok((x.dev(), x.ino()) == (y.dev(), y.ino()))
+        };
+        if !same(&staging.join(image::LAYER_ROOT), upper)? {
+            return Err(Error::Invalid(format!(
+                "the staging of {} no longer shows the writable layer; not publishing it",
+                upper.display()
+            )));
+        }
         let counts = export::tree_counts(upper)?;
         let content_bytes = export::tree_size(upper)?;
         let (chain, diff_id) = match chain {
@@ -1307,16 +1392,12 @@ impl Driver {
         let dir = self.home.join("rw").join(id);
         // Same mount as rw/ (tmp/ is a mount of its own).
         let grave = self.home.join("rw").join(format!(".rm-{}", random_token()));
-        match fs::rename(&dir, &grave) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir(&grave).ctx("mkdir", &grave)?,
-            Err(e) => return Err(Error::sys("rename", dir, e)),
-        }
+        fs::create_dir(&grave).ctx("mkdir", &grave)?;
         let m = self.rw_mnt(id);
         let mut moved = None;
-        if st.rw_mounted.remove(id) {
-            // The mount moves into the grave with the image (both are on
-            // private mounts of the home), so rwmnt/<id> is free at once.
+        if st.rw_mounted.contains(id) {
+            // The mount moves into the grave (both are on private mounts of
+            // the home), so rwmnt/<id> is free at once.
             let to = grave.join("mnt");
             let r = fs::create_dir(&to)
                 .ctx("mkdir", &to)
@@ -1326,12 +1407,21 @@ impl Driver {
                 Err(e) => {
                     tracing::info!(target = %m.display(), error = %e, "cannot move the writable mount; detaching it");
                     if let Err(e) = mount::detach_path(&m) {
-                        // Keep the image: deleting it under a mount that is
-                        // still there would be worse than a leftover.
-                        st.rw_mounted.insert(id.to_owned());
+                        // Nothing moved yet: the layer stays as it was.
+                        let _ = fs::remove_dir(&to);
+                        let _ = fs::remove_dir(&grave);
                         return Err(e);
                     }
                 }
+            }
+            st.rw_mounted.remove(id);
+        }
+        // The image last: once it is in the grave, the layer is gone.
+        match fs::rename(&dir, grave.join("img")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "cannot move a removed writable image aside; deleting it in place")
             }
         }
         let _ = fs::remove_dir(&m);
@@ -1360,7 +1450,7 @@ impl Driver {
     /// Layer `id` no longer stands on published layer `c`: unless another
     /// local layer does, its mount and this host's reference go.
     fn release_chain(&self, st: &mut State, c: &ChainId, id: &str) -> Result<()> {
-        if st.layers.values().any(|o| o.id != id && o.uses_chain(c)) {
+        if st.layers.values().any(|o| o.id != id && o.uses_chain(c)) || st.inflight.contains_key(c) {
             return Ok(());
         }
         let info = match st.ro.remove(c) {
@@ -1556,11 +1646,33 @@ impl Driver {
     /// driver's claims on layer mounts, staging and the home's own bind.
     /// The driver serves no request afterwards; a new Init opens it again.
     pub fn cleanup(&self) -> Result<()> {
+        // No new request from here on; wait for those in flight (an
+        // ApplyDiff or a commit must not lose its staging under it).
+        {
+            let mut st = self.lock();
+            if st.closed {
+                return Ok(());
+            }
+            st.closed = true;
+        }
+        let t0 = std::time::Instant::now();
+        loop {
+            let st = self.lock();
+            if st.busy.is_empty() && st.pinned.is_empty() && st.inflight.is_empty() {
+                break;
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(300) {
+                tracing::warn!(busy = ?st.busy, "requests still in flight after 300 s; cleaning up around them");
+                break;
+            }
+            drop(st);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         self.settle();
         let mut st = self.lock();
-        if st.closed {
-            return Ok(());
-        }
+        // Nothing is detached: a mount that cannot go now (a process still
+        // in a container) stays visible, so that the next start adopts it
+        // instead of mounting a writable image a second time.
         let mut failed = Vec::new();
         let gets: Vec<(String, GetRef)> = st.gets.drain().collect();
         for (id, g) in gets {
@@ -1568,7 +1680,7 @@ impl Driver {
                 tracing::warn!(layer = %id, holds = g.count, "layer still mounted (Get without Put) at cleanup; unmounting it");
             }
             if g.mounted {
-                match mount::unmount_path(&g.dir).or_else(|_| mount::detach_path(&g.dir)) {
+                match mount::unmount_path(&g.dir) {
                     Ok(()) => {
                         let _ = fs::remove_dir(&g.dir);
                     }
@@ -1576,9 +1688,15 @@ impl Driver {
                 }
             }
         }
+        if !failed.is_empty() {
+            return Err(Error::Invalid(format!(
+                "cleanup: overlays still in use, left mounted with what they stand on: {}",
+                failed.join("; ")
+            )));
+        }
         for id in std::mem::take(&mut st.rw_mounted) {
             let m = self.rw_mnt(&id);
-            match mount::unmount_path(&m).or_else(|_| mount::detach_path(&m)) {
+            match mount::unmount_path(&m) {
                 Ok(()) => {
                     let _ = fs::remove_dir(&m);
                 }
@@ -1610,13 +1728,19 @@ impl Driver {
                 if !mount::is_mountpoint(&p) {
                     break;
                 }
-                if let Err(e) = mount::unmount_path(&p).or_else(|_| mount::detach_path(&p)) {
+                // The home's bind of itself may be pinned by this driver's
+                // own open lock file: once nothing is mounted below it,
+                // detaching it is harmless.
+                let r = match mount::unmount_path(&p) {
+                    Err(_) if p == self.home && failed.is_empty() => mount::detach_path(&p),
+                    r => r,
+                };
+                if let Err(e) = r {
                     failed.push(e.to_string());
                     break;
                 }
             }
         }
-        st.closed = true;
         tracing::info!(home = %self.home.display(), "driver cleaned up: every mount released");
         if failed.is_empty() {
             Ok(())

@@ -223,6 +223,9 @@ pub struct Store {
     pub host_id: String,
 }
 
+/// The largest `meta.json` read.
+const META_MAX_BYTES: u64 = 1 << 20;
+
 impl Store {
     pub fn new(cfg: &Config, host_id: &str) -> Store {
         Store { root: cfg.root.clone(), fallback: cfg.fallback.clone(), host_id: host_id.to_owned() }
@@ -242,15 +245,26 @@ impl Store {
         use std::os::unix::fs::OpenOptionsExt as _;
         let file = dir.join(META_FILE);
         no_links(base, &file)?;
-        let mut f = fs::OpenOptions::new()
+        // O_PATH first: a device node a peer planted is never opened (its
+        // driver's open could act), a FIFO never blocks.
+        let pfd = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&file)?;
-        if !f.metadata()?.is_file() {
+        if !pfd.metadata()?.is_file() {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "meta.json is not a regular file"));
         }
+        use std::os::fd::AsRawFd as _;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(format!("/proc/self/fd/{}", pfd.as_raw_fd()))?;
+        // A record is a few hundred bytes: a huge one is not read whole.
         let mut text = Vec::new();
-        f.read_to_end(&mut text)?;
+        f.take(META_MAX_BYTES + 1).read_to_end(&mut text)?;
+        if text.len() as u64 > META_MAX_BYTES {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "meta.json is larger than 1 MiB"));
+        }
         serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 

@@ -58,9 +58,9 @@ pub struct InitRecord {
 /// The initialised driver and how it came to be.
 struct Slot {
     driver: Arc<Driver>,
-    /// Set by a GraphDriver.Init of this process (not by a restore from
-    /// the init record): the engine that sent it owns the driver until
-    /// Cleanup, and an Init naming another home is refused.
+    /// Set by a GraphDriver.Init, or a restore from the init record (the
+    /// dockerd that sent it may still run): that engine owns the driver
+    /// until Cleanup, and an Init naming another home is refused.
     claimed: bool,
 }
 
@@ -89,7 +89,9 @@ impl Plugin {
                 {
                     Ok(d) => {
                         tracing::info!(home = %rec.home.display(), "restored the driver dockerd initialised before this restart");
-                        *p.driver.write().unwrap() = Some(Slot { driver: Arc::new(d), claimed: false });
+                        // Claimed: the dockerd that initialised it may still
+                        // be running and does not call Init again.
+                        *p.driver.write().unwrap() = Some(Slot { driver: Arc::new(d), claimed: true });
                     }
                     Err(e) => tracing::error!(home = %rec.home.display(), error = %e, "cannot restore the driver"),
                 },
@@ -134,8 +136,10 @@ impl Plugin {
         if let Some(s) = slot.as_ref().filter(|s| s.claimed && s.driver.home() != home) {
             return Err(format!(
                 "the driver is already initialised with home {} by an earlier GraphDriver.Init; \
-                 it serves one engine: that engine's shutdown (GraphDriver.Cleanup) releases it",
-                s.driver.home().display()
+                 it serves one engine: that engine's shutdown (GraphDriver.Cleanup) releases it \
+                 (or stop sharedloop and remove {})",
+                s.driver.home().display(),
+                self.init_file.display()
             ));
         }
         // A restarted dockerd initialising the same home: open it afresh.
@@ -267,7 +271,10 @@ async fn apply_diff(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Value
     let q = query_params(req.uri().query());
     let id = q.get("id").cloned().unwrap_or_default();
     let parent = q.get("parent").cloned().unwrap_or_default();
-    let driver = plugin.driver()?;
+    // The slot's lock is taken on a blocking thread: Init and Cleanup hold
+    // it across mounts, which must not stall the runtime's workers.
+    let p = plugin.clone();
+    let driver = blocking(move || p.driver()).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(64);
     let mut body = req.into_body();
     let pump = tokio::spawn(async move {
@@ -296,7 +303,8 @@ async fn apply_diff(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Value
 }
 
 async fn diff(plugin: Arc<Plugin>, req: DriverRequest) -> Response<Body> {
-    let driver = match plugin.driver() {
+    let p = plugin.clone();
+    let driver = match blocking(move || p.driver()).await {
         Ok(d) => d,
         Err(e) => return respond("GraphDriver.Diff", Err(e)),
     };
@@ -381,7 +389,7 @@ async fn route(plugin: Arc<Plugin>, req: Request<Incoming>, path: &str) -> Resul
     let path = path.to_owned();
     if path == "Plugin.Activate" {
         // Drain the (empty or `null`) body so the connection stays usable.
-        let _ = req.into_body().collect().await;
+        let _ = http_body_util::Limited::new(req.into_body(), MAX_JSON_BODY).collect().await;
         return Ok(full(StatusCode::OK, &json!({ "Implements": ["GraphDriver"] })));
     }
     if path == "GraphDriver.ApplyDiff" {
@@ -409,12 +417,8 @@ async fn route(plugin: Arc<Plugin>, req: Request<Incoming>, path: &str) -> Resul
         let p = plugin.clone();
         return Ok(respond(&path, blocking(move || p.cleanup()).await));
     }
-    let driver = match plugin.driver() {
-        Ok(d) => d,
-        Err(e) => return Ok(respond(&path, Err(e))),
-    };
     let method = path.clone();
-    let r = blocking(move || call(&driver, &method, r)).await;
+    let r = blocking(move || call(&*plugin.driver()?, &method, r)).await;
     Ok(respond(&path, r))
 }
 

@@ -214,6 +214,15 @@ fn contract_missing_repeated_and_mounted() {
     c.ok("GraphDriver.Remove", json!({"ID": "ctr"}));
     assert_eq!(c.ok("GraphDriver.Exists", json!({"ID": "ctr"}))["Exists"], json!(false));
     c.ok("GraphDriver.Remove", json!({"ID": "base"}));
+    // An empty layer that others are built on is not opened for writing:
+    // they stand on it as empty.
+    c.ok("GraphDriver.Create", json!({"ID": "e1"}));
+    c.ok("GraphDriver.Create", json!({"ID": "e2", "Parent": "e1"}));
+    let e = c.call("GraphDriver.Get", json!({"ID": "e1"})).err().unwrap();
+    assert!(e.contains("built on it"), "{e}");
+    for id in ["e2", "e1"] {
+        c.ok("GraphDriver.Remove", json!({"ID": id}));
+    }
     assert_no_loops(&host.dir);
 }
 
