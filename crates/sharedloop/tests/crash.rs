@@ -108,8 +108,10 @@ fn crash_plugin_killed_during_load_recovers() {
         host.docker_ok(&["rmi", "crash:1"]);
         assert!(
             layers(&host.root_dir()).is_empty(),
-            "round {round}: layers left after rmi: {:?}",
-            layers(&host.root_dir())
+            "round {round}: layers left after rmi: {:?}\nplugin log:\n{}\ndockerd log:\n{}",
+            layers(&host.root_dir()),
+            tail(&host.plugin_log(), 60),
+            tail(&host.dockerd_log(), 30)
         );
         assert_no_loops(&host.dir);
     }
