@@ -43,7 +43,8 @@ pub struct ServeArgs {
     #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
     opts: Vec<String>,
     /// Let this group use the sockets too (mode 0660); a name from
-    /// /etc/group or a number. Without it the sockets are root's (0600).
+    /// the system's group database (NSS: /etc/group, LDAP, SSSD) or a
+    /// number. Without it the sockets are root's (0600).
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
     /// Where the plugin keeps what dockerd told it at Init (a restarted
@@ -159,7 +160,7 @@ impl ServeArgs {
             (None, None) => None,
         };
         let socket_gid = match group {
-            Some(g) => Some(resolve_group(&g, Path::new("/etc/group"))?),
+            Some(g) => Some(resolve_group(&g)?),
             None => None,
         };
         if docker.is_none() && containerd.is_none() {
@@ -169,20 +170,15 @@ impl ServeArgs {
     }
 }
 
-/// A group name (from `group_file`) or number, as a gid.
-fn resolve_group(g: &str, group_file: &Path) -> anyhow::Result<u32> {
+/// A group number as it is, or a group name resolved through NSS (so LDAP
+/// and SSSD groups resolve as `getent group` shows them), as a gid.
+fn resolve_group(g: &str) -> anyhow::Result<u32> {
     if let Ok(n) = g.parse::<u32>() {
         return Ok(n);
     }
-    let text = std::fs::read_to_string(group_file).with_context(|| format!("reading {}", group_file.display()))?;
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let (name, _, gid) = (f.next()?, f.next()?, f.next()?);
-            (name == g).then(|| gid.parse::<u32>().ok()).flatten()
-        })
-        .next()
-        .with_context(|| format!("socket group {g:?}: no such group in {}", group_file.display()))
+    sharedloop_core::sys::group::gid_by_name(g)
+        .with_context(|| format!("socket group {g:?}: looking it up"))?
+        .with_context(|| format!("socket group {g:?}: no such group (as `getent group {g}` would show it)"))
 }
 
 /// Gives a socket to `gid` with mode 0660 (the front ends create them 0600).
@@ -344,14 +340,11 @@ mod tests {
 
     #[test]
     fn socket_groups_resolve_by_name_or_number() {
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        assert_eq!(resolve_group("4321").unwrap(), 4321);
+        let e = format!("{:#}", resolve_group("sharedloop-nosuch").unwrap_err());
+        assert!(e.contains("sharedloop-nosuch"), "{e}");
         let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("group");
-        std::fs::write(&f, "root:x:0:\ndocker:x:998:alice,bob\nops:x:1200:\n").unwrap();
-        assert_eq!(resolve_group("docker", &f).unwrap(), 998);
-        assert_eq!(resolve_group("ops", &f).unwrap(), 1200);
-        assert_eq!(resolve_group("4321", &f).unwrap(), 4321);
-        let e = format!("{:#}", resolve_group("nosuch", &f).unwrap_err());
-        assert!(e.contains("nosuch"), "{e}");
         let cfg = dir.path().join("config.toml");
         std::fs::write(&cfg, "socket_group = 77\n").unwrap();
         assert_eq!(plan(&["--config", cfg.to_str().unwrap()]).unwrap().socket_gid, Some(77));
