@@ -184,7 +184,7 @@ impl containerd_snapshots::Snapshotter for Service {
     async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<Self::InfoStream, Status> {
         let sn = self.sn.clone();
         let v = blocking("walk", move || sn.list(&filters)).await?;
-        Ok(futures_util::stream::iter(v.into_iter().map(|s| Ok(info(s))).collect::<Vec<_>>()))
+        Ok(futures_util::stream::iter(v.into_iter().map(info).map(Ok).collect::<Vec<_>>()))
     }
 }
 

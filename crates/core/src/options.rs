@@ -204,6 +204,115 @@ fn parse_dir(option: &str, v: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The prefix of every storage option's name (`sharedloop.fs`).
+pub const PREFIX: &str = "sharedloop.";
+
+/// One storage option: its name after [`PREFIX`] and how its value (none
+/// for a bare `key`) sets the config. [`OPTIONS`] is the one list of them:
+/// parsing, the unknown-option error and the documentation check (a unit
+/// test against docs/options.md and man/sharedloop.8) all come from it.
+pub struct OptionSpec {
+    pub name: &'static str,
+    set: fn(&mut Config, &str, Option<&str>) -> Result<()>,
+}
+
+/// Every storage option, in the documentation's order.
+pub static OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "loopback_root",
+        set: |c, k, v| {
+            c.root = parse_dir(k, need(k, v)?)?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "loopback_fallback",
+        set: |c, k, v| {
+            c.fallback = parse_dir(k, need(k, v)?)?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "override_kernel_check",
+        set: |c, k, v| {
+            c.override_kernel_check = parse_bool(k, v.unwrap_or(""))?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "fs",
+        set: |c, k, v| {
+            c.fs = need(k, v)?.parse().map_err(|e: String| bad(k, e))?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "size",
+        set: |c, k, v| {
+            c.rw_size = parse_size(k, need(k, v)?)?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "heartbeat_interval",
+        set: |c, k, v| {
+            let v = need(k, v)?;
+            c.heartbeat_secs = parse_duration(v)
+                .filter(|s| *s > 0)
+                .ok_or_else(|| bad(k, format!("{v:?} is not a duration (e.g. 30s, 5m)")))?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "direct_io",
+        set: |c, k, v| {
+            c.direct_io = match v.map(str::to_ascii_lowercase).as_deref() {
+                Some("auto") => DirectIo::Auto,
+                v => {
+                    if parse_bool(k, v.unwrap_or(""))
+                        .map_err(|_| bad(k, format!("{:?} is not auto, true or false", v.unwrap_or(""))))?
+                    {
+                        DirectIo::On
+                    } else {
+                        DirectIo::Off
+                    }
+                }
+            };
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "verify",
+        set: |c, k, v| {
+            c.verify = need(k, v)?.parse().map_err(|e: String| bad(k, e))?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "max_layer_size",
+        set: |c, k, v| {
+            let v = need(k, v)?;
+            c.max_layer_size = match v.to_ascii_lowercase().as_str() {
+                "" | "none" | "unlimited" | "0" => None,
+                _ => Some(parse_size(k, v)?),
+            };
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "require_shared_root",
+        set: |c, k, v| {
+            c.require_shared_root = parse_bool(k, v.unwrap_or(""))?;
+            Ok(())
+        },
+    },
+];
+
+/// The known options' full names, for errors: `sharedloop.loopback_root, ...`.
+pub fn known_options() -> String {
+    OPTIONS.iter().map(|o| format!("{PREFIX}{}", o.name)).collect::<Vec<_>>().join(", ")
+}
+
 impl Config {
     /// Parses Docker's option strings. Keys are case-insensitive, as in
     /// Docker's own drivers; `sharedloop.override_kernel_check` alone means
@@ -212,60 +321,33 @@ impl Config {
         let mut c = Config::default();
         for opt in opts {
             let opt = opt.as_ref().trim();
-            let (key, val) = match opt.split_once('=') {
-                Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.trim())),
-                None => (opt.to_ascii_lowercase(), None),
-            };
-            match key.as_str() {
-                "sharedloop.loopback_root" => c.root = parse_dir(&key, need(&key, val)?)?,
-                "sharedloop.loopback_fallback" => c.fallback = parse_dir(&key, need(&key, val)?)?,
-                "sharedloop.override_kernel_check" => c.override_kernel_check = parse_bool(&key, val.unwrap_or(""))?,
-                "sharedloop.fs" => c.fs = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
-                "sharedloop.heartbeat_interval" => {
-                    let v = need(&key, val)?;
-                    c.heartbeat_secs = parse_duration(v)
-                        .filter(|s| *s > 0)
-                        .ok_or_else(|| bad(&key, format!("{v:?} is not a duration (e.g. 30s, 5m)")))?
-                }
-                "sharedloop.direct_io" => {
-                    c.direct_io = match val.map(str::to_ascii_lowercase).as_deref() {
-                        Some("auto") => DirectIo::Auto,
-                        v => {
-                            if parse_bool(&key, v.unwrap_or(""))
-                                .map_err(|_| bad(&key, format!("{:?} is not auto, true or false", v.unwrap_or(""))))?
-                            {
-                                DirectIo::On
-                            } else {
-                                DirectIo::Off
-                            }
-                        }
-                    }
-                }
-                "sharedloop.verify" => c.verify = need(&key, val)?.parse().map_err(|e: String| bad(&key, e))?,
-                "sharedloop.require_shared_root" => c.require_shared_root = parse_bool(&key, val.unwrap_or(""))?,
-                "sharedloop.size" => c.rw_size = parse_size(&key, need(&key, val)?)?,
-                "sharedloop.max_layer_size" => {
-                    let v = need(&key, val)?;
-                    c.max_layer_size = match v.to_ascii_lowercase().as_str() {
-                        "" | "none" | "unlimited" | "0" => None,
-                        _ => Some(parse_size(&key, v)?),
-                    }
-                }
-                _ => {
-                    return Err(bad(
-                        &key,
-                        "unknown option; known: sharedloop.loopback_root, sharedloop.loopback_fallback, \
-                         sharedloop.override_kernel_check, sharedloop.fs, sharedloop.size, sharedloop.direct_io, \
-                         sharedloop.heartbeat_interval, sharedloop.verify, sharedloop.max_layer_size, \
-                         sharedloop.require_shared_root",
-                    ))
-                }
+            match opt.split_once('=') {
+                Some((k, v)) => c.set(k, Some(v))?,
+                None => c.set(opt, None)?,
             }
         }
-        if c.root == c.fallback {
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Sets one option by its full name (`sharedloop.fs`, any case) to
+    /// `val` (trimmed; `None` for a bare key, which a boolean takes as
+    /// true). Call [`Config::validate`] once all are set.
+    pub fn set(&mut self, key: &str, val: Option<&str>) -> Result<()> {
+        let key = key.trim().to_ascii_lowercase();
+        let spec = key
+            .strip_prefix(PREFIX)
+            .and_then(|name| OPTIONS.iter().find(|o| o.name == name))
+            .ok_or_else(|| bad(&key, format!("unknown option; known: {}", known_options())))?;
+        (spec.set)(self, &key, val.map(str::trim))
+    }
+
+    /// The checks across options, after every option is set.
+    pub fn validate(&self) -> Result<()> {
+        if self.root == self.fallback {
             return Err(bad("sharedloop.loopback_fallback", "must differ from sharedloop.loopback_root"));
         }
-        Ok(c)
+        Ok(())
     }
 
     /// Checks the running kernel unless the check is overridden.
@@ -329,6 +411,39 @@ mod tests {
         assert_eq!(Config::from_opts(&["sharedloop.direct_io=true"]).unwrap().direct_io, DirectIo::On);
         assert!(DirectIo::On.for_file(std::path::Path::new("/proc/self/status")));
         assert!(!DirectIo::Off.for_file(std::path::Path::new("/")));
+    }
+
+    /// The names documented as options: docs/options.md's table rows and
+    /// the man page's `.BI sharedloop.NAME=` items.
+    fn documented(text: &str, start: &str, end: char) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(start))
+            .filter_map(|rest| rest.split_once(end).map(|(name, _)| name.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_option_table_is_the_documented_options() {
+        let names: Vec<String> = OPTIONS.iter().map(|o| o.name.to_owned()).collect();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let md = std::fs::read_to_string(dir.join("docs/options.md")).unwrap();
+        let man = std::fs::read_to_string(dir.join("man/sharedloop.8")).unwrap();
+        let mut in_md = documented(&md, "| `sharedloop.", '`');
+        let mut in_man = documented(&man, ".BI sharedloop.", '=');
+        let mut sorted = names.clone();
+        sorted.sort();
+        in_md.sort();
+        in_man.sort();
+        assert_eq!(in_md, sorted, "docs/options.md's option table and OPTIONS differ");
+        assert_eq!(in_man, sorted, "man/sharedloop.8's options and OPTIONS differ");
+        let known = known_options();
+        for n in &names {
+            assert!(known.contains(&format!("sharedloop.{n}")), "{known}");
+            // Every option parses by its name (a path for the path options).
+            let v = if n.starts_with("loopback_") { "/x" } else { "" };
+            let e = Config::default().set(&format!("sharedloop.{n}"), Some(v));
+            assert!(!matches!(&e, Err(e) if e.to_string().contains("unknown option")), "{n}: {e:?}");
+        }
     }
 
     #[test]

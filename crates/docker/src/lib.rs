@@ -243,22 +243,26 @@ fn query_params(q: Option<&str>) -> HashMap<String, String> {
         .collect()
 }
 
+/// Decodes a query component as Go's `url.Values.Encode` (dockerd) writes
+/// it: `+` is a space, `%XX` with exactly two hex digits is that byte, and
+/// any other `%` stands for itself (never `%+f` read as 0x0f).
 fn percent_decode(s: &str) -> String {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' => match (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+                (Some(hi), Some(lo)) => {
+                    out.push((hi << 4) | lo);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             c => out.push(c),
         }
@@ -504,6 +508,19 @@ mod tests {
         assert_eq!(q["parent"], "d:e");
         let q = query_params(Some("id=abc&parent="));
         assert_eq!(q["parent"], "");
+    }
+
+    #[test]
+    fn percent_decoding_takes_only_two_hex_digits() {
+        assert_eq!(percent_decode("%+f"), "% f");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("a%"), "a%");
+        assert_eq!(percent_decode("+"), " ");
+        assert_eq!(percent_decode("a+b%2Bc"), "a b+c");
+        assert_eq!(percent_decode("%3a%3A%2f"), "::/");
+        assert_eq!(percent_decode("%e2%82%ac"), "\u{20ac}");
+        assert_eq!(percent_decode("%-1x"), "%-1x");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _};
 use serde::Deserialize;
 use sharedloop_core::layermounts::LayerMounts;
 use sharedloop_core::snapshots::Snapshotter;
-use sharedloop_core::{Config, Driver};
+use sharedloop_core::{options, Config, Driver};
 
 pub const DEFAULT_CONFIG: &str = "/etc/sharedloop/config.toml";
 
@@ -43,7 +43,8 @@ pub struct ServeArgs {
     #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
     opts: Vec<String>,
     /// Let this group use the sockets too (mode 0660); a name from
-    /// /etc/group or a number. Without it the sockets are root's (0600).
+    /// the system's group database (NSS: /etc/group, LDAP, SSSD) or a
+    /// number. Without it the sockets are root's (0600).
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
     /// Where the plugin keeps what dockerd told it at Init (a restarted
@@ -53,8 +54,10 @@ pub struct ServeArgs {
     run_dir: PathBuf,
 }
 
-/// `config.toml`. Top-level keys are the storage options (checked by
-/// [`Config::from_opts`], which names an unknown one).
+/// `config.toml`. The sections refuse unknown keys; the other top-level
+/// keys (and those of a `[sharedloop]` table, TOML's reading of
+/// `sharedloop.fs = ...`) are storage options, each set through core's
+/// option table ([`options::OPTIONS`]), which names an unknown one.
 #[derive(Debug, Default, Deserialize)]
 struct FileConfig {
     socket_group: Option<toml::Value>,
@@ -91,15 +94,24 @@ pub struct Plan {
     pub run_dir: PathBuf,
 }
 
-fn option_string(key: &str, v: &toml::Value) -> anyhow::Result<String> {
-    let key = if key.starts_with("sharedloop.") { key.to_owned() } else { format!("sharedloop.{key}") };
-    let v = match v {
+/// A storage option's full name: `fs` and `sharedloop.fs` are both
+/// `sharedloop.fs`.
+fn option_key(key: &str) -> String {
+    if key.trim().to_ascii_lowercase().starts_with(options::PREFIX) {
+        key.to_owned()
+    } else {
+        format!("{}{}", options::PREFIX, key.trim())
+    }
+}
+
+/// A config-file option's value as the option's parser reads it.
+fn option_value(key: &str, v: &toml::Value) -> anyhow::Result<String> {
+    Ok(match v {
         toml::Value::String(s) => s.clone(),
         toml::Value::Boolean(b) => b.to_string(),
         toml::Value::Integer(i) => i.to_string(),
-        other => bail!("option {key}: {other} is not a string, number or boolean"),
-    };
-    Ok(format!("{key}={v}"))
+        other => bail!("option {}: {other} is not a string, number or boolean", option_key(key)),
+    })
 }
 
 impl ServeArgs {
@@ -118,22 +130,25 @@ impl ServeArgs {
                 .unwrap_or_else(|| "/run/docker/plugins/sharedloop.sock".into())
         });
         let containerd = if self.containerd || file.containerd.enable.unwrap_or(false) {
-            let mut opts = Vec::new();
+            // The options go straight into the config, each through its
+            // entry in the option table: the file's first, then `-o`.
+            let mut cfg = Config::default();
             for (k, v) in &file.options {
                 // `sharedloop.fs = ...` is a dotted key: a table in TOML.
-                let entries: Vec<(String, &toml::Value)> = match (k.as_str(), v) {
-                    ("sharedloop", toml::Value::Table(t)) => t.iter().map(|(k, v)| (k.clone(), v)).collect(),
-                    _ => vec![(k.clone(), v)],
+                let entries: Vec<(&String, &toml::Value)> = match (k.as_str(), v) {
+                    ("sharedloop", toml::Value::Table(t)) => t.iter().collect(),
+                    _ => vec![(k, v)],
                 };
                 for (k, v) in entries {
-                    opts.push(option_string(&k, v).with_context(|| format!("config file {}", self.config.display()))?);
+                    let set = option_value(k, v).and_then(|v| Ok(cfg.set(&option_key(k), Some(&v))?));
+                    set.with_context(|| format!("config file {}", self.config.display()))?;
                 }
             }
             for o in &self.opts {
                 let (k, v) = o.split_once('=').unwrap_or((o, "true"));
-                opts.push(option_string(k.trim(), &toml::Value::String(v.trim().to_owned()))?);
+                cfg.set(&option_key(k), Some(v))?;
             }
-            let cfg = Config::from_opts(&opts)?;
+            cfg.validate()?;
             let socket = self
                 .containerd_socket
                 .clone()
@@ -159,7 +174,7 @@ impl ServeArgs {
             (None, None) => None,
         };
         let socket_gid = match group {
-            Some(g) => Some(resolve_group(&g, Path::new("/etc/group"))?),
+            Some(g) => Some(resolve_group(&g)?),
             None => None,
         };
         if docker.is_none() && containerd.is_none() {
@@ -169,20 +184,15 @@ impl ServeArgs {
     }
 }
 
-/// A group name (from `group_file`) or number, as a gid.
-fn resolve_group(g: &str, group_file: &Path) -> anyhow::Result<u32> {
+/// A group number as it is, or a group name resolved through NSS (so LDAP
+/// and SSSD groups resolve as `getent group` shows them), as a gid.
+fn resolve_group(g: &str) -> anyhow::Result<u32> {
     if let Ok(n) = g.parse::<u32>() {
         return Ok(n);
     }
-    let text = std::fs::read_to_string(group_file).with_context(|| format!("reading {}", group_file.display()))?;
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let (name, _, gid) = (f.next()?, f.next()?, f.next()?);
-            (name == g).then(|| gid.parse::<u32>().ok()).flatten()
-        })
-        .next()
-        .with_context(|| format!("socket group {g:?}: no such group in {}", group_file.display()))
+    sharedloop_core::sys::group::gid_by_name(g)
+        .with_context(|| format!("socket group {g:?}: looking it up"))?
+        .with_context(|| format!("socket group {g:?}: no such group (as `getent group {g}` would show it)"))
 }
 
 /// Gives a socket to `gid` with mode 0660 (the front ends create them 0600).
@@ -324,8 +334,74 @@ mod tests {
         assert_eq!(cfg.heartbeat_secs, 10);
     }
 
+    /// The first ```toml block of a docs page.
+    fn doc_example(page: &str) -> String {
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs").join(page)).unwrap();
+        let start = text.find("```toml\n").unwrap() + "```toml\n".len();
+        text[start..][..text[start..].find("```").unwrap()].to_owned()
+    }
+
+    #[test]
+    fn the_documented_config_files_work_as_documented() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        // The group must exist here: root's, by name.
+        let options = doc_example("options.md").replace("socket_group = \"docker\"", "socket_group = \"root\"");
+        std::fs::write(&f, options).unwrap();
+        let p = plan(&["--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!(p.socket_gid, Some(0));
+        assert_eq!(p.docker, Some(PathBuf::from("/run/docker/plugins/sharedloop.sock")));
+        let (sock, root, cfg) = p.containerd.unwrap();
+        assert_eq!(sock, PathBuf::from("/run/sharedloop/containerd.sock"));
+        assert_eq!(root, PathBuf::from("/var/lib/sharedloop/containerd"));
+        assert_eq!(cfg.root, PathBuf::from("/shared/layers"));
+        assert_eq!(cfg.fallback, PathBuf::from("/var/lib/sharedloop/private"));
+        assert_eq!(cfg.max_layer_size, None);
+        assert!(!cfg.require_shared_root);
+        std::fs::write(&f, doc_example("containerd.md")).unwrap();
+        let p = plan(&["--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!(p.docker, None);
+        assert_eq!(p.containerd.unwrap().2.root, PathBuf::from("/shared/layers"));
+        // Integers, booleans and the prefixed spelling, in the file and -o.
+        std::fs::write(
+            &f,
+            "size = 1048576\noverride_kernel_check = true\n[sharedloop]\nmax_layer_size = \"5G\"\n[containerd]\nenable = true\n",
+        )
+        .unwrap();
+        let cfg = plan(&["--config", f.to_str().unwrap(), "-o", "sharedloop.verify=full", "-o", "require_shared_root"])
+            .unwrap()
+            .containerd
+            .unwrap()
+            .2;
+        assert_eq!(cfg.rw_size.0, 1 << 20);
+        assert!(cfg.override_kernel_check && cfg.require_shared_root);
+        assert_eq!(cfg.max_layer_size.map(|b| b.0), Some(5 << 30));
+        assert_eq!(cfg.verify, sharedloop_core::options::VerifyMode::Full);
+    }
+
     #[test]
     fn bad_config_is_an_error_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        for (text, names) in [
+            (
+                "sharedloop.colour = \"blue\"\n[containerd]\nenable = true\n",
+                &["sharedloop.colour", "sharedloop.fs"][..],
+            ),
+            ("size = [1]\n[containerd]\nenable = true\n", &["sharedloop.size"][..]),
+            (
+                "loopback_root = \"/a\"\nloopback_fallback = \"/a\"\n[containerd]\nenable = true\n",
+                &["loopback_fallback"][..],
+            ),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = format!("{:#}", plan(&["--config", f.to_str().unwrap()]).unwrap_err());
+            for n in names {
+                assert!(e.contains(n), "{text}: {e}");
+            }
+        }
+
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("config.toml");
         std::fs::write(&f, "loopback_rot = \"/x\"\n[containerd]\nenable = true\n").unwrap();
@@ -344,14 +420,11 @@ mod tests {
 
     #[test]
     fn socket_groups_resolve_by_name_or_number() {
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        assert_eq!(resolve_group("4321").unwrap(), 4321);
+        let e = format!("{:#}", resolve_group("sharedloop-nosuch").unwrap_err());
+        assert!(e.contains("sharedloop-nosuch"), "{e}");
         let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("group");
-        std::fs::write(&f, "root:x:0:\ndocker:x:998:alice,bob\nops:x:1200:\n").unwrap();
-        assert_eq!(resolve_group("docker", &f).unwrap(), 998);
-        assert_eq!(resolve_group("ops", &f).unwrap(), 1200);
-        assert_eq!(resolve_group("4321", &f).unwrap(), 4321);
-        let e = format!("{:#}", resolve_group("nosuch", &f).unwrap_err());
-        assert!(e.contains("nosuch"), "{e}");
         let cfg = dir.path().join("config.toml");
         std::fs::write(&cfg, "socket_group = 77\n").unwrap();
         assert_eq!(plan(&["--config", cfg.to_str().unwrap()]).unwrap().socket_gid, Some(77));

@@ -4,6 +4,10 @@
 //! invariants hold: no staging or temp build left, every published layer
 //! complete, the operation can be done again, and a full cleanup leaves no
 //! layer, mount or loop device.
+//!
+//! The binary must be built with the `fault-injection` feature
+//! (`scripts/test` does: `--features sharedloop/fault-injection`); without
+//! it `SHAREDLOOP_FAULT` is ignored and these tests fail, never pass vacuously.
 
 mod common;
 
@@ -13,6 +17,16 @@ use std::path::Path;
 use common::plugin_client::PluginClient;
 use common::*;
 use serde_json::json;
+
+/// Fails (never skips) when this build ignores `SHAREDLOOP_FAULT`.
+#[cfg(not(feature = "fault-injection"))]
+fn require_fault_injection() {
+    panic!(
+        "tests/faults.rs needs the fault-injection feature: cargo test -p sharedloop --features fault-injection (scripts/test passes it)"
+    );
+}
+#[cfg(feature = "fault-injection")]
+fn require_fault_injection() {}
 
 struct Rig {
     host: Host,
@@ -29,7 +43,10 @@ impl Rig {
     fn restart(&mut self, fault: Option<&str>) {
         self.host.kill_plugin();
         match fault {
-            Some(f) => self.host.start_plugin_env(&[("SHAREDLOOP_FAULT", f)]),
+            Some(f) => {
+                require_fault_injection();
+                self.host.start_plugin_env(&[("SHAREDLOOP_FAULT", f)])
+            }
             None => self.host.start_plugin(),
         }
     }
@@ -212,6 +229,9 @@ impl CtrRig {
         self.host.kill_plugin();
         let root = self.host.root_dir();
         let args = self.host.snapshotter_args(&root, false);
+        if fault.is_some() {
+            require_fault_injection();
+        }
         let env: Vec<(&str, &str)> = fault.map(|f| vec![("SHAREDLOOP_FAULT", f)]).unwrap_or_default();
         self.host.start_serve(&args, &env);
     }

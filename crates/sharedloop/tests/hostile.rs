@@ -259,7 +259,7 @@ fn hostile_tars_through_containerd_stay_inside() {
     let fx = host.dir.join("fixture");
     fs::create_dir_all(&fx).unwrap();
     let a = fx.join("base.tar");
-    oci_archive_of_tars(&[base.clone()], "docker.io/test/base:1", &a);
+    oci_archive_of_tars(std::slice::from_ref(&base), "docker.io/test/base:1", &a);
     host.ctr_ok(&["image", "import", a.to_str().unwrap()]);
     let layers = |r: &Path| fs::read_dir(r.join("layers")).map(|d| d.count()).unwrap_or(0);
     let (mut refused, mut kept) = (0, 0);

@@ -485,7 +485,8 @@ fn tampered_images_are_refused_before_the_kernel_mounts_them() {
     let crafted_dir = b.dir.join("crafted");
     fs::create_dir_all(crafted_dir.join("fs/data")).unwrap();
     fs::write(crafted_dir.join("fs/data/evil"), "not what was published\n").unwrap();
-    let tampers: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    type Tamper<'a> = Box<dyn Fn(&Path) + 'a>;
+    let tampers: Vec<(&str, Tamper)> = vec![
         (
             "a flipped byte",
             Box::new(|p: &Path| {

@@ -1,4 +1,5 @@
-//! The only place with `unsafe` code: ioctls that neither rustix nor the
-//! standard library wrap. Each ioctl is declared once, by name.
+//! The only place with `unsafe` code: ioctls and libc calls that neither
+//! rustix nor the standard library wrap. Each ioctl is declared once, by name.
 
+pub mod group;
 pub mod loopdev;

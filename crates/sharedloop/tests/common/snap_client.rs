@@ -18,7 +18,8 @@ pub struct SnapClient {
     c: SnapshotsClient<Channel>,
 }
 
-pub type R<T> = Result<T, Status>;
+/// A call's result; the status is boxed (it is large), `s.code()` reads through.
+pub type R<T> = Result<T, Box<Status>>;
 
 pub fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
     kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -48,7 +49,7 @@ impl SnapClient {
             parent: parent.into(),
             labels: l,
         };
-        self.rt.block_on(self.c.prepare(req)).map(|r| r.into_inner().mounts)
+        self.rt.block_on(self.c.prepare(req)).map_err(Box::new).map(|r| r.into_inner().mounts)
     }
 
     pub fn view(&mut self, key: &str, parent: &str) -> R<Vec<Mount>> {
@@ -58,28 +59,28 @@ impl SnapClient {
             parent: parent.into(),
             labels: HashMap::new(),
         };
-        self.rt.block_on(self.c.view(req)).map(|r| r.into_inner().mounts)
+        self.rt.block_on(self.c.view(req)).map_err(Box::new).map(|r| r.into_inner().mounts)
     }
 
     pub fn mounts(&mut self, key: &str) -> R<Vec<Mount>> {
         let req = MountsRequest { snapshotter: "sharedloop".into(), key: key.into() };
-        self.rt.block_on(self.c.mounts(req)).map(|r| r.into_inner().mounts)
+        self.rt.block_on(self.c.mounts(req)).map_err(Box::new).map(|r| r.into_inner().mounts)
     }
 
     pub fn commit(&mut self, name: &str, key: &str, l: HashMap<String, String>) -> R<()> {
         let req =
             CommitSnapshotRequest { snapshotter: "sharedloop".into(), name: name.into(), key: key.into(), labels: l };
-        self.rt.block_on(self.c.commit(req)).map(|_| ())
+        self.rt.block_on(self.c.commit(req)).map_err(Box::new).map(|_| ())
     }
 
     pub fn remove(&mut self, key: &str) -> R<()> {
         let req = RemoveSnapshotRequest { snapshotter: "sharedloop".into(), key: key.into() };
-        self.rt.block_on(self.c.remove(req)).map(|_| ())
+        self.rt.block_on(self.c.remove(req)).map_err(Box::new).map(|_| ())
     }
 
     pub fn stat(&mut self, key: &str) -> R<Info> {
         let req = StatSnapshotRequest { snapshotter: "sharedloop".into(), key: key.into() };
-        self.rt.block_on(self.c.stat(req)).map(|r| r.into_inner().info.expect("info"))
+        self.rt.block_on(self.c.stat(req)).map_err(Box::new).map(|r| r.into_inner().info.expect("info"))
     }
 
     pub fn update(&mut self, info: Info, paths: &[&str]) -> R<Info> {
@@ -89,12 +90,12 @@ impl SnapClient {
             update_mask: (!paths.is_empty())
                 .then(|| prost_types::FieldMask { paths: paths.iter().map(|s| s.to_string()).collect() }),
         };
-        self.rt.block_on(self.c.update(req)).map(|r| r.into_inner().info.expect("info"))
+        self.rt.block_on(self.c.update(req)).map_err(Box::new).map(|r| r.into_inner().info.expect("info"))
     }
 
     pub fn usage(&mut self, key: &str) -> R<(i64, i64)> {
         let req = UsageRequest { snapshotter: "sharedloop".into(), key: key.into() };
-        self.rt.block_on(self.c.usage(req)).map(|r| {
+        self.rt.block_on(self.c.usage(req)).map_err(Box::new).map(|r| {
             let u = r.into_inner();
             (u.size, u.inodes)
         })
@@ -117,7 +118,7 @@ impl SnapClient {
 
     pub fn cleanup(&mut self) -> R<()> {
         let req = CleanupRequest { snapshotter: "sharedloop".into() };
-        self.rt.block_on(self.c.cleanup(req)).map(|_| ())
+        self.rt.block_on(self.c.cleanup(req)).map_err(Box::new).map(|_| ())
     }
 }
 
