@@ -43,6 +43,9 @@ use crate::options::{Config, FsType};
 use crate::store::{write_atomic, LayerInfo, LayerMeta, Location, Store, FORMAT_VERSION, IMAGE_FILE};
 use crate::sys::loopdev;
 
+/// How long a removal waits for a request working on the same id.
+const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Size of a Docker "-init" layer's image: it holds a handful of files.
 const INIT_LAYER_SIZE: Bytes = Bytes(64 * Bytes::MIB);
 
@@ -1340,9 +1343,25 @@ impl Driver {
 
     /// Removes layer `id`. Removing what does not exist is not an error.
     pub fn remove(&self, id: &str) -> Result<()> {
+        // A request working on the id (an ApplyDiff whose client went away,
+        // a create over it) finishes first: dockerd removes a layer right
+        // after its ApplyDiff failed on the client side, and does not retry
+        // a refused Remove. Removal waits for it, a bounded time.
         let mut st = self.state()?;
-        if st.busy.contains(id) || st.pinned.contains_key(id) {
-            return Err(Error::InUse { id: id.into(), why: "another request is working on it or on a child".into() });
+        let t0 = std::time::Instant::now();
+        while st.busy.contains(id) || st.pinned.contains_key(id) {
+            if t0.elapsed() > REMOVE_WAIT {
+                return Err(Error::InUse {
+                    id: id.into(),
+                    why: format!(
+                        "another request has been working on it or on a child for over {} s",
+                        REMOVE_WAIT.as_secs()
+                    ),
+                });
+            }
+            drop(st);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            st = self.state()?;
         }
         let Some(l) = st.layers.get(id).cloned() else {
             return Ok(());
