@@ -118,6 +118,10 @@ struct State {
     layers: HashMap<String, LocalLayer>,
     ro: HashMap<ChainId, RoMount>,
     rw_mounted: HashSet<String>,
+    /// Writable layers whose image was found attached to a loop device at
+    /// start without its mount here (an earlier mount that something keeps
+    /// alive), with the device: never mounted a second time.
+    attached_elsewhere: HashMap<String, PathBuf>,
     gets: HashMap<String, GetRef>,
     /// Ids a request is working on outside the lock (a create, an
     /// ApplyDiff, a commit): no other request may create or remove them.
@@ -567,6 +571,19 @@ impl Driver {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
+        // Writable images still attached without a mount of ours: found once
+        // here, so that mounting a writable layer never scans devices.
+        let rw_dir = self.home.join("rw");
+        for (dev, backing) in loopdev::list() {
+            let Ok(rel) = backing.strip_prefix(&rw_dir) else { continue };
+            let mut comps = rel.iter().map(|c| c.to_string_lossy().into_owned());
+            if let (Some(id), Some(file), None) = (comps.next(), comps.next(), comps.next()) {
+                if file == "rw.img" && st.layers.contains_key(&id) && !st.rw_mounted.contains(&id) {
+                    tracing::warn!(layer = %id, r#loop = %dev.display(), "writable image still attached without its mount");
+                    st.attached_elsewhere.insert(id, dev);
+                }
+            }
+        }
         // Staging of interrupted ApplyDiffs and commits; never through a
         // mount that would not go (a commit's staging binds an upper).
         let tmp = self.home.join("tmp");
@@ -743,12 +760,12 @@ impl Driver {
         // A writable image still attached from before (a mount that a
         // process kept alive through a restart) must not be mounted twice:
         // two filesystems writing one image corrupt it.
-        if let Some((dev, _)) = loopdev::list().into_iter().find(|(_, b)| *b == img) {
+        if let Some(dev) = st.attached_elsewhere.get(id) {
             return Err(Error::InUse {
                 id: id.into(),
                 why: format!(
                     "its image {} is still attached to {} by an earlier mount that something keeps alive; \
-                     stop what uses it (a container's processes) and try again",
+                     stop what uses it (a container's processes) and restart sharedloop",
                     img.display(),
                     dev.display()
                 ),
@@ -1412,6 +1429,7 @@ impl Driver {
         // Same mount as rw/ (tmp/ is a mount of its own).
         let grave = self.home.join("rw").join(format!(".rm-{}", random_token()));
         fs::create_dir(&grave).ctx("mkdir", &grave)?;
+        st.attached_elsewhere.remove(id);
         let m = self.rw_mnt(id);
         let mut moved = None;
         if st.rw_mounted.contains(id) {
