@@ -282,7 +282,15 @@ impl Host {
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("owner"), std::process::id().to_string()).unwrap();
         let mut script =
-            String::from("set -e\nmount -t tmpfs tmpfs /run\nmkdir -p /run/docker/plugins\nip link set lo up\n");
+            // The machine's own mounts under /run (a sharedloop started by
+            // scripts/setup keeps its layer mounts there) are dropped from
+            // this namespace first: covered by the tmpfs they would still
+            // be listed in its mountinfo, as if this host had made them.
+            String::from(
+                "set -e\nawk '$5 ~ \"^/run/\" {print $5}' /proc/self/mountinfo | sort -r | \
+                 while read -r m; do umount -l \"$m\" 2>/dev/null || true; done\n\
+                 mount -t tmpfs tmpfs /run\nmkdir -p /run/docker/plugins\nip link set lo up\n",
+            );
         if opts.default_paths {
             fs::create_dir_all(dir.join("varlib")).unwrap();
             script.push_str(&format!(
