@@ -287,7 +287,7 @@ impl Host {
             // this namespace first: covered by the tmpfs they would still
             // be listed in its mountinfo, as if this host had made them.
             String::from(
-                "set -e\nawk '$5 ~ \"^/run/\" {print $5}' /proc/self/mountinfo | sort -r | \
+                "set -ex\nawk '$5 ~ \"^/run/\" {print $5}' /proc/self/mountinfo | sort -r | \
                  while read -r m; do umount -l \"$m\" 2>/dev/null || true; done\n\
                  mount -t tmpfs tmpfs /run\nmkdir -p /run/docker/plugins\nip link set lo up\n",
             );
@@ -308,7 +308,7 @@ impl Host {
         // A PID namespace too, whose init is the holder: when it dies the
         // kernel kills every process in it, containers (in nested PID
         // namespaces) included, which a kill by mount namespace misses.
-        let holder = Command::new("unshare")
+        let mut holder = Command::new("unshare")
             .args([
                 "-m",
                 "-n",
@@ -324,10 +324,14 @@ impl Host {
             .spawn()
             .expect("unshare");
         let t = Instant::now();
+        // Generous: on a loaded 2-core CI machine forking the namespace's
+        // few processes has taken more than 10 s. The script traces each
+        // step (set -x) into holder.log, so a hang names its step.
         while !dir.join("ready").exists() {
             assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "host {name} did not come up: {}",
+                t.elapsed() < Duration::from_secs(60),
+                "host {name} did not come up in 60 s; holder exited: {:?}; its trace:\n{}",
+                holder.try_wait().ok().flatten(),
                 fs::read_to_string(dir.join("holder.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
