@@ -140,6 +140,20 @@ pub fn gc(store: &Store, p: &GcPolicy) -> Result<GcReport> {
                 }
             }
         }
+        // Build claims: a live one is rewritten every quarter of the claim
+        // timeout; a published or abandoned one is only needed for a
+        // minute or so (crate::claim). Old ones go.
+        let claims = base.join(crate::claim::CLAIMS_DIR);
+        if let Ok(rd) = no_links(base, &claims).and_then(|_| fs::read_dir(&claims)) {
+            for e in rd.flatten() {
+                if age_secs(&e.path(), now) > p.grace_secs.min(p.host_timeout_secs) {
+                    if !p.dry_run {
+                        let _ = fs::remove_file(e.path());
+                    }
+                    rep.swept_tmp.push(e.path());
+                }
+            }
+        }
         // Records of dead hosts that pin nothing any more.
         if !p.dry_run && no_links(base, &base.join("refs")).is_ok() && no_links(base, &base.join("hosts")).is_ok() {
             let refs_dir = base.join("refs");

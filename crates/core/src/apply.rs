@@ -9,8 +9,9 @@
 //! cannot write through a symlink (or a hardlink to outside) it placed
 //! earlier.
 
-use std::fs::File;
-use std::io::{self, Read};
+use std::fs::{self, File};
+use std::io::{self, Read, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -185,6 +186,69 @@ pub fn apply_tar_limited<R: Read>(reader: R, dest: &Path, max_content: Option<By
     stats.tar_bytes = hr.count;
     stats.diff_id = Some(DiffId::from_sha256(&hr.hash.finalize()));
     Ok(stats)
+}
+
+/// A layer stream read once to learn its diff id before anything is
+/// extracted: an unnamed temporary file (`O_TMPFILE`) in `dir` holding the
+/// stream, its sha256 and its length. A layer the store has already costs
+/// only this: the bytes pass through the page cache, and the file, never
+/// linked, goes when it is dropped (usually before writeback).
+pub struct Spool {
+    pub file: File,
+    pub diff_id: DiffId,
+    pub bytes: u64,
+}
+
+/// Copies `reader` into a [`Spool`] in `dir`. With `max_content`
+/// (`sharedloop.max_layer_size`) a stream longer than twice it plus
+/// 256 MiB (room for the headers of many small files) is refused naming
+/// the option, before it fills the local disk.
+pub fn spool(reader: &mut dyn Read, dir: &Path, max_content: Option<Bytes>) -> Result<Spool> {
+    let file = match rustix::fs::openat(
+        rustix::fs::CWD,
+        dir,
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        Ok(fd) => File::from(fd),
+        // A filesystem without O_TMPFILE: a named file, unlinked at once.
+        Err(_) => {
+            let p = dir.join(format!(".spool-{}", crate::ids::random_token()));
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)
+                .ctx("create", &p)?;
+            let _ = fs::remove_file(&p);
+            f
+        }
+    };
+    let limit = max_content.map(|m| m.0.saturating_mul(2).saturating_add(256 << 20));
+    let mut hr = HashingReader { inner: reader, hash: Sha256::new(), count: 0 };
+    let mut w = io::BufWriter::with_capacity(1 << 20, &file);
+    let mut taken = (&mut hr).take(limit.map_or(u64::MAX, |l| l + 1));
+    io::copy(&mut taken, &mut w).map_err(|e| match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => Error::sys("write", dir, e),
+        _ => bad(Path::new(""), format!("reading the stream: {e}")),
+    })?;
+    w.flush().ctx("write", dir)?;
+    drop(w);
+    if let (Some(l), Some(m)) = (limit, max_content) {
+        if hr.count > l {
+            return Err(bad(
+                Path::new(""),
+                format!(
+                    "the stream is longer than {l} bytes, more than a layer within \
+                     sharedloop.max_layer_size={m} can be; raise the option to apply it"
+                ),
+            ));
+        }
+    }
+    let mut file = file;
+    io::Seek::rewind(&mut file).ctx("seek", dir)?;
+    Ok(Spool { file, diff_id: DiffId::from_sha256(&hr.hash.finalize()), bytes: hr.count })
 }
 
 /// A numeric header field; blank (all NUL or space) reads as 0, as Go's

@@ -1102,11 +1102,25 @@ impl Driver {
     ) -> Result<(LayerInfo, u64, ChainHold<'_>)> {
         let t0 = std::time::Instant::now();
         crate::fault::point("apply", "staging made");
-        let stats = apply_tar_limited(tar, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
+        // The stream first, into an unnamed local file: its digest names
+        // the layer, and a layer the store has already (another host
+        // published it) is used without extracting anything.
+        let mut spool = crate::apply::spool(tar, &self.home.join("tmp"), self.cfg.max_layer_size)?;
+        let chain = ChainId::of(parent, &spool.diff_id);
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, bytes = spool.bytes, layer = %chain, "stream spooled");
+        if let Some((info, hold)) = self.use_published(&chain, parent)? {
+            return Ok((info.clone(), info.meta.content_bytes, hold));
+        }
+        let stats = apply_tar_limited(&mut spool.file, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
         crate::fault::point("apply", "tar applied to staging");
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, bytes = stats.tar_bytes, "tar applied to staging");
         let diff_id = stats.diff_id.clone().expect("set by apply");
-        let chain = ChainId::of(parent, &diff_id);
+        if diff_id != spool.diff_id {
+            return Err(Error::Invalid(format!(
+                "the spooled stream of layer {chain} changed on the local disk (sha256 {} then {diff_id})",
+                spool.diff_id
+            )));
+        }
         let tree = TreeFacts {
             diff_id: Some(diff_id),
             content_bytes: stats.content_bytes,
@@ -1115,6 +1129,32 @@ impl Driver {
         };
         let (info, hold) = self.publish_tree(staging, &chain, parent, &tree)?;
         Ok((info, stats.content_bytes, hold))
+    }
+
+    /// Layer `chain`, when the store has it on `parent`, referenced for
+    /// this host: nothing to extract or build. Within
+    /// `sharedloop.max_layer_size` like a layer applied here.
+    fn use_published(&self, chain: &ChainId, parent: Option<&ChainId>) -> Result<Option<(LayerInfo, ChainHold<'_>)>> {
+        let Some(info) = self.store.locate(chain) else { return Ok(None) };
+        if info.meta.parent.as_ref() != parent {
+            tracing::warn!(layer = %chain, "the published layer names another parent; building it here");
+            return Ok(None);
+        }
+        if let Some(max) = self.cfg.max_layer_size.filter(|m| info.meta.content_bytes > m.0) {
+            return Err(Error::BadTar {
+                entry: String::new(),
+                reason: format!(
+                    "the layer's files add up to {} bytes, more than sharedloop.max_layer_size={max}; \
+                     raise the option to apply it",
+                    info.meta.content_bytes
+                ),
+            });
+        }
+        *self.lock().inflight.entry(chain.clone()).or_default() += 1;
+        let hold = ChainHold { state: &self.state, chain: chain.clone() };
+        let Some(info) = self.store.acquire(&info) else { return Ok(None) };
+        tracing::info!(layer = %chain, location = info.location.name(), "layer already in the store; nothing extracted");
+        Ok(Some((info, hold)))
     }
 
     /// Publishes the tree under `staging/fs` as layer `chain` (or uses the

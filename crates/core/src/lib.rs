@@ -4,6 +4,7 @@
 //! [`driver::Driver`].
 pub mod admin;
 pub mod apply;
+pub mod claim;
 pub mod driver;
 pub mod error;
 pub mod export;

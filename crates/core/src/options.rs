@@ -14,6 +14,9 @@ use crate::ids::Bytes;
 pub const DEFAULT_ROOT: &str = "/var/lib/docker/loopback/root";
 pub const DEFAULT_FALLBACK: &str = "/var/lib/docker/loopback/private";
 pub const DEFAULT_HEARTBEAT_SECS: u64 = 30;
+/// `sharedloop.claim_timeout`: how long a build claim may go unrenewed
+/// before another host takes the build over (crate::claim).
+pub const DEFAULT_CLAIM_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_RW_SIZE: Bytes = Bytes(10 * Bytes::GIB);
 /// The oldest kernel with overlayfs' multiple lower layers.
 pub const MIN_KERNEL: (u32, u32, u32) = (4, 0, 0);
@@ -92,6 +95,14 @@ pub struct Config {
     /// local (see [`crate::placement`]).
     #[serde(default)]
     pub require_shared_root: bool,
+    /// `sharedloop.claim_timeout`: seconds a build claim in the store may
+    /// go unrenewed before a waiting host takes the build over.
+    #[serde(default = "default_claim_timeout")]
+    pub claim_timeout_secs: u64,
+}
+
+fn default_claim_timeout() -> u64 {
+    DEFAULT_CLAIM_TIMEOUT_SECS
 }
 
 /// Direct I/O of loop devices on their image files.
@@ -160,6 +171,7 @@ impl Default for Config {
             rw_size: DEFAULT_RW_SIZE,
             direct_io: DirectIo::Auto,
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            claim_timeout_secs: DEFAULT_CLAIM_TIMEOUT_SECS,
             verify: VerifyMode::Digest,
             max_layer_size: None,
             require_shared_root: false,
@@ -303,6 +315,16 @@ pub static OPTIONS: &[OptionSpec] = &[
         name: "require_shared_root",
         set: |c, k, v| {
             c.require_shared_root = parse_bool(k, v.unwrap_or(""))?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "claim_timeout",
+        set: |c, k, v| {
+            let v = need(k, v)?;
+            c.claim_timeout_secs = parse_duration(v)
+                .filter(|s| *s > 0)
+                .ok_or_else(|| bad(k, format!("{v:?} is not a duration (e.g. 30s, 5m)")))?;
             Ok(())
         },
     },

@@ -221,6 +221,8 @@ pub struct Store {
     pub root: PathBuf,
     pub fallback: PathBuf,
     pub host_id: String,
+    /// `sharedloop.claim_timeout`.
+    pub claim_timeout: std::time::Duration,
 }
 
 /// The largest `meta.json` read.
@@ -228,7 +230,12 @@ const META_MAX_BYTES: u64 = 1 << 20;
 
 impl Store {
     pub fn new(cfg: &Config, host_id: &str) -> Store {
-        Store { root: cfg.root.clone(), fallback: cfg.fallback.clone(), host_id: host_id.to_owned() }
+        Store {
+            root: cfg.root.clone(),
+            fallback: cfg.fallback.clone(),
+            host_id: host_id.to_owned(),
+            claim_timeout: std::time::Duration::from_secs(cfg.claim_timeout_secs),
+        }
     }
 
     pub fn base(&self, loc: Location) -> &Path {
@@ -328,6 +335,16 @@ impl Store {
                 Err(e) => return Err(Error::sys("mkdir", d, e)),
             }
         }
+        // One build per layer across hosts: claim it, or wait for the host
+        // that has (crate::claim).
+        let claim =
+            match crate::claim::claim_or_wait(base, chain, &self.host_id, self.claim_timeout, &|| Ok(self.locate(chain)))? {
+                crate::claim::Outcome::Published(info) => {
+                    tracing::info!(layer = %chain, location = info.location.name(), "another host built this layer; using it");
+                    return Ok(Published::Existing(info));
+                }
+                crate::claim::Outcome::Build(c) => c,
+            };
         let tmp = tmp_base.join(format!("{}-{}", self.host_id, random_token()));
         fs::create_dir(&tmp).ctx("mkdir", &tmp)?;
         let r = (|| {
@@ -371,6 +388,11 @@ impl Store {
         })();
         if r.is_err() {
             remove_tree(&tmp);
+        } else {
+            // In place (ours, or another host's that won the rename):
+            // waiters may stop waiting. On an error the claim is dropped,
+            // which removes it, and a waiter takes over at once.
+            claim.published();
         }
         r
     }
@@ -508,6 +530,8 @@ impl Store {
             }
         }
         crate::fault::point("remove", "layer renamed away");
+        // Its published build claims would hold up a host rebuilding it.
+        crate::claim::forget(base, &info.meta.chain_id);
         if live(self.refs(info)) {
             tracing::info!(layer = %info.meta.chain_id, "a host started using the layer while it was being removed; kept");
             if fs::rename(&grave, &info.dir).is_err() {

@@ -57,6 +57,8 @@ fn cluster(n: usize, root: &Path, slave: bool) -> Cluster {
             format!("sharedloop.loopback_root={}", root.display()),
             format!("sharedloop.loopback_fallback={}", h.fallback_dir().display()),
             HEARTBEAT.to_owned(),
+            // A dead claimant holds others up this long (the kill test).
+            "sharedloop.claim_timeout=10s".to_owned(),
         ];
         h.start_dockerd(&opts);
         hosts.push(h);
@@ -110,6 +112,12 @@ fn concurrent_rounds(c: &Cluster, rounds: usize) {
             assert_eq!(layer_dirs(&c.root).len(), 0, "round {round}: layers left after every host removed the image");
         }
     }
+    // One build per layer per round across all hosts (crate::claim): the
+    // others waited for it instead of building and throwing theirs away.
+    let builds: usize = c.hosts.iter().map(|h| h.plugin_log().matches("image built").count()).sum();
+    let lost: usize =
+        c.hosts.iter().map(|h| h.plugin_log().matches("another host published this layer first").count()).sum();
+    assert_eq!((builds, lost), (10 * rounds, 0), "builds and builds thrown away over {rounds} rounds of 10 layers");
     // identical files in every container
     let expected_dir = c.hosts[0].dir.join("expected");
     expected_tree(&c.tars, &expected_dir);
