@@ -451,8 +451,9 @@ impl LayerMounts {
         let idle: Vec<ChainId> = t.mounted.iter().filter(|(_, e)| e.users.is_empty()).map(|(c, _)| c.clone()).collect();
         let mut flights = Vec::new();
         for c in idle {
-            let e = t.mounted.remove(&c).expect("just seen");
-            flights.push((self.take_off(&mut t, &c), e));
+            if let Some(e) = t.mounted.remove(&c) {
+                flights.push((self.take_off(&mut t, &c), e));
+            }
         }
         drop(t);
         for (mut flight, e) in flights {
