@@ -243,6 +243,31 @@ pub fn verify(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict
     }
 }
 
+/// Keeps reading at or below `bytes_per_sec` on average: `sharedloop verify
+/// --max-rate`, so that a scrub of the whole store shares the file server
+/// with the hosts using it. Told of each chunk read ([`RateLimit::read`]),
+/// it sleeps until the bytes read so far are due at that rate.
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_sec: u64,
+    start: std::time::Instant,
+    read: u64,
+}
+
+impl RateLimit {
+    pub fn new(bytes_per_sec: u64) -> RateLimit {
+        RateLimit { bytes_per_sec: bytes_per_sec.max(1), start: std::time::Instant::now(), read: 0 }
+    }
+
+    pub fn read(&mut self, n: u64) {
+        self.read += n;
+        let due = std::time::Duration::from_secs_f64(self.read as f64 / self.bytes_per_sec as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 fn check_image(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict> {
     let (Some(img), Some(fs_type)) = (info.image(), info.meta.fs) else { return Ok(Verdict::Empty) };
     let f = match ImageFile::open(&img)? {
@@ -328,6 +353,23 @@ pub fn fsck(img: &Path, fs_type: FsType) -> Result<Option<String>> {
     }
 }
 
+/// The meta.json of a layer promoted into root: the fallback's, with the
+/// identity of the copy `img` (a new file, with its own times) in place of
+/// the fallback file's. A layer without an image keeps its text as it is.
+fn promoted_meta(layer: &LayerInfo, img: &Path) -> Result<Vec<u8>> {
+    let meta_path = layer.dir.join(META_FILE);
+    let text = fs::read(&meta_path).ctx("read", &meta_path)?;
+    if layer.meta.fs.is_none() {
+        return Ok(text);
+    }
+    let mut meta: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| Error::Corrupt { path: meta_path.clone(), reason: format!("not a JSON object: {e}") })?;
+    let copy = ImageFile::open_for_mount(img)?;
+    let stamp = crate::imagefile::ImageStamp::of(copy.at_open());
+    meta.insert("image_file".into(), serde_json::to_value(stamp).expect("serialises"));
+    Ok(serde_json::to_vec_pretty(&meta).expect("serialises"))
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct PromoteReport {
     /// Copied into root.
@@ -366,7 +408,7 @@ pub fn promote(store: &Store, progress: &mut dyn FnMut(u64)) -> Result<PromoteRe
                     rep.bytes_copied += layer.meta.image_bytes;
                     progress(layer.meta.image_bytes);
                 }
-                let text = fs::read(layer.dir.join(META_FILE)).ctx("read", layer.dir.join(META_FILE))?;
+                let text = promoted_meta(&layer, &tmp.join(IMAGE_FILE))?;
                 crate::store::write_atomic_shared(&tmp.join(META_FILE), &text)?;
                 fsync_dir(&tmp)?;
                 if fs::rename(&tmp, &dest).is_err() && !dest.join(META_FILE).exists() {

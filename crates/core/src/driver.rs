@@ -1203,6 +1203,8 @@ impl Driver {
                 publisher: self.store.host_id.clone(),
                 created_unix: crate::store::now_unix(),
                 image_sha256,
+                // Set by the store from the finished file.
+                image_file: None,
             })
         };
         // Use the layer that is there, or publish ours; then take a

@@ -10,6 +10,12 @@
 //! function and `SHAREDLOOP_FAULT` is ignored, so it can never abort a
 //! production daemon. With it and without the variable, a point costs one
 //! load of an initialised `OnceLock`.
+//!
+//! `SHAREDLOOP_FAULT_PAUSE=OP:MATCH:FILE` (same feature; MATCH without a
+//! colon, e.g. a layer's hex digest) holds every thread passing [`pause`]
+//! of operation OP with a `what` containing MATCH until FILE exists; on
+//! arrival it creates `FILE.reached`, so a test knows the thread is held. Tests use it to hold one step (a layer's image check)
+//! while they show what other threads can do meanwhile.
 
 #[cfg(feature = "fault-injection")]
 mod enabled {
@@ -43,6 +49,35 @@ mod enabled {
             std::process::abort();
         }
     }
+
+    /// Read at each pause point (they are rare: a layer's first mount), so
+    /// a test may set the variable after the process started.
+    pub fn pause(op: &'static str, what: &str) {
+        let Ok(v) = std::env::var("SHAREDLOOP_FAULT_PAUSE") else { return };
+        let mut parts = v.splitn(3, ':');
+        let (Some(p_op), Some(p_match), Some(file)) = (parts.next(), parts.next(), parts.next()) else { return };
+        if p_op != op || !what.contains(p_match) {
+            return;
+        }
+        let reached = format!("{file}.reached");
+        eprintln!("sharedloop: fault injection: pausing in {op} ({what}) until {file} exists");
+        if let Err(e) = std::fs::write(&reached, what) {
+            eprintln!("sharedloop: fault injection: cannot create {reached}: {e}");
+        }
+        while !std::path::Path::new(file).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+/// A place where a test may hold operation `op` (`SHAREDLOOP_FAULT_PAUSE`);
+/// `what` names what is being worked on.
+#[inline(always)]
+pub fn pause(op: &'static str, what: &str) {
+    #[cfg(feature = "fault-injection")]
+    enabled::pause(op, what);
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = (op, what);
 }
 
 /// A point between two steps of operation `op`.

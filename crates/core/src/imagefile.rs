@@ -51,6 +51,66 @@ impl FileId {
     }
 }
 
+/// What the publisher saw of a finished, fsynced image file, recorded in
+/// `meta.json` (`image_file`): size, mtime and ctime. With
+/// `sharedloop.verify=identity` a host mounts the image when the file it
+/// opened still shows them, without reading it. Not the inode or device:
+/// they differ between the clients of a network filesystem (sshfs, FUSE),
+/// and renaming the layer directory into place changes neither time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStamp {
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+const NS: i128 = 1_000_000_000;
+
+/// Two times are the same file time. A filesystem that keeps whole seconds
+/// only (sshfs: SFTP carries seconds) shows a time with no nanoseconds;
+/// against such a time only the seconds are compared, so a stamp taken on
+/// the file server's own filesystem matches what an sshfs client sees, and
+/// the other way round.
+fn same_time(a: i128, b: i128) -> bool {
+    a == b || ((a.rem_euclid(NS) == 0 || b.rem_euclid(NS) == 0) && a.div_euclid(NS) == b.div_euclid(NS))
+}
+
+impl ImageStamp {
+    pub fn of(id: FileId) -> ImageStamp {
+        ImageStamp { size: id.size, mtime_ns: id.mtime_ns, ctime_ns: id.ctime_ns }
+    }
+
+    /// What differs between this stamp and file `seen`; `None` when the file
+    /// is the one stamped.
+    ///
+    /// ctime cannot be set by a writer (any change moves it to "now"), so
+    /// it is what catches an mtime put back with `touch -d`. A filesystem
+    /// without ctime of its own shows mtime as ctime (sshfs): a file whose
+    /// ctime is its mtime, and whose mtime matches, is taken as unchanged,
+    /// because on a filesystem that keeps ctime, a change after the stamp
+    /// would have moved ctime past the stamped mtime.
+    pub fn differs(&self, seen: FileId) -> Option<String> {
+        let mut what = Vec::new();
+        if seen.size != self.size {
+            what.push(format!("size is {} bytes, {} were published", seen.size, self.size));
+        }
+        let mtime_ok = same_time(seen.mtime_ns, self.mtime_ns);
+        if !mtime_ok {
+            what.push(format!("mtime is {}, {} was published", show(seen.mtime_ns), show(self.mtime_ns)));
+        }
+        let mirrored = same_time(seen.ctime_ns, seen.mtime_ns) && mtime_ok;
+        if !same_time(seen.ctime_ns, self.ctime_ns) && !mirrored {
+            what.push(format!("ctime is {}, {} was published", show(seen.ctime_ns), show(self.ctime_ns)));
+        }
+        (!what.is_empty()).then(|| what.join("; "))
+    }
+}
+
+/// A file time as seconds.nanoseconds since the epoch.
+fn show(ns: i128) -> String {
+    format!("{}.{:09}", ns.div_euclid(NS), ns.rem_euclid(NS))
+}
+
 /// What opening an image found.
 #[derive(Debug)]
 pub enum Opened {
@@ -193,6 +253,35 @@ impl ImageFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(size: u64, mtime_ns: i128, ctime_ns: i128) -> FileId {
+        FileId { dev: 1, ino: 2, size, mtime_ns, ctime_ns }
+    }
+
+    #[test]
+    fn a_stamp_matches_the_file_it_was_taken_of_only() {
+        let s = ImageStamp { size: 10, mtime_ns: 5 * NS + 7, ctime_ns: 6 * NS + 1 };
+        assert_eq!(s.differs(id(10, 5 * NS + 7, 6 * NS + 1)), None);
+        // Inode and device are not part of it.
+        assert_eq!(s.differs(FileId { dev: 9, ino: 9, ..id(10, 5 * NS + 7, 6 * NS + 1) }), None);
+        assert!(s.differs(id(11, 5 * NS + 7, 6 * NS + 1)).unwrap().contains("size is 11 bytes"));
+        assert!(s.differs(id(10, 5 * NS + 8, 6 * NS + 1)).unwrap().contains("mtime is 5.000000008"));
+        // mtime put back (touch -d): ctime moved on.
+        assert!(s.differs(id(10, 5 * NS + 7, 9 * NS + 3)).unwrap().contains("ctime is 9.000000003"));
+    }
+
+    #[test]
+    fn a_stamp_matches_across_whole_second_filesystems() {
+        // Stamped on the file server's filesystem, seen through sshfs:
+        // whole seconds, ctime shown as mtime.
+        let s = ImageStamp { size: 10, mtime_ns: 5 * NS + 7, ctime_ns: 6 * NS + 1 };
+        assert_eq!(s.differs(id(10, 5 * NS, 5 * NS)), None);
+        assert!(s.differs(id(10, 4 * NS, 4 * NS)).is_some());
+        // Stamped through sshfs, seen on the server.
+        let s = ImageStamp { size: 10, mtime_ns: 5 * NS, ctime_ns: 5 * NS };
+        assert_eq!(s.differs(id(10, 5 * NS + 7, 5 * NS + 9)), None);
+        assert!(s.differs(id(10, 5 * NS + 7, 8 * NS)).is_some());
+    }
 
     #[test]
     fn store_paths_split_at_the_store_base() {

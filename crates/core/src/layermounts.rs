@@ -19,18 +19,31 @@
 //! and refused. A record of the check (`<verified>/<sha256-HEX>`: layer,
 //! path, the checked file's identity and times, digest, fsck) keeps later
 //! mounts of an unchanged file off the check: once per host per image.
+//! With `identity` (the default) the check reads nothing: the open file's
+//! size, mtime and ctime must be those the publisher recorded in meta.json.
 //! See "The image check before a mount" in docs/crash-safety.md.
+//!
+//! Locks: one mutex, the table (mounted layers and the layers being mounted
+//! or unmounted now, "in flight"), and a condition variable on it. No I/O
+//! runs under the table lock: a thread marks a layer in flight, lets go of
+//! the lock, opens, checks, attaches and mounts (or unmounts), then takes
+//! the lock again to record the outcome and wakes the waiters. Another
+//! thread wanting the same layer meanwhile waits for that outcome; threads
+//! wanting other layers go on, so one cold first mount of a big image (a
+//! digest check reading gigabytes from a file server) stalls no other.
+//! A release of a layer in flight waits for it (the mount may be the
+//! releaser's); a sweep leaves layers in flight to their thread.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
 use crate::ids::ChainId;
-use crate::imagefile::{FileId, ImageFile};
+use crate::imagefile::{FileId, ImageFile, ImageStamp};
 use crate::mount;
 use crate::options::{DirectIo, VerifyMode};
 use crate::store::{write_atomic, LayerInfo, DIGEST_ALWAYS_FORMAT};
@@ -68,7 +81,38 @@ pub struct LayerMounts {
     shared: bool,
     /// Set by the first sweep: every driver there was at start has opened.
     settled: std::sync::atomic::AtomicBool,
-    table: Mutex<HashMap<ChainId, Entry>>,
+    table: Mutex<Table>,
+    /// Signalled whenever a layer leaves `Table::in_flight`.
+    landed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    mounted: HashMap<ChainId, Entry>,
+    /// Layers a thread is mounting or unmounting now, without the lock.
+    /// They are in neither state for the others: whoever wants one waits.
+    in_flight: HashSet<ChainId>,
+}
+
+/// A layer marked in flight: dropping it records `entry` (if any) as the
+/// layer's mount, clears the mark and wakes the waiters, also when the
+/// work fails or panics.
+struct InFlight<'a> {
+    mounts: &'a LayerMounts,
+    chain: ChainId,
+    entry: Option<Entry>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut t = self.mounts.lock();
+        if let Some(e) = self.entry.take() {
+            t.mounted.insert(self.chain.clone(), e);
+        }
+        t.in_flight.remove(&self.chain);
+        drop(t);
+        self.mounts.landed.notify_all();
+    }
 }
 
 impl LayerMounts {
@@ -106,7 +150,8 @@ impl LayerMounts {
             verified: verified.to_owned(),
             shared,
             settled: Default::default(),
-            table: Mutex::new(table),
+            table: Mutex::new(Table { mounted: table, in_flight: HashSet::new() }),
+            landed: Condvar::new(),
         }))
     }
 
@@ -123,7 +168,7 @@ impl LayerMounts {
     /// Drops every claim of `user` (a driver reopening its home), keeping
     /// the mounts for the claims it makes next.
     pub fn forget_user(&self, user: &Path) {
-        for e in self.lock().values_mut() {
+        for e in self.lock().mounted.values_mut() {
             e.users.remove(user);
         }
     }
@@ -133,15 +178,32 @@ impl LayerMounts {
         self.dir.join(chain.dir_name())
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<ChainId, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The table once `chain` is not in flight (mounted or not).
+    fn lock_settled(&self, chain: &ChainId) -> MutexGuard<'_, Table> {
+        let mut t = self.lock();
+        while t.in_flight.contains(chain) {
+            t = self.landed.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        t
+    }
+
+    /// Marks `chain` in flight; the caller holds the lock and `chain` is
+    /// neither mounted nor in flight.
+    fn take_off<'a>(&'a self, t: &mut Table, chain: &ChainId) -> InFlight<'a> {
+        debug_assert!(!t.mounted.contains_key(chain) && !t.in_flight.contains(chain));
+        t.in_flight.insert(chain.clone());
+        InFlight { mounts: self, chain: chain.clone(), entry: None }
     }
 
     /// Claims an adopted mount of `chain` for `user`; returns its device,
     /// or `None` when the layer is not mounted.
     pub fn claim(&self, chain: &ChainId, user: &Path) -> Option<String> {
-        let mut t = self.lock();
-        let e = t.get_mut(chain)?;
+        let mut t = self.lock_settled(chain);
+        let e = t.mounted.get_mut(chain)?;
         e.users.insert(user.to_owned());
         Some(e.dev.clone())
     }
@@ -150,26 +212,49 @@ impl LayerMounts {
     /// records `user` as using it. The image is checked first (`verify`)
     /// unless this host checked the same file before. Returns the loop
     /// device.
+    ///
+    /// The open, check, attach and mount run without the table lock (see
+    /// "Locks" above): a thread mounting the same layer meanwhile is waited
+    /// for, others are not.
     pub fn acquire(&self, info: &LayerInfo, user: &Path, verify: VerifyMode, direct_io: DirectIo) -> Result<String> {
         let chain = &info.meta.chain_id;
         let (Some(image), Some(fs_type)) = (info.image(), info.meta.fs) else {
             return Err(Error::Invalid(format!("layer {chain} has no image to mount")));
         };
-        let mut t = self.lock();
-        if let Some(e) = t.get_mut(chain) {
+        let mut t = self.lock_settled(chain);
+        if let Some(e) = t.mounted.get_mut(chain) {
             e.users.insert(user.to_owned());
             return Ok(e.dev.clone());
         }
+        let mut flight = self.take_off(&mut t, chain);
+        drop(t);
+        let dev = self.mount(info, &image, fs_type, verify, direct_io)?;
+        flight.entry = Some(Entry { dev: dev.clone(), users: HashSet::from([user.to_owned()]) });
+        Ok(dev)
+    }
+
+    /// Opens, checks, attaches and mounts `info`'s image; called without
+    /// the table lock, with the layer in flight.
+    fn mount(
+        &self,
+        info: &LayerInfo,
+        image: &Path,
+        fs_type: crate::options::FsType,
+        verify: VerifyMode,
+        direct_io: DirectIo,
+    ) -> Result<String> {
+        let chain = &info.meta.chain_id;
+        crate::fault::pause("layer-mount", chain.as_str());
         // One open file for the check and the loop device: a name that
         // changes meanwhile (a peer renaming another image over it) changes
         // nothing here.
-        let img = ImageFile::open_for_mount(&image)?;
+        let img = ImageFile::open_for_mount(image)?;
         let record = self.check(info, &img, verify)?;
         let target = self.path(chain);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-        let direct_io = direct_io.for_file(&image);
-        let dev = loopdev::attach_file(img.file(), &image, loopdev::AttachOptions { read_only: true, direct_io })
-            .ctx("attach loop device", &image)?;
+        let direct_io = direct_io.for_file(image);
+        let dev = loopdev::attach_file(img.file(), image, loopdev::AttachOptions { read_only: true, direct_io })
+            .ctx("attach loop device", image)?;
         if verify != VerifyMode::Off {
             // A writer changing the inode in place while it was checked:
             // what the device reads is not what was checked.
@@ -178,7 +263,7 @@ impl LayerMounts {
                 drop(dev); // autoclear: nothing else holds the device
                 let _ = fs::remove_dir(&target);
                 return Err(Error::Corrupt {
-                    path: image.clone(),
+                    path: image.to_owned(),
                     reason: format!(
                         "the file changed while it was checked (size, mtime or ctime: {:?} then {:?}); \
                          something writes to the shared store; refusing to mount it",
@@ -199,9 +284,7 @@ impl LayerMounts {
             }
         }
         tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(), "layer mounted");
-        let dev = dev.path().display().to_string();
-        t.insert(chain.clone(), Entry { dev: dev.clone(), users: HashSet::from([user.to_owned()]) });
-        Ok(dev)
+        Ok(dev.path().display().to_string())
     }
 
     /// Records `info`'s image as checked without reading it: for the host
@@ -249,6 +332,13 @@ impl LayerMounts {
         }
         let chain = &info.meta.chain_id;
         let image = img.path();
+        if verify == VerifyMode::Identity {
+            match &info.meta.image_file {
+                Some(stamp) => return Self::check_identity(img, stamp).map(|()| None),
+                None => tracing::info!(layer = %chain, image = %image.display(),
+                    "the layer records no image identity (published by an older sharedloop); checking its digest once on this host"),
+            }
+        }
         let want_fsck = verify == VerifyMode::Full;
         let expected = match &info.meta.image_sha256 {
             Some(d) => Some(d.clone()),
@@ -310,41 +400,74 @@ impl LayerMounts {
         Ok(Some(now(want_fsck)))
     }
 
+    /// `verify=identity`: the open file `img` must be the one the publisher
+    /// stamped (size, mtime, ctime); nothing of it is read. Nothing is
+    /// recorded either: the check costs one `fstat`.
+    fn check_identity(img: &ImageFile, stamp: &ImageStamp) -> Result<()> {
+        match stamp.differs(img.at_open()) {
+            None => Ok(()),
+            Some(what) => Err(Error::Corrupt {
+                path: img.path().to_owned(),
+                reason: format!(
+                    "not the file that was published ({what}): it was changed or replaced after publish; \
+                     refusing to mount it (run sharedloop verify to check the store's images)"
+                ),
+            }),
+        }
+    }
+
     /// `user` no longer uses `chain`; the mount goes when nobody does.
+    /// A layer being mounted meanwhile is waited for (its mount may be
+    /// `user`'s); the unmount runs without the table lock.
     pub fn release(&self, chain: &ChainId, user: &Path) -> Result<()> {
-        let mut t = self.lock();
-        let Some(e) = t.get_mut(chain) else { return Ok(()) };
+        let mut t = self.lock_settled(chain);
+        let Some(e) = t.mounted.get_mut(chain) else { return Ok(()) };
         e.users.remove(user);
         if !e.users.is_empty() {
             return Ok(());
         }
+        let e = t.mounted.remove(chain).expect("just seen");
+        let mut flight = self.take_off(&mut t, chain);
+        drop(t);
+        if let Err(err) = self.unmount(chain) {
+            flight.entry = Some(e); // still mounted; kept, without users
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, chain: &ChainId) -> Result<()> {
         let p = self.path(chain);
         mount::unmount_path(&p)?;
         let _ = fs::remove_dir(&p);
-        t.remove(chain);
         Ok(())
     }
 
     /// Unmounts the layers no driver uses (leftovers adopted at open).
+    /// Layers in flight are left to the thread working on them.
     pub fn sweep(&self) {
         self.settled.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut t = self.lock();
-        let idle: Vec<ChainId> = t.iter().filter(|(_, e)| e.users.is_empty()).map(|(c, _)| c.clone()).collect();
+        let idle: Vec<ChainId> = t.mounted.iter().filter(|(_, e)| e.users.is_empty()).map(|(c, _)| c.clone()).collect();
+        let mut flights = Vec::new();
         for c in idle {
-            let p = self.path(&c);
+            if let Some(e) = t.mounted.remove(&c) {
+                flights.push((self.take_off(&mut t, &c), e));
+            }
+        }
+        drop(t);
+        for (mut flight, e) in flights {
+            let c = flight.chain.clone();
             tracing::info!(layer = %c, "unmounting a layer no driver uses");
-            match mount::unmount_path(&p) {
-                Ok(()) => {
-                    let _ = fs::remove_dir(&p);
-                    t.remove(&c);
-                }
-                Err(e) => tracing::warn!(target = %p.display(), error = %e, "cannot unmount an unused layer"),
+            if let Err(err) = self.unmount(&c) {
+                tracing::warn!(target = %self.path(&c).display(), error = %err, "cannot unmount an unused layer");
+                flight.entry = Some(e);
             }
         }
     }
 
     /// Layers mounted now.
     pub fn count(&self) -> usize {
-        self.lock().len()
+        self.lock().mounted.len()
     }
 }

@@ -142,8 +142,12 @@ impl DirectIo {
 pub enum VerifyMode {
     /// Nothing.
     Off,
-    /// The sha256 recorded at publish.
+    /// The image file's size, mtime and ctime against those recorded at
+    /// publish, without reading it; a layer without that record (published
+    /// by an older sharedloop) gets the digest check instead.
     #[default]
+    Identity,
+    /// The sha256 recorded at publish.
     Digest,
     /// The digest and a read-only fsck.
     Full,
@@ -154,9 +158,12 @@ impl std::str::FromStr for VerifyMode {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "off" | "none" | "false" => Ok(VerifyMode::Off),
+            "identity" => Ok(VerifyMode::Identity),
+            // `true` meant the digest check, the default it was written
+            // under: an explicit setting is not silently weakened.
             "digest" | "true" => Ok(VerifyMode::Digest),
             "full" | "fsck" => Ok(VerifyMode::Full),
-            _ => Err(format!("{s:?} is not a verification mode (off, digest or full)")),
+            _ => Err(format!("{s:?} is not a verification mode (off, identity, digest or full)")),
         }
     }
 }
@@ -172,7 +179,7 @@ impl Default for Config {
             direct_io: DirectIo::Auto,
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
             claim_timeout_secs: DEFAULT_CLAIM_TIMEOUT_SECS,
-            verify: VerifyMode::Digest,
+            verify: VerifyMode::Identity,
             max_layer_size: None,
             require_shared_root: false,
         }
@@ -423,7 +430,7 @@ mod tests {
         assert_eq!(c.fallback, PathBuf::from("/var/lib/docker/loopback/private"));
         assert!(!c.override_kernel_check);
         assert_eq!(c.fs, FsType::Ext4);
-        assert_eq!(c.verify, VerifyMode::Digest);
+        assert_eq!(c.verify, VerifyMode::Identity);
         assert_eq!(c.direct_io, DirectIo::Auto);
         assert!(!c.require_shared_root);
         assert!(Config::from_opts(&["sharedloop.require_shared_root=true"]).unwrap().require_shared_root);

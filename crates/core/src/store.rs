@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
 use crate::ids::{random_token, ChainId, DiffId};
-use crate::imagefile::{FileId, ImageFile, Opened};
+use crate::imagefile::{FileId, ImageFile, ImageStamp, Opened};
 use crate::options::{Config, FsType};
 
 /// The `format` written into each new meta.json. Readers take every
@@ -81,6 +81,11 @@ pub struct LayerMeta {
     /// sha256 of layer.img as published, for `sharedloop verify`.
     #[serde(default)]
     pub image_sha256: Option<String>,
+    /// Size and times of layer.img as published (after its fsync), for
+    /// `sharedloop.verify=identity`; `None` in a layer published by an
+    /// older sharedloop (such a layer's digest is checked instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_file: Option<ImageStamp>,
 }
 
 /// A located layer.
@@ -349,13 +354,17 @@ impl Store {
         fs::create_dir(&tmp).ctx("mkdir", &tmp)?;
         let r = (|| {
             crate::fault::point("publish", "temp dir made");
-            let meta = build(&tmp)?;
+            let mut meta = build(&tmp)?;
             crate::fault::point("publish", "image built");
             // What this host built and hashed, to vouch for exactly that file.
             let built = match meta.fs.map(|_| ImageFile::open(&tmp.join(IMAGE_FILE))).transpose()? {
                 Some(Opened::File(f)) => Some(f.at_open()),
                 _ => None,
             };
+            // The finished image's identity, for hosts that check it by its
+            // size and times (verify=identity). build() fsynced it: times
+            // a network filesystem's server sets on the write back are in.
+            meta.image_file = built.map(ImageStamp::of);
             let text = serde_json::to_vec_pretty(&meta).expect("meta serialises");
             {
                 // Closed before anything may remove the directory: a network

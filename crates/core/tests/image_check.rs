@@ -103,6 +103,7 @@ fn publish(store: &Store, chain: &ChainId, img: &Path) -> LayerInfo {
         publisher: "publisher.1".into(),
         created_unix: 0,
         image_sha256: Some(digest),
+        image_file: None,
     };
     store
         .publish(chain, &|tmp: &Path| {
@@ -379,4 +380,257 @@ fn real_an_image_written_in_place_during_the_check_is_refused() {
             "round {round}: a loop device still holds the image"
         );
     }
+}
+
+/// Sets a file's mtime (to the nanosecond) the way an operator or a peer
+/// would, with touch.
+fn touch_mtime(path: &Path, mtime_ns: i128) {
+    let at = format!("@{}.{:09}", mtime_ns.div_euclid(1_000_000_000), mtime_ns.rem_euclid(1_000_000_000));
+    run_ok(Command::new("touch").args(["-m", "-d", &at]).arg(path));
+}
+
+/// Issue 12, item 3: `verify=identity` (the default) mounts an image whose
+/// size and times are those stamped at publish, reading nothing of it (the
+/// thread's read count grows by far less than the image, which a digest
+/// check reads whole) and recording nothing; it is the default.
+#[test]
+fn real_identity_mounts_an_untouched_image_without_reading_it() {
+    require(&["mkfs.ext4"]);
+    assert_eq!(Config::default().verify, VerifyMode::Identity);
+    let rig = Rig::new();
+    let store = store_in(&rig);
+    let genuine = make_image(rig.path(), "genuine", "genuine\n", 256);
+    let c = chain('5');
+    let info = publish(&store, &c, &genuine);
+    let stamp = info.meta.image_file.expect("publish records the image's identity");
+    assert_eq!(stamp.size, fs::metadata(info.image().unwrap()).unwrap().len());
+    // What other hosts read back from meta.json.
+    assert_eq!(store.locate(&c).unwrap().meta.image_file, Some(stamp));
+    let mounts = LayerMounts::open(&rig.path().join("mnt"), &rig.path().join("verified"), false).unwrap();
+    let me = gettid();
+    let before = rchar(me);
+    mounts.acquire(&info, Path::new("/test-user"), VerifyMode::Identity, DirectIo::Off).unwrap();
+    let read = rchar(me) - before;
+    assert!(read < stamp.size / 16, "the identity check read {read} bytes of a {} byte image", stamp.size);
+    assert_eq!(fs::read_to_string(mounts.path(&c).join("fs/marker")).unwrap(), "genuine\n");
+    assert!(!rig.path().join("verified").join(c.dir_name()).exists(), "identity records nothing");
+    mounts.release(&c, Path::new("/test-user")).unwrap();
+    assert_eq!(mounts.count(), 0);
+}
+
+/// Issue 12, item 3: `verify=identity` refuses an image whose size, mtime
+/// or ctime is not what the publisher stamped, naming the file, what
+/// differs, and `sharedloop verify`. The last round puts mtime back after
+/// writing in place: ctime, which no writer can set, still tells.
+#[test]
+fn real_identity_refuses_an_image_changed_after_publish() {
+    require(&["mkfs.ext4"]);
+    let rig = Rig::new();
+    let store = store_in(&rig);
+    let genuine = make_image(rig.path(), "genuine", "genuine\n", 16);
+    let mounts = LayerMounts::open(&rig.path().join("mnt"), &rig.path().join("verified"), false).unwrap();
+    type Change = fn(&Path, i128);
+    let rounds: [(char, &str, Change); 3] = [
+        ('6', "mtime is", |img, _| touch_mtime(img, 978_307_200_000_000_000)),
+        ('7', "size is", |img, _| {
+            use std::io::Write;
+            fs::OpenOptions::new().append(true).open(img).unwrap().write_all(b"x").unwrap();
+        }),
+        ('8', "ctime is", |img, mtime| {
+            fs::OpenOptions::new().write(true).open(img).unwrap().write_all_at(b"written in place", 0).unwrap();
+            touch_mtime(img, mtime);
+        }),
+    ];
+    for (c, what, change) in rounds {
+        let c = chain(c);
+        let info = publish(&store, &c, &genuine);
+        let img = info.image().unwrap();
+        let stamp = info.meta.image_file.unwrap();
+        // ctime has a clock tick's resolution: let it move past the stamp.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        change(&img, stamp.mtime_ns);
+        let e = mounts.acquire(&info, Path::new("/test-user"), VerifyMode::Identity, DirectIo::Off).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, Error::Corrupt { .. }), "{what}: {text}");
+        assert!(text.contains(&img.display().to_string()), "{what}: the error does not name the file: {text}");
+        assert!(text.contains(what) && text.contains("sharedloop verify"), "{what}: {text}");
+        assert_eq!(mounts.count(), 0, "{what}: mounted");
+        assert!(!loopdev::list().iter().any(|(_, b)| b.starts_with(&info.dir)), "{what}: attached");
+    }
+}
+
+/// A layer published by an older sharedloop records no identity: with
+/// `identity` its digest is checked once on this host (and recorded), and
+/// a damaged image is refused.
+#[test]
+fn real_identity_checks_the_digest_of_a_layer_without_a_stamp() {
+    require(&["mkfs.ext4"]);
+    let rig = Rig::new();
+    let store = store_in(&rig);
+    let genuine = make_image(rig.path(), "genuine", "genuine\n", 16);
+    let mounts = LayerMounts::open(&rig.path().join("mnt"), &rig.path().join("verified"), false).unwrap();
+    let user = Path::new("/test-user");
+    let (good, bad) = (chain('9'), chain('0'));
+    for c in [&good, &bad] {
+        let info = publish(&store, c, &genuine);
+        peer_edits_meta(&info, |m| {
+            m.remove("image_file");
+        });
+    }
+    let info = store.locate(&good).unwrap();
+    assert_eq!(info.meta.image_file, None);
+    mounts.acquire(&info, user, VerifyMode::Identity, DirectIo::Off).unwrap();
+    assert!(rig.path().join("verified").join(good.dir_name()).exists(), "the digest check was not recorded");
+    mounts.release(&good, user).unwrap();
+
+    let info = store.locate(&bad).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(info.image().unwrap()).unwrap();
+    f.write_all_at(b"written in place", 0).unwrap();
+    let e = mounts.acquire(&info, user, VerifyMode::Identity, DirectIo::Off).unwrap_err();
+    assert!(e.to_string().contains("sha256 is"), "{e}");
+    assert_eq!(mounts.count(), 0);
+}
+
+/// The tests that hold a layer's first mount (`SHAREDLOOP_FAULT_PAUSE`,
+/// one value per process) take turns.
+#[cfg(feature = "fault-injection")]
+static PAUSE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the first mount of `chain` (before its image is opened) until
+/// `release` exists; `<release>.reached` appears when a thread is held.
+#[cfg(feature = "fault-injection")]
+fn pause_first_mount_of(chain: &ChainId, release: &Path) {
+    std::env::set_var("SHAREDLOOP_FAULT_PAUSE", format!("layer-mount:{}:{}", &chain.as_str()[7..], release.display()));
+}
+
+/// Waits, at most `LIVENESS` (a bound for a hung test, not a timing
+/// claim), for `done`; panics with `what` when it does not come.
+#[cfg(feature = "fault-injection")]
+fn await_or_fail(what: &str, mut done: impl FnMut() -> bool) {
+    const LIVENESS: std::time::Duration = std::time::Duration::from_secs(60);
+    let t0 = std::time::Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < LIVENESS, "{what} (waited {} s)", LIVENESS.as_secs());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Issue 12, item 3: the check and mount of one layer run without the
+/// layer mount table's lock. Layer A's first mount is held (as a long
+/// digest check of a big image on a busy file server would hold it);
+/// layer B's first mount completes meanwhile, while A is still held; then
+/// A is let go and mounts. Before, B waited for A behind the lock.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn real_first_mounts_of_two_layers_proceed_in_parallel() {
+    require(&["mkfs.ext4"]);
+    let _turn = PAUSE.lock().unwrap_or_else(|p| p.into_inner());
+    let rig = Rig::new();
+    let store = store_in(&rig);
+    let img = make_image(rig.path(), "genuine", "genuine\n", 16);
+    let (ca, cb) = (chain('1'), chain('2'));
+    let (info_a, info_b) = (publish(&store, &ca, &img), publish(&store, &cb, &img));
+    let mounts = LayerMounts::open(&rig.path().join("mnt"), &rig.path().join("verified"), false).unwrap();
+    let release = rig.path().join("release-a");
+    let reached = rig.path().join("release-a.reached");
+    pause_first_mount_of(&ca, &release);
+    let user = Path::new("/test-user");
+    std::thread::scope(|s| {
+        // Let A go however the test ends, so the scope can end.
+        struct LetGo<'a>(&'a Path);
+        impl Drop for LetGo<'_> {
+            fn drop(&mut self) {
+                let _ = fs::write(self.0, "");
+            }
+        }
+        let _let_go = LetGo(&release);
+        let a = s.spawn(|| mounts.acquire(&info_a, user, VerifyMode::Digest, DirectIo::Off));
+        await_or_fail("layer A's first mount never reached its pause point", || reached.exists());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (m, info_b) = (&mounts, &info_b);
+        s.spawn(move || {
+            let _ = tx.send(m.acquire(info_b, user, VerifyMode::Digest, DirectIo::Off));
+        });
+        let b = rx.recv_timeout(std::time::Duration::from_secs(60)).expect(
+            "layer B's first mount did not complete in 60 s while layer A's was held: \
+             first mounts of different layers wait for each other",
+        );
+        b.unwrap();
+        assert_eq!(fs::read_to_string(mounts.path(&cb).join("fs/marker")).unwrap(), "genuine\n");
+        assert!(!a.is_finished() && !release.exists(), "layer A was not held while B mounted");
+        fs::write(&release, "").unwrap();
+        a.join().unwrap().unwrap();
+    });
+    std::env::remove_var("SHAREDLOOP_FAULT_PAUSE");
+    assert_eq!(fs::read_to_string(mounts.path(&ca).join("fs/marker")).unwrap(), "genuine\n");
+    assert_eq!(mounts.count(), 2);
+    for c in [&ca, &cb] {
+        mounts.release(c, user).unwrap();
+    }
+    assert_eq!(mounts.count(), 0);
+}
+
+/// What thread `tid` of this process is blocked in (kernel function).
+#[cfg(feature = "fault-injection")]
+fn wchan(tid: u32) -> String {
+    fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
+}
+
+/// Two threads first-mounting the same layer at once: the second waits for
+/// the first (blocked on the table, not in a mount of its own), and both
+/// get the one mount and its device; the layer is attached once.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn real_two_first_mounts_of_one_layer_make_one_mount() {
+    require(&["mkfs.ext4"]);
+    let _turn = PAUSE.lock().unwrap_or_else(|p| p.into_inner());
+    let rig = Rig::new();
+    let store = store_in(&rig);
+    let img = make_image(rig.path(), "genuine", "genuine\n", 16);
+    let c = chain('3');
+    let info = publish(&store, &c, &img);
+    let mounts = LayerMounts::open(&rig.path().join("mnt"), &rig.path().join("verified"), false).unwrap();
+    let release = rig.path().join("release");
+    let reached = rig.path().join("release.reached");
+    pause_first_mount_of(&c, &release);
+    let (u1, u2) = (Path::new("/test-user-1"), Path::new("/test-user-2"));
+    let (d1, d2) = std::thread::scope(|s| {
+        struct LetGo<'a>(&'a Path);
+        impl Drop for LetGo<'_> {
+            fn drop(&mut self) {
+                let _ = fs::write(self.0, "");
+            }
+        }
+        let _let_go = LetGo(&release);
+        let first = s.spawn(|| mounts.acquire(&info, u1, VerifyMode::Digest, DirectIo::Off));
+        await_or_fail("the first mount never reached its pause point", || reached.exists());
+        fs::remove_file(&reached).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (m, i) = (&mounts, &info);
+        let second = s.spawn(move || {
+            tx.send(gettid()).unwrap();
+            m.acquire(i, u2, VerifyMode::Digest, DirectIo::Off)
+        });
+        let tid = rx.recv().unwrap();
+        // Held in the mount itself it would sleep at the pause point
+        // (and mark it reached); waiting for the first it sleeps on a futex.
+        await_or_fail("the second thread never blocked", || {
+            assert!(!reached.exists(), "the second thread mounts the layer too, while the first is mounting it");
+            wchan(tid).contains("futex")
+        });
+        assert!(!second.is_finished());
+        fs::write(&release, "").unwrap();
+        (first.join().unwrap().unwrap(), second.join().unwrap().unwrap())
+    });
+    std::env::remove_var("SHAREDLOOP_FAULT_PAUSE");
+    assert_eq!(d1, d2);
+    assert_eq!(mounts.count(), 1);
+    let attached = loopdev::list().iter().filter(|(_, b)| b.starts_with(&info.dir)).count();
+    assert_eq!(attached, 1, "the image is attached {attached} times");
+    assert_eq!(mounts_under(&mounts.path(&c)).len(), 1);
+    // Both users hold it: it goes with the second release only.
+    mounts.release(&c, u1).unwrap();
+    assert_eq!(mounts.count(), 1);
+    mounts.release(&c, u2).unwrap();
+    assert_eq!(mounts.count(), 0);
 }

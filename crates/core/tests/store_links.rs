@@ -29,6 +29,7 @@ fn meta(ch: &ChainId, fs: Option<FsType>) -> LayerMeta {
         publisher: "other".into(),
         created_unix: 0,
         image_sha256: None,
+        image_file: None,
     }
 }
 

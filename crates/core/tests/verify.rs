@@ -29,6 +29,7 @@ fn a_layer_removed_during_verify_is_not_reported_broken() {
         publisher: "me.1".into(),
         created_unix: 0,
         image_sha256: Some("0".repeat(64)),
+        image_file: None,
     };
     let info = store
         .publish(&chain, &|tmp: &Path| {

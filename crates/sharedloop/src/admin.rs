@@ -301,7 +301,17 @@ struct VerifyRow {
     verdict: Verdict,
 }
 
-pub fn verify(args: &StoreArgs, which: &[String]) -> anyhow::Result<i32> {
+/// `--max-rate`: a positive size per second.
+fn parse_rate(v: &str) -> anyhow::Result<u64> {
+    match sharedloop_core::ids::Bytes::parse_size(v) {
+        Ok(b) if b.0 > 0 => Ok(b.0),
+        Ok(_) => Err(Usage(format!("--max-rate {v:?}: must be more than 0 bytes per second")).into()),
+        Err(e) => Err(Usage(format!("--max-rate: {e}")).into()),
+    }
+}
+
+pub fn verify(args: &StoreArgs, max_rate: Option<&str>, which: &[String]) -> anyhow::Result<i32> {
+    let mut limit = max_rate.map(parse_rate).transpose()?.map(admin::RateLimit::new);
     let store = args.store()?;
     let mut layers = all_layers(&store);
     if !which.is_empty() {
@@ -328,7 +338,12 @@ pub fn verify(args: &StoreArgs, which: &[String]) -> anyhow::Result<i32> {
     let pb = progress(total, "verifying");
     let mut rows = Vec::new();
     for l in &layers {
-        let verdict = admin::verify(l, &mut |n| pb.inc(n))?;
+        let verdict = admin::verify(l, &mut |n| {
+            pb.inc(n);
+            if let Some(limit) = &mut limit {
+                limit.read(n);
+            }
+        })?;
         rows.push(VerifyRow { chain_id: l.meta.chain_id.to_string(), location: l.location, image: l.image(), verdict });
     }
     if which.is_empty() {

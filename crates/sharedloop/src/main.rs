@@ -64,6 +64,10 @@ enum Cmd {
     Verify {
         #[command(flatten)]
         store: admin::StoreArgs,
+        /// Read images at most this fast, in bytes per second (a size such
+        /// as 50M): a scrub that leaves the file server to the hosts.
+        #[arg(long, value_name = "BYTES_PER_SEC")]
+        max_rate: Option<String>,
         /// Layers to check (chain id or a unique prefix); all when none.
         layers: Vec<String>,
     },
@@ -86,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status { store, host_timeout } => admin::status(&store, &host_timeout),
         Cmd::Layers { store } => admin::layers(&store),
         Cmd::Gc { store, dry_run, host_timeout, grace } => admin::gc(&store, dry_run, &host_timeout, &grace),
-        Cmd::Verify { store, layers } => admin::verify(&store, &layers),
+        Cmd::Verify { store, max_rate, layers } => admin::verify(&store, max_rate.as_deref(), &layers),
         Cmd::Promote { store } => admin::promote(&store),
     };
     match code {

@@ -43,6 +43,11 @@ struct Cluster {
 }
 
 fn cluster(n: usize, root: &Path, slave: bool) -> Cluster {
+    cluster_with(n, root, slave, &[])
+}
+
+/// [`cluster`] with more `--storage-opt`s for every host.
+fn cluster_with(n: usize, root: &Path, slave: bool, extra: &[&str]) -> Cluster {
     fs::create_dir_all(root).unwrap();
     let fixture = Host::new("fixture");
     let rootfs = fixture.dir.join("rootfs");
@@ -53,13 +58,14 @@ fn cluster(n: usize, root: &Path, slave: bool) -> Cluster {
     for i in 0..n {
         let mut h = Host::with(&format!("node{i}"), HostOpts { slave, ..Default::default() });
         h.start_plugin();
-        let opts = vec![
+        let mut opts = vec![
             format!("sharedloop.loopback_root={}", root.display()),
             format!("sharedloop.loopback_fallback={}", h.fallback_dir().display()),
             HEARTBEAT.to_owned(),
             // A dead claimant holds others up this long (the kill test).
             "sharedloop.claim_timeout=10s".to_owned(),
         ];
+        opts.extend(extra.iter().map(|o| o.to_string()));
         h.start_dockerd(&opts);
         hosts.push(h);
     }
@@ -433,10 +439,21 @@ fn multihost_root_failures_fall_back_and_promote_restores() {
             h.docker_ok(&["run", "--rm", "--network", "none", &format!("during-{mode}:1"), "cat", "/marker"]),
             *mode
         );
+        // The other host mounts the promoted layer for the first time: its
+        // check (verify=identity) passes against the stamp promote
+        // recorded for the copy in root.
+        let other = &c.hosts[(i + 1) % 2];
+        other.docker_stdin(&["load"], &h.dir.join(format!("during-{mode}-1.tar")));
+        assert_eq!(
+            other.docker_ok(&["run", "--rm", "--network", "none", &format!("during-{mode}:1"), "cat", "/marker"]),
+            *mode
+        );
     }
     // and everything can be removed cleanly afterwards
-    for (i, (mode, _, _)) in modes.iter().enumerate() {
-        c.hosts[i % 2].docker_ok(&["rmi", &format!("during-{mode}:1")]);
+    for (mode, _, _) in modes.iter() {
+        for h in &c.hosts {
+            h.docker_ok(&["rmi", &format!("during-{mode}:1")]);
+        }
     }
     assert_eq!(layer_dirs(&root).len(), 10, "promoted layers not released: {:?}", layer_dirs(&root));
 }
@@ -472,12 +489,26 @@ fn verify_finds_a_flipped_byte_and_names_the_layer() {
 
 /// A layer image changed in the shared root after publish (a flipped byte,
 /// a truncation, a whole crafted filesystem) is refused before the kernel
-/// mounts it, with an error naming it; each host checks an image once.
+/// mounts it, with an error naming it; with `digest` each host reads an
+/// image once, and the genuine bytes put back are mounted.
 #[test]
 fn tampered_images_are_refused_before_the_kernel_mounts_them() {
+    tampered_images_are_refused("digest");
+}
+
+/// The same with `identity` (the default): each change is refused without
+/// a byte of any image read before its first mount; the genuine bytes
+/// written back are a new file (new times) and stay refused.
+#[test]
+fn tampered_images_are_refused_by_identity_without_reading_them() {
+    tampered_images_are_refused("identity");
+}
+
+fn tampered_images_are_refused(mode: &str) {
     require(&["dockerd", "busybox", "overlay", "mkfs.ext4"]);
     let shared = SharedDir::new("mh-tamper");
-    let c = cluster(2, &shared.path.join("root"), false);
+    let opt = format!("sharedloop.verify={mode}");
+    let c = cluster_with(2, &shared.path.join("root"), false, &[&opt]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     let checks = |h: &Host| h.plugin_log().matches("image checked before its first mount").count();
     a.docker_stdin(&["load"], &c.archive);
@@ -536,10 +567,23 @@ fn tampered_images_are_refused_before_the_kernel_mounts_them() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: the container started");
         assert!(err.contains(img.to_str().unwrap()) && err.contains("refusing to mount"), "{what}: {err}");
+        if mode == "identity" {
+            assert!(
+                err.contains("not the file that was published") && err.contains("sharedloop verify"),
+                "{what}: {err}"
+            );
+        }
         assert_eq!(loops_under(&victim), a_loops, "{what}: host B gave the kernel the image");
         let chain_dir = victim.file_name().unwrap().to_string_lossy().into_owned();
         assert!(!b.mountinfo().contains(&chain_dir), "{what}: host B mounted it");
         fs::write(&img, &original).unwrap();
+    }
+    if mode == "identity" {
+        let out = b.docker(&run);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("not the file that was published"), "restored: {err}");
+        assert_eq!(checks(b), 0, "host B read an image before its first mount");
+        return;
     }
     assert_eq!(b.docker_ok(&run), "layer 9 file 1\n".repeat(201));
     assert_eq!(checks(b), images, "host B checked every image before its first mount");

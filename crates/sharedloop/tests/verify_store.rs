@@ -147,4 +147,16 @@ fn verify_reports_each_non_regular_image_and_checks_the_layers_after_it() {
     );
     // Nothing was followed: the genuine image outside the store is intact.
     assert_eq!(hex::encode(sha2::Sha256::digest(fs::read(&good).unwrap())), digest);
+
+    // A rate-limited scrub finds the same; a rate that is not a positive
+    // size is a usage error naming the flag.
+    let (code, text, stderr) = run_verify(&[&base[..], &["--max-rate", "1G"]].concat());
+    assert_eq!(code, Some(1), "{text}{stderr}");
+    assert!(text.contains("7 layers checked, 5 with problems"), "{text}{stderr}");
+    for bad in ["0", "fast", "-5M"] {
+        let flag = format!("--max-rate={bad}");
+        let (code, text, stderr) = run_verify(&[&base[..], &[flag.as_str()]].concat());
+        assert_eq!(code, Some(2), "--max-rate {bad}: {text}{stderr}");
+        assert!(stderr.contains("--max-rate"), "--max-rate {bad}: {stderr}");
+    }
 }
