@@ -1111,6 +1111,16 @@ impl Driver {
         if let Some((info, hold)) = self.use_published(&chain, parent)? {
             return Ok((info.clone(), info.meta.content_bytes, hold));
         }
+        // Claimed before extracting: hosts that want the same new layer at
+        // the same moment wait for this one instead of extracting it too.
+        let claim = match self.store.claim_in_root(&chain) {
+            Some(crate::claim::Outcome::Build(c)) => Some(c),
+            Some(crate::claim::Outcome::Published(_)) => match self.use_published(&chain, parent)? {
+                Some((info, hold)) => return Ok((info.clone(), info.meta.content_bytes, hold)),
+                None => None,
+            },
+            None => None,
+        };
         let stats = apply_tar_limited(&mut spool.file, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
         crate::fault::point("apply", "tar applied to staging");
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, bytes = stats.tar_bytes, "tar applied to staging");
@@ -1127,7 +1137,7 @@ impl Driver {
             tar_bytes: stats.tar_bytes,
             entries: stats.entries,
         };
-        let (info, hold) = self.publish_tree(staging, &chain, parent, &tree)?;
+        let (info, hold) = self.publish_tree(staging, &chain, parent, &tree, claim)?;
         Ok((info, stats.content_bytes, hold))
     }
 
@@ -1165,6 +1175,7 @@ impl Driver {
         chain: &ChainId,
         parent: Option<&ChainId>,
         tree: &TreeFacts,
+        mut claim: Option<crate::claim::Claim>,
     ) -> Result<(LayerInfo, ChainHold<'_>)> {
         // Held before the store's reference is taken, so that no removal
         // on this host drops it before the caller records the layer.
@@ -1216,7 +1227,7 @@ impl Driver {
                     tracing::info!(layer = %chain, location = info.location.name(), "layer already in the store; reusing it");
                     info
                 }
-                None => match self.store.publish(chain, &build)? {
+                None => match self.store.publish_claimed(chain, claim.take(), &build)? {
                     // This host wrote the image and its digest just now:
                     // no need to read it all again before the first mount.
                     crate::store::Published::Created(info) => {
@@ -1397,7 +1408,7 @@ impl Driver {
             }
         };
         let tree = TreeFacts { diff_id, content_bytes, tar_bytes: 0, entries: counts.inodes.saturating_sub(1) };
-        self.publish_tree(staging, &chain, parent, &tree)
+        self.publish_tree(staging, &chain, parent, &tree, None)
     }
 
     /// Removes layer `id`. Removing what does not exist is not an error.

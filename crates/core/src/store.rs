@@ -305,13 +305,44 @@ impl Store {
     /// given and returns the meta), into root or, when root cannot take it,
     /// into fallback.
     pub fn publish(&self, chain: &ChainId, build: &dyn Fn(&Path) -> Result<LayerMeta>) -> Result<Published> {
-        let root_err = match self.publish_in(Location::Root, chain, build) {
+        self.publish_claimed(chain, None, build)
+    }
+
+    /// Claims layer `chain` in root before this host does the work that
+    /// precedes a build (extracting its tar), so that hosts waiting for it
+    /// do not extract it too: `Published` when another host published it
+    /// meanwhile, `Build` with the claim to hand to [`Self::publish_claimed`],
+    /// `None` when root takes no claims now (it is missing, read-only,
+    /// failing; publishing then falls back as usual).
+    pub fn claim_in_root(&self, chain: &ChainId) -> Option<crate::claim::Outcome<LayerInfo>> {
+        if !self.root.is_dir() {
+            return None;
+        }
+        match crate::claim::claim_or_wait(&self.root, chain, &self.host_id, self.claim_timeout, &|| {
+            Ok(self.locate(chain))
+        }) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::debug!(layer = %chain, error = %e, "cannot claim the layer in the root directory");
+                None
+            }
+        }
+    }
+
+    /// [`Self::publish`] with the root claim `claim` already held, if any.
+    pub fn publish_claimed(
+        &self,
+        chain: &ChainId,
+        claim: Option<crate::claim::Claim>,
+        build: &dyn Fn(&Path) -> Result<LayerMeta>,
+    ) -> Result<Published> {
+        let root_err = match self.publish_in(Location::Root, chain, claim, build) {
             Ok(p) => return Ok(p),
             Err(e) => e,
         };
         tracing::warn!(layer = %chain, root = %self.root.display(), fallback = %self.fallback.display(),
             error = %root_err, "cannot create the layer in the root directory; using the fallback directory");
-        self.publish_in(Location::Fallback, chain, build).map_err(|fb| Error::NoStore {
+        self.publish_in(Location::Fallback, chain, None, build).map_err(|fb| Error::NoStore {
             root: self.root.clone(),
             root_err: root_err.to_string(),
             fallback: self.fallback.clone(),
@@ -323,6 +354,7 @@ impl Store {
         &self,
         loc: Location,
         chain: &ChainId,
+        held: Option<crate::claim::Claim>,
         build: &dyn Fn(&Path) -> Result<LayerMeta>,
     ) -> Result<Published> {
         let base = self.base(loc);
@@ -342,14 +374,18 @@ impl Store {
         }
         // One build per layer across hosts: claim it, or wait for the host
         // that has (crate::claim).
-        let claim =
-            match crate::claim::claim_or_wait(base, chain, &self.host_id, self.claim_timeout, &|| Ok(self.locate(chain)))? {
+        let claim = match held {
+            Some(c) => c,
+            None => match crate::claim::claim_or_wait(base, chain, &self.host_id, self.claim_timeout, &|| {
+                Ok(self.locate(chain))
+            })? {
                 crate::claim::Outcome::Published(info) => {
                     tracing::info!(layer = %chain, location = info.location.name(), "another host built this layer; using it");
                     return Ok(Published::Existing(info));
                 }
                 crate::claim::Outcome::Build(c) => c,
-            };
+            },
+        };
         let tmp = tmp_base.join(format!("{}-{}", self.host_id, random_token()));
         fs::create_dir(&tmp).ctx("mkdir", &tmp)?;
         let r = (|| {

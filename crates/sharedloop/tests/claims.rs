@@ -116,6 +116,10 @@ fn claims_four_hosts_applying_one_new_image_build_each_layer_once() {
     let logs = || hosts.iter().map(|(h, _)| h.plugin_log()).collect::<Vec<_>>().join("\n----\n");
     assert_eq!(builds, 6, "each of the 6 layers built once across 4 hosts; logs:\n{}", logs());
     assert_eq!(lost, 0, "no build thrown away; logs:\n{}", logs());
+    // The claim is taken before extracting: the hosts that waited did not
+    // extract the layer either.
+    let staged: usize = hosts.iter().map(|(h, _)| count(h, "tar applied to staging")).sum();
+    assert_eq!(staged, 6, "each layer extracted once across 4 hosts; logs:\n{}", logs());
     assert_eq!(dir_names(&root.join("layers")).len(), 6);
     assert!(dir_names(&root.join("tmp")).is_empty(), "builds left in tmp/: {:?}", dir_names(&root.join("tmp")));
     assert!(live_claims(&root).is_empty(), "claims left building: {:?}", live_claims(&root));
