@@ -411,7 +411,8 @@ mod tests {
     fn a_renewed_claim_is_not_taken_over() {
         let base = tmpdir();
         let locate = || Ok(None::<()>);
-        let Outcome::Build(c) = claim_or_wait(&base, &chain(), "a", Duration::from_millis(400), &locate).unwrap() else {
+        let Outcome::Build(c) = claim_or_wait(&base, &chain(), "a", Duration::from_millis(400), &locate).unwrap()
+        else {
             panic!()
         };
         // The renewer rewrites every 100 ms: a waiter sees it live for
@@ -420,7 +421,8 @@ mod tests {
         let s2 = stop.clone();
         let waiter = std::thread::spawn(move || {
             let locate = move || Ok(s2.lock().unwrap().then_some(()));
-            claim_or_wait(&b, &chain(), "b", Duration::from_millis(400), &locate).map(|o| matches!(o, Outcome::Published(())))
+            claim_or_wait(&b, &chain(), "b", Duration::from_millis(400), &locate)
+                .map(|o| matches!(o, Outcome::Published(())))
         });
         std::thread::sleep(Duration::from_millis(1500));
         *stop.lock().unwrap() = true;

@@ -193,7 +193,11 @@ fn claims_a_claimant_killed_at_each_step_does_not_stop_the_others() {
         let r = ca.apply_diff("l0", "", &tars[0]);
         assert!(r.status != 200 || r.aborted() || r.err().is_some(), "{fault}: the fault did not fire");
         a.reap_plugin();
-        assert!(a.plugin_log().contains(&format!("aborting in {}", fault.split(':').next().unwrap())), "{fault}: {}", a.plugin_log());
+        assert!(
+            a.plugin_log().contains(&format!("aborting in {}", fault.split(':').next().unwrap())),
+            "{fault}: {}",
+            a.plugin_log()
+        );
         let claims = dir_names(&root.join("claims"));
         assert_eq!(claims.len(), 1, "{fault} ({what}): the dead host's claim stays: {claims:?}");
 
@@ -223,7 +227,11 @@ fn claims_a_claimant_killed_at_each_step_does_not_stop_the_others() {
         init(&a, &ca, &root, "2s");
         let _ = ca.call("GraphDriver.Remove", json!({"ID": "l0"}));
         apply_all(&ca, &tars, "n");
-        assert!(dir_names(&root.join("tmp")).is_empty(), "{fault}: leftovers in tmp/: {:?}", dir_names(&root.join("tmp")));
+        assert!(
+            dir_names(&root.join("tmp")).is_empty(),
+            "{fault}: leftovers in tmp/: {:?}",
+            dir_names(&root.join("tmp"))
+        );
         assert_eq!(dir_names(&root.join("layers")).len(), 1, "{fault}");
     }
 }
@@ -257,7 +265,12 @@ fn claims_a_root_that_fails_while_waiting_sends_the_layer_to_fallback() {
         }
         run_ok(Command::new("umount").arg("-l").arg(&mnt));
         let r = waiter.join().unwrap();
-        assert!(r.status == 200 && r.err().is_none(), "ApplyDiff: {}\n{}", String::from_utf8_lossy(&r.body), b.plugin_log());
+        assert!(
+            r.status == 200 && r.err().is_none(),
+            "ApplyDiff: {}\n{}",
+            String::from_utf8_lossy(&r.body),
+            b.plugin_log()
+        );
     });
     let fb: PathBuf = b.fallback_dir().join("layers");
     assert_eq!(dir_names(&fb).len(), 1, "the layer is in b's fallback:\n{}", b.plugin_log());
