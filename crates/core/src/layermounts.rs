@@ -334,7 +334,14 @@ impl LayerMounts {
         let image = img.path();
         if verify == VerifyMode::Identity {
             match &info.meta.image_file {
-                Some(stamp) => return Self::check_identity(img, stamp).map(|()| None),
+                Some(stamp) => match Self::check_identity(img, stamp) {
+                    Ok(()) => return Ok(None),
+                    // Not the file that was published: changed, or copied
+                    // (`cp -a`, rsync and restores give it a new ctime).
+                    // Its digest decides, once per host, as `digest` does.
+                    Err(e) => tracing::warn!(layer = %chain, image = %image.display(), error = %e,
+                        "the image is not the file its publisher stamped; checking its digest before mounting it"),
+                },
                 None => tracing::info!(layer = %chain, image = %image.display(),
                     "the layer records no image identity (published by an older sharedloop); checking its digest once on this host"),
             }
