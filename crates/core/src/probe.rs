@@ -92,7 +92,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = unmount(&self.0.join("merged"), UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
+        let _ = unmount(self.0.join("merged"), UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
         let _ = fs::remove_dir_all(&self.0);
     }
 }
@@ -203,6 +203,8 @@ pub fn overlay_lowerdir_plus() -> Probe {
     }
 }
 
+type ProbeFn = fn() -> Probe;
+
 /// The features without which sharedloop cannot work, as the start-up
 /// check probes them (cheaply: nothing is mounted or attached). The first
 /// missing one, named, with how it showed.
@@ -210,7 +212,7 @@ pub fn missing_required() -> Option<(&'static str, String)> {
     static RESULT: std::sync::OnceLock<Option<(&'static str, String)>> = std::sync::OnceLock::new();
     RESULT
         .get_or_init(|| {
-            let probes: [(&'static str, fn() -> Probe); 3] = [
+            let probes: [(&'static str, ProbeFn); 3] = [
                 ("openat2 (RESOLVE_BENEATH)", openat2_beneath),
                 ("overlayfs", overlay_present),
                 ("LOOP_CONFIGURE", loop_configure_ioctl),
