@@ -348,7 +348,7 @@ impl Driver {
     }
 
     fn open_with(home: &Path, cfg: Config, mounts: Option<Arc<LayerMounts>>) -> Result<Driver> {
-        cfg.check_kernel(&rustix::system::uname().release().to_string_lossy())?;
+        cfg.check_kernel()?;
         // Root's alone (see crate::perms). `empty` keeps the usual mode:
         // it is a lower layer, whose root directory a stack may show.
         for d in ["", "layers", "rw", "mnt", "rwmnt", "merged", "tmp"] {

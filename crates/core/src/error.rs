@@ -13,8 +13,8 @@ pub enum Error {
     Option { option: String, reason: String },
 
     /// The running kernel lacks what sharedloop needs.
-    #[error("kernel {release} is older than {required}; overlayfs with multiple lower layers is needed (set sharedloop.override_kernel_check=true if your distribution backported it)")]
-    KernelTooOld { release: String, required: String },
+    #[error("kernel {release} lacks {feature}: {detail} (`sharedloop doctor` checks the host; set sharedloop.override_kernel_check=true to skip this check)")]
+    KernelTooOld { release: String, feature: String, detail: String },
 
     /// What the engine named does not exist (the text says what it is).
     #[error("{0} does not exist")]

@@ -18,6 +18,7 @@ pub mod mount;
 pub mod options;
 pub mod perms;
 pub mod placement;
+pub mod probe;
 pub mod snapshots;
 pub mod store;
 pub mod sys;

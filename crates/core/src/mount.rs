@@ -63,7 +63,7 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
     }
 }
 
-fn mount_overlay_new_api(spec: &OverlaySpec<'_>, target: &Path) -> rustix::io::Result<()> {
+pub(crate) fn mount_overlay_new_api(spec: &OverlaySpec<'_>, target: &Path) -> rustix::io::Result<()> {
     let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
     for l in spec.lowers {
         fsconfig_set_string(&fs, "lowerdir+", l)?;
@@ -82,7 +82,7 @@ fn mount_overlay_new_api(spec: &OverlaySpec<'_>, target: &Path) -> rustix::io::R
     move_mount(&mnt, "", CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
 }
 
-fn mount_overlay_legacy(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
+pub(crate) fn mount_overlay_legacy(spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
     let mut lower = String::new();
     for (i, l) in spec.lowers.iter().enumerate() {
         let s = l.to_str().ok_or_else(|| Error::Invalid(format!("non-UTF-8 path {}", l.display())))?;

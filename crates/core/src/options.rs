@@ -18,8 +18,6 @@ pub const DEFAULT_HEARTBEAT_SECS: u64 = 30;
 /// before another host takes the build over (crate::claim).
 pub const DEFAULT_CLAIM_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_RW_SIZE: Bytes = Bytes(10 * Bytes::GIB);
-/// The oldest kernel with overlayfs' multiple lower layers.
-pub const MIN_KERNEL: (u32, u32, u32) = (4, 0, 0);
 
 /// The filesystem inside layer images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -379,16 +377,20 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the running kernel unless the check is overridden.
-    pub fn check_kernel(&self, release: &str) -> Result<()> {
+    /// Checks that the running kernel has what sharedloop uses, by
+    /// probing each feature (crate::probe), unless the check is
+    /// overridden (`sharedloop.override_kernel_check`). The error names
+    /// the missing feature.
+    pub fn check_kernel(&self) -> Result<()> {
         if self.override_kernel_check {
             return Ok(());
         }
-        match parse_kernel_release(release) {
-            Some(v) if v >= MIN_KERNEL => Ok(()),
-            _ => Err(Error::KernelTooOld {
-                release: release.to_owned(),
-                required: format!("{}.{}.{}", MIN_KERNEL.0, MIN_KERNEL.1, MIN_KERNEL.2),
+        match crate::probe::missing_required() {
+            None => Ok(()),
+            Some((feature, detail)) => Err(Error::KernelTooOld {
+                release: rustix::system::uname().release().to_string_lossy().into_owned(),
+                feature: feature.to_owned(),
+                detail,
             }),
         }
     }
@@ -408,15 +410,6 @@ pub fn parse_duration(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
-}
-
-/// `6.1.0-18-amd64` -> (6, 1, 0). Missing parts count as 0.
-pub fn parse_kernel_release(release: &str) -> Option<(u32, u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let patch = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    Some((major, minor, patch))
 }
 
 #[cfg(test)]
@@ -547,13 +540,13 @@ mod tests {
 
     #[test]
     fn kernel_check() {
-        let c = Config::default();
-        assert!(c.check_kernel("6.18.44-fc-v769").is_ok());
-        assert!(c.check_kernel("4.0.0").is_ok());
-        assert!(c.check_kernel("3.10.0-1160.el7.x86_64").is_err());
-        assert!(c.check_kernel("garbage").is_err());
+        // The test kernel has every feature; the override skips probing.
+        assert!(Config::default().check_kernel().is_ok());
         let c = Config { override_kernel_check: true, ..Config::default() };
-        assert!(c.check_kernel("3.10.0-1160.el7.x86_64").is_ok());
-        assert_eq!(parse_kernel_release("5.10"), Some((5, 10, 0)));
+        assert!(c.check_kernel().is_ok());
+        let e =
+            Error::KernelTooOld { release: "5.4.0".into(), feature: "LOOP_CONFIGURE".into(), detail: "EINVAL".into() };
+        let e = e.to_string();
+        assert!(e.contains("LOOP_CONFIGURE") && e.contains("sharedloop.override_kernel_check"), "{e}");
     }
 }

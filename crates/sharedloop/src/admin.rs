@@ -59,17 +59,39 @@ impl StoreArgs {
         self.init_record("home").and_then(|h| serde_json::from_value(h).ok())
     }
 
-    pub fn store(&self) -> Result<Store, Usage> {
+    /// Whether dockerd's Init options were recorded in the run directory.
+    pub fn has_init_record(&self) -> bool {
+        self.init_record("opts").is_some()
+    }
+
+    /// The configuration: `base` (the defaults, or the snapshotter's
+    /// config file) with what dockerd passed at Init, `--storage-opt`,
+    /// then `--root`/`--fallback` over it.
+    pub fn config_over(&self, base: Config) -> Result<Config, Usage> {
         let mut opts: Vec<String> =
             self.init_record("opts").and_then(|o| serde_json::from_value(o).ok()).unwrap_or_default();
         opts.extend(self.storage_opt.iter().cloned());
-        let mut cfg = Config::from_opts(&opts).map_err(|e| Usage(e.to_string()))?;
+        let mut cfg = base;
+        for opt in &opts {
+            let opt = opt.trim();
+            let r = match opt.split_once('=') {
+                Some((k, v)) => cfg.set(k, Some(v)),
+                None => cfg.set(opt, None),
+            };
+            r.map_err(|e| Usage(e.to_string()))?;
+        }
         if let Some(r) = &self.root {
             cfg.root = r.clone();
         }
         if let Some(f) = &self.fallback {
             cfg.fallback = f.clone();
         }
+        cfg.validate().map_err(|e| Usage(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    pub fn store(&self) -> Result<Store, Usage> {
+        let cfg = self.config_over(Config::default())?;
         let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
         let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
         Ok(Store::new(&cfg, &format!("admin-{host}-{}", std::process::id())))

@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod doctor;
 mod serve;
 
 #[derive(Parser)]
@@ -76,6 +77,10 @@ enum Cmd {
         #[command(flatten)]
         store: admin::StoreArgs,
     },
+    /// Check what sharedloop needs on this host: kernel features, loop
+    /// devices, mkfs tools, root and fallback, clocks, engine configs,
+    /// sockets. Exit status 1 when a check fails.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gc { store, dry_run, host_timeout, grace } => admin::gc(&store, dry_run, &host_timeout, &grace),
         Cmd::Verify { store, max_rate, layers } => admin::verify(&store, max_rate.as_deref(), &layers),
         Cmd::Promote { store } => admin::promote(&store),
+        Cmd::Doctor(args) => doctor::doctor(&args),
     };
     match code {
         Ok(c) => std::process::exit(c),

@@ -114,6 +114,25 @@ fn option_value(key: &str, v: &toml::Value) -> anyhow::Result<String> {
     })
 }
 
+/// What `serve` with only `--config config` would do (for `doctor`).
+pub fn plan_for_config(config: &Path) -> anyhow::Result<Plan> {
+    ServeArgs {
+        config: config.to_owned(),
+        docker_socket: None,
+        no_docker: false,
+        containerd: false,
+        containerd_socket: None,
+        containerd_root: None,
+        opts: Vec::new(),
+        socket_group: None,
+        run_dir: "/run/sharedloop".into(),
+    }
+    .plan()
+}
+
+/// The snapshotter socket when neither flag nor file names one.
+pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/sharedloop/containerd.sock";
+
 impl ServeArgs {
     pub fn plan(&self) -> anyhow::Result<Plan> {
         let file: FileConfig = match std::fs::read_to_string(&self.config) {
@@ -153,7 +172,7 @@ impl ServeArgs {
                 .containerd_socket
                 .clone()
                 .or(file.containerd.socket)
-                .unwrap_or_else(|| "/run/sharedloop/containerd.sock".into());
+                .unwrap_or_else(|| DEFAULT_CONTAINERD_SOCKET.into());
             let root = self
                 .containerd_root
                 .clone()

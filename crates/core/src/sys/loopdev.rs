@@ -218,3 +218,65 @@ pub fn list() -> Vec<(PathBuf, PathBuf)> {
     }
     out
 }
+
+/// Asks a free loop device whether it knows `LOOP_CONFIGURE`, attaching
+/// nothing: the ioctl with a file descriptor that is not open answers
+/// EBADF on a kernel that has it (Ok here), EINVAL or ENOTTY on one that
+/// does not (returned).
+pub fn probe_configure() -> io::Result<()> {
+    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    let n = ioctl_arg(&ctl, LOOP_CTL_GET_FREE, 0)?;
+    let path = PathBuf::from(format!("/dev/loop{n}"));
+    let mut dev = None;
+    for _ in 0..20 {
+        match File::open(&path) {
+            Ok(d) => {
+                dev = Some(d);
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Err(e) => return Err(e),
+        }
+    }
+    let dev =
+        dev.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{} did not appear", path.display())))?;
+    let cfg = LoopConfig {
+        fd: u32::MAX,
+        block_size: 0,
+        info: LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+            lo_file_name: [0; LO_NAME_SIZE],
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        },
+        reserved: [0; 8],
+    };
+    match configure(&dev, &cfg) {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(()),
+        // Taken by another process in between: it was configured, so the
+        // kernel knows the ioctl.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        Err(e) => Err(e),
+        // Cannot happen with fd -1; should it, let it go again.
+        Ok(()) => {
+            let _ = ioctl_arg(&dev, LOOP_CLR_FD, 0);
+            Ok(())
+        }
+    }
+}
+
+/// The number of a free loop device (`LOOP_CTL_GET_FREE`; the kernel makes
+/// one when none is free, up to its limits).
+pub fn get_free() -> io::Result<u32> {
+    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    ioctl_arg(&ctl, LOOP_CTL_GET_FREE, 0).map(|n| n as u32)
+}
