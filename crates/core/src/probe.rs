@@ -5,7 +5,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -72,7 +71,6 @@ pub fn loop_configure_ioctl() -> Probe {
     }
 }
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A scratch directory under the system temp dir, removed (after its
 /// mounts are detached) when dropped.
@@ -80,11 +78,9 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(what: &str) -> std::io::Result<Scratch> {
-        let p = std::env::temp_dir().join(format!(
-            "sharedloop-probe-{what}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
+        // A random name: pids repeat across PID namespaces sharing /tmp,
+        // and a predictable name in /tmp lets a local user block it.
+        let p = std::env::temp_dir().join(format!("sharedloop-probe-{what}-{}", crate::ids::random_token()));
         fs::create_dir(&p)?;
         Ok(Scratch(p))
     }
