@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod metrics;
 mod serve;
 
 #[derive(Parser)]
