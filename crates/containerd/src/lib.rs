@@ -66,8 +66,16 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Status> {
     let t = std::time::Instant::now();
-    let r = tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("{op}: {e}")))?;
+    let r = tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("{op}: {e}")));
+    let r = match r {
+        Ok(r) => r,
+        Err(s) => {
+            sharedloop_core::metrics::request("containerd", op, false, t);
+            return Err(s);
+        }
+    };
     tracing::debug!(op, ms = t.elapsed().as_secs_f64() * 1e3, ok = r.is_ok(), "snapshots call");
+    sharedloop_core::metrics::request("containerd", op, r.is_ok(), t);
     r.map_err(|e| {
         let s = status(e);
         if !matches!(s.code(), Code::NotFound | Code::AlreadyExists) {

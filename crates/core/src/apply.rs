@@ -146,6 +146,7 @@ pub fn apply_tar<R: Read>(reader: R, dest: &Path) -> Result<ApplyStats> {
 /// of sparse files count). The entry that would cross the limit is refused
 /// before its data is written.
 pub fn apply_tar_limited<R: Read>(reader: R, dest: &Path, max_content: Option<Bytes>) -> Result<ApplyStats> {
+    let started = std::time::Instant::now();
     let root: OwnedFd = File::open(dest).ctx("open", dest)?.into();
     let mut hr = HashingReader { inner: reader, hash: Sha256::new(), count: 0 };
     let mut stats = ApplyStats::default();
@@ -185,6 +186,7 @@ pub fn apply_tar_limited<R: Read>(reader: R, dest: &Path, max_content: Option<By
     }
     stats.tar_bytes = hr.count;
     stats.diff_id = Some(DiffId::from_sha256(&hr.hash.finalize()));
+    crate::metrics::observe_apply(started);
     Ok(stats)
 }
 

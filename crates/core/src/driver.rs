@@ -611,6 +611,12 @@ impl Driver {
         Ok(())
     }
 
+    /// Writable layers, and how many are mounted now (for metrics).
+    pub fn writable_layers(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.layers.values().filter(|l| matches!(l.kind, Kind::Rw { .. })).count(), st.rw_mounted.len())
+    }
+
     /// Every local layer id.
     pub fn layer_ids(&self) -> Vec<String> {
         self.lock().layers.keys().cloned().collect()

@@ -228,7 +228,9 @@ impl LayerMounts {
         }
         let mut flight = self.take_off(&mut t, chain);
         drop(t);
+        let started = std::time::Instant::now();
         let dev = self.mount(info, &image, fs_type, verify, direct_io)?;
+        crate::metrics::observe_first_mount(started);
         flight.entry = Some(Entry { dev: dev.clone(), users: HashSet::from([user.to_owned()]) });
         Ok(dev)
     }
@@ -383,8 +385,9 @@ impl LayerMounts {
             }
         }
         let t0 = std::time::Instant::now();
+        let mut read = 0u64;
         if let Some(expected) = &expected {
-            let actual = img.sha256(&mut |_| {})?;
+            let actual = img.sha256(&mut |n| read += n)?;
             if actual != *expected {
                 return Err(Error::Corrupt {
                     path: image.to_owned(),
@@ -404,6 +407,7 @@ impl LayerMounts {
             }
         }
         tracing::debug!(layer = %chain, ms = t0.elapsed().as_secs_f64() * 1e3, fsck = want_fsck, "image checked before its first mount");
+        crate::metrics::observe_verify(t0, info.location, read);
         Ok(Some(now(want_fsck)))
     }
 
@@ -476,5 +480,10 @@ impl LayerMounts {
     /// Layers mounted now.
     pub fn count(&self) -> usize {
         self.lock().mounted.len()
+    }
+
+    /// Loop devices the layers mounted now are on.
+    pub fn loop_devices(&self) -> usize {
+        self.lock().mounted.values().filter(|e| !e.dev.is_empty()).map(|e| &e.dev).collect::<HashSet<_>>().len()
     }
 }

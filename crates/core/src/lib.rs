@@ -14,6 +14,7 @@ pub mod ids;
 pub mod image;
 pub mod imagefile;
 pub mod layermounts;
+pub mod metrics;
 pub mod mount;
 pub mod options;
 pub mod perms;

@@ -71,7 +71,6 @@ pub fn loop_configure_ioctl() -> Probe {
     }
 }
 
-
 /// A scratch directory under the system temp dir, removed (after its
 /// mounts are detached) when dropped.
 struct Scratch(PathBuf);

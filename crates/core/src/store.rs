@@ -386,6 +386,7 @@ impl Store {
                 crate::claim::Outcome::Build(c) => c,
             },
         };
+        let started = std::time::Instant::now();
         let tmp = tmp_base.join(format!("{}-{}", self.host_id, random_token()));
         fs::create_dir(&tmp).ctx("mkdir", &tmp)?;
         let r = (|| {
@@ -416,6 +417,7 @@ impl Store {
                 Ok(()) => {
                     crate::fault::point("publish", "renamed into place");
                     fsync_dir(&layers)?;
+                    crate::metrics::observe_publish(started, loc, meta.image_bytes);
                     Ok(Published::Created(LayerInfo { location: loc, dir: dest, meta, built }))
                 }
                 // EEXIST/ENOTEMPTY locally; network filesystems may answer
@@ -639,8 +641,9 @@ impl Store {
                 Err(e) => Err(Error::sys("mkdir", &dir, e)),
             }
             .and_then(|_| write_atomic_shared(&dir.join(&self.host_id), &text));
-            if let Err(e) = r {
-                tracing::debug!(dir = %dir.display(), error = %e, "cannot write the heartbeat");
+            match r {
+                Ok(()) => crate::metrics::heartbeat_written(base),
+                Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "cannot write the heartbeat"),
             }
         }
     }

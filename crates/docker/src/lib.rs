@@ -101,6 +101,11 @@ impl Plugin {
         p
     }
 
+    /// The driver, once GraphDriver.Init has set it up.
+    pub fn current_driver(&self) -> Option<Arc<Driver>> {
+        self.driver().ok()
+    }
+
     fn driver(&self) -> Result<Arc<Driver>, String> {
         self.driver
             .read()
@@ -380,12 +385,37 @@ pub mod fuzzing {
     }
 }
 
-/// Handles one request, logging its duration at debug level.
+/// The methods of the protocol, as metric labels; any other path is
+/// counted as `other`.
+const METHODS: &[&str] = &[
+    "Plugin.Activate",
+    "GraphDriver.Init",
+    "GraphDriver.Create",
+    "GraphDriver.CreateReadWrite",
+    "GraphDriver.Remove",
+    "GraphDriver.Get",
+    "GraphDriver.Put",
+    "GraphDriver.Exists",
+    "GraphDriver.Status",
+    "GraphDriver.GetMetadata",
+    "GraphDriver.Cleanup",
+    "GraphDriver.Diff",
+    "GraphDriver.Changes",
+    "GraphDriver.ApplyDiff",
+    "GraphDriver.DiffSize",
+    "GraphDriver.Capabilities",
+];
+
+/// Handles one request, logging its duration at debug level and counting
+/// it in the metrics.
 pub async fn handle(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().trim_start_matches('/').to_owned();
     let start = std::time::Instant::now();
     let r = route(plugin, req, &path).await;
     tracing::debug!(op = %path, ms = start.elapsed().as_secs_f64() * 1000.0, "request");
+    let method = METHODS.iter().find(|m| **m == path).copied().unwrap_or("other");
+    let ok = r.as_ref().is_ok_and(|r| r.status().is_success());
+    sharedloop_core::metrics::request("docker", method, ok, start);
     r
 }
 

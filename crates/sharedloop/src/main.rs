@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod doctor;
+mod metrics;
 mod serve;
 
 #[derive(Parser)]

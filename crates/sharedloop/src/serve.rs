@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// number. Without it the sockets are root's (0600).
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (an IP address
+    /// and port, such as 127.0.0.1:9323). Without it (nor
+    /// `metrics_address` in the config file) there is no metrics listener.
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_address: Option<String>,
     /// Where the plugin keeps what dockerd told it at Init (a restarted
     /// plugin serves the same driver; dockerd does not call Init again),
     /// and the layer mounts of this host.
@@ -61,6 +66,7 @@ pub struct ServeArgs {
 #[derive(Debug, Default, Deserialize)]
 struct FileConfig {
     socket_group: Option<toml::Value>,
+    metrics_address: Option<toml::Value>,
     #[serde(default)]
     docker: DockerSection,
     #[serde(default)]
@@ -92,6 +98,8 @@ pub struct Plan {
     pub docker: Option<PathBuf>,
     pub containerd: Option<(PathBuf, PathBuf, Config)>,
     pub run_dir: PathBuf,
+    /// Where to serve the metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A storage option's full name: `fs` and `sharedloop.fs` are both
@@ -126,6 +134,7 @@ pub fn plan_for_config(config: &Path) -> anyhow::Result<Plan> {
         opts: Vec::new(),
         socket_group: None,
         run_dir: "/run/sharedloop".into(),
+        metrics_address: None,
     }
     .plan()
 }
@@ -196,10 +205,22 @@ impl ServeArgs {
             Some(g) => Some(resolve_group(&g)?),
             None => None,
         };
+        let metrics = match (&self.metrics_address, &file.metrics_address) {
+            (Some(a), _) => Some(a.clone()),
+            (None, Some(toml::Value::String(a))) => Some(a.clone()),
+            (None, Some(v)) => bail!("config file {}: metrics_address: {v} is not an address", self.config.display()),
+            (None, None) => None,
+        };
+        let metrics = match metrics {
+            Some(a) => Some(a.parse::<std::net::SocketAddr>().map_err(|e| {
+                anyhow::anyhow!("metrics address {a:?}: {e}; give an IP address and port, such as 127.0.0.1:9323")
+            })?),
+            None => None,
+        };
         if docker.is_none() && containerd.is_none() {
             bail!("nothing to serve: the Docker plugin is off and the containerd snapshotter is not on (--containerd)");
         }
-        Ok(Plan { socket_gid, docker, containerd, run_dir: self.run_dir.clone() })
+        Ok(Plan { socket_gid, docker, containerd, run_dir: self.run_dir.clone(), metrics })
     }
 }
 
@@ -241,6 +262,13 @@ fn private_run_dir(run_dir: &Path, gid: Option<u32>, socket: Option<&Path>) -> a
     Ok(())
 }
 
+/// A front end's state for the metrics: its driver's store and writable
+/// layers.
+fn frontend_state(d: Option<&Driver>) -> sharedloop_core::metrics::FrontendState {
+    let (writable, writable_mounted) = d.map(|d| d.writable_layers()).unwrap_or((0, 0));
+    sharedloop_core::metrics::FrontendState { store: d.map(|d| d.store().clone()), writable, writable_mounted }
+}
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let plan = args.plan()?;
     let rt =
@@ -249,6 +277,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let run_dir = plan.run_dir.clone();
         private_run_dir(&run_dir, plan.socket_gid, plan.containerd.as_ref().map(|c| c.0.as_path()))?;
         let mounts = LayerMounts::open(&run_dir.join("layers"), &run_dir.join("verified"), true)?;
+        sharedloop_core::metrics::register_mounts(&mounts);
         let m = mounts.clone();
         let docker = plan.docker.clone();
         let plugin =
@@ -265,6 +294,21 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Ok(Some(Arc::new(Snapshotter::open(d)?)))
         })
         .await??;
+        if let Some(p) = &plugin {
+            let p = p.clone();
+            sharedloop_core::metrics::register_frontend("docker", move || {
+                frontend_state(p.current_driver().as_deref())
+            });
+        }
+        if let Some(sn) = &snapshotter {
+            let sn = sn.clone();
+            sharedloop_core::metrics::register_frontend("containerd", move || frontend_state(Some(sn.driver())));
+        }
+        if let Some(addr) = plan.metrics {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding the metrics address {addr}"))?;
+            crate::metrics::spawn(l).context("starting the metrics listener")?;
+            tracing::info!(address = %addr, "serving metrics at /metrics");
+        }
         // Every driver there was before a restart has claimed its mounts.
         let m = mounts.clone();
         tokio::task::spawn_blocking(move || m.sweep()).await?;
@@ -450,6 +494,24 @@ mod tests {
         assert_eq!(plan(&["--config", cfg.to_str().unwrap(), "--socket-group", "78"]).unwrap().socket_gid, Some(78));
         std::fs::write(&cfg, "socket_group = [1]\n").unwrap();
         assert!(plan(&["--config", cfg.to_str().unwrap()]).is_err());
+    }
+
+    #[test]
+    fn the_metrics_address_comes_from_the_file_or_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("config.toml");
+        std::fs::write(&f, "").unwrap();
+        assert_eq!(plan(&["--config", f.to_str().unwrap()]).unwrap().metrics, None);
+        std::fs::write(&f, "metrics_address = \"127.0.0.1:9323\"\n").unwrap();
+        let p = plan(&["--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!(p.metrics, Some("127.0.0.1:9323".parse().unwrap()));
+        let p = plan(&["--config", f.to_str().unwrap(), "--metrics-address", "[::1]:9400"]).unwrap();
+        assert_eq!(p.metrics, Some("[::1]:9400".parse().unwrap()));
+        let e = format!("{:#}", plan(&["--config", f.to_str().unwrap(), "--metrics-address", "nohost"]).unwrap_err());
+        assert!(e.contains("nohost"), "{e}");
+        std::fs::write(&f, "metrics_address = 9323\n").unwrap();
+        let e = format!("{:#}", plan(&["--config", f.to_str().unwrap()]).unwrap_err());
+        assert!(e.contains("metrics_address"), "{e}");
     }
 
     #[test]
