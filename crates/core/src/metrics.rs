@@ -284,7 +284,7 @@ impl Collector for StateCollector {
                     hb.push((labels, t.elapsed().as_secs_f64()));
                 }
             }
-            let to_root = s.root_problem().is_none();
+            let to_root = root_takes_layers(s);
             for (loc, v) in [(Location::Root, to_root), (Location::Fallback, !to_root)] {
                 new_loc.push((StoreLabels { store: store.clone(), location: loc.name() }, v as i64));
             }
@@ -338,6 +338,32 @@ impl Collector for StateCollector {
         )?;
         Ok(())
     }
+}
+
+/// How long the answer of the root probe (a 64 KiB write in `tmp/`) is
+/// reused between scrapes: a fleet scraped every 15 s would otherwise
+/// write to the file server on every scrape of every host.
+const ROOT_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether new layers of store `s` go to its root, probed at most once per
+/// [`ROOT_PROBE_EVERY`].
+fn root_takes_layers(s: &crate::store::Store) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static LAST: Mutex<Option<HashMap<std::path::PathBuf, (Instant, bool)>>> = Mutex::new(None);
+    if let Some((at, v)) = LAST.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashMap::new).get(&s.root)
+    {
+        if at.elapsed() < ROOT_PROBE_EVERY {
+            return *v;
+        }
+    }
+    let v = s.root_problem().is_none();
+    LAST.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(s.root.clone(), (Instant::now(), v));
+    v
 }
 
 #[cfg(test)]
