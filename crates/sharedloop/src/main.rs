@@ -2,7 +2,7 @@
 //! snapshotter over one layer store, and administers the store.
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod admin;
 mod serve;
@@ -76,10 +76,21 @@ enum Cmd {
         #[command(flatten)]
         store: admin::StoreArgs,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell) on stdout; the Debian package installs them.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(shell, &mut Cli::command(), "sharedloop", &mut std::io::stdout());
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("bad --log-level")?)
         .with_writer(std::io::stderr)
@@ -92,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gc { store, dry_run, host_timeout, grace } => admin::gc(&store, dry_run, &host_timeout, &grace),
         Cmd::Verify { store, max_rate, layers } => admin::verify(&store, max_rate.as_deref(), &layers),
         Cmd::Promote { store } => admin::promote(&store),
+        Cmd::Completions { .. } => unreachable!("handled above"),
     };
     match code {
         Ok(c) => std::process::exit(c),
