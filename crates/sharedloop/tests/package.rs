@@ -31,7 +31,10 @@ fn deb() -> PathBuf {
             assert!(p.is_file(), "SHAREDLOOP_DEB={} is not a file", p.display());
             return p;
         }
+        // Swept (as hosts' directories are) once this process is gone.
         let out = PathBuf::from(TEST_ROOT).join(format!("debs-{}", std::process::id()));
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join("owner"), std::process::id().to_string()).unwrap();
         let path = run_ok(Command::new(repo().join("scripts/build-deb")).env("DEB_OUT", &out));
         PathBuf::from(path.trim())
     })
