@@ -2,7 +2,7 @@
 //! snapshotter over one layer store, and administers the store.
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod admin;
 mod doctor;
@@ -82,10 +82,21 @@ enum Cmd {
     /// devices, mkfs tools, root and fallback, clocks, engine configs,
     /// sockets. Exit status 1 when a check fails.
     Doctor(doctor::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell) on stdout; the Debian package installs them.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(shell, &mut Cli::command(), "sharedloop", &mut std::io::stdout());
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("bad --log-level")?)
         .with_writer(std::io::stderr)
@@ -99,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Verify { store, max_rate, layers } => admin::verify(&store, max_rate.as_deref(), &layers),
         Cmd::Promote { store } => admin::promote(&store),
         Cmd::Doctor(args) => doctor::doctor(&args),
+        Cmd::Completions { .. } => unreachable!("handled above"),
     };
     match code {
         Ok(c) => std::process::exit(c),

@@ -253,7 +253,17 @@ pub struct HostOpts {
     /// Receive mount events from shared mounts outside ([`SharedDir`]), so
     /// a filesystem unmounted or mounted there changes under the host.
     pub slave: bool,
+    /// An overlayfs over /usr, /etc, /var/lib and /var/log (and /lib,
+    /// /lib64, /bin, /sbin where they are directories, not symlinks into
+    /// /usr), mounted before anything runs, with the upper layers in the
+    /// host's directory: what runs inside (dpkg) changes the system's
+    /// files and package database for this host only, and the changes
+    /// vanish with it.
+    pub overlay_system: bool,
 }
+
+/// The system directories [`HostOpts::overlay_system`] covers.
+pub const OVERLAID: &[&str] = &["/usr", "/etc", "/var/lib", "/var/log", "/lib", "/lib64", "/bin", "/sbin"];
 
 /// A simulated host: a mount + network namespace with its own /run.
 pub struct Host {
@@ -291,6 +301,16 @@ impl Host {
                  while read -r m; do umount -l \"$m\" 2>/dev/null || true; done\n\
                  mount -t tmpfs tmpfs /run\nmkdir -p /run/docker/plugins\nip link set lo up\n",
             );
+        if opts.overlay_system {
+            for (i, d) in OVERLAID.iter().enumerate() {
+                let layer = dir.join(format!("overlay/{i}"));
+                script.push_str(&format!(
+                    "if [ -d {d} ] && [ ! -L {d} ]; then mkdir -p {l}/upper {l}/work && \
+                     mount -t overlay overlay -o lowerdir={d},upperdir={l}/upper,workdir={l}/work {d}; fi\n",
+                    l = layer.display()
+                ));
+            }
+        }
         if opts.default_paths {
             fs::create_dir_all(dir.join("varlib")).unwrap();
             script.push_str(&format!(
