@@ -1,0 +1,142 @@
+//! Commit: a writable layer's upper directory frozen into a published
+//! read-only layer.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use super::records::{Kind, LocalLayer, TreeFacts};
+use super::{check_id, ChainHold, Driver};
+use crate::error::{Context, Error, Result};
+use crate::export;
+use crate::ids::DiffId;
+use crate::ids::{random_token, ChainId};
+use crate::image;
+use crate::mount;
+use crate::store::LayerInfo;
+
+impl Driver {
+    /// Makes the published read-only layer `new_id`, on the same parent as
+    /// writable layer `rw_id`, from its upper directory: a layer image named
+    /// `chain` (or, without one, by the digest of its content as a tar).
+    /// The writable layer stays; the caller removes it once the commit is
+    /// recorded. Returns the chain id.
+    pub fn commit(&self, rw_id: &str, new_id: &str, chain: Option<ChainId>) -> Result<ChainId> {
+        check_id(new_id)?;
+        let (_reserved, rw) = {
+            let mut st = self.state()?;
+            if st.layers.contains_key(new_id) || st.busy.contains(new_id) {
+                return Err(Error::AlreadyExists(format!("layer {new_id}")));
+            }
+            let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
+            (self.reserve(&mut st, &[new_id], Some(rw_id))?, l)
+        };
+        let (info, hold) = self.publish_upper(rw_id, chain)?;
+        crate::fault::point("commit", "published and referenced");
+        let chain = info.meta.chain_id.clone();
+        let l = LocalLayer {
+            id: new_id.into(),
+            parent: rw.parent,
+            base: rw.base,
+            kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
+        };
+        if let Err(e) = self.save(&l) {
+            drop(hold);
+            let _ = self.release_chain(&mut self.lock(), &chain, new_id);
+            return Err(e);
+        }
+        self.lock().layers.insert(new_id.into(), l);
+        drop(hold);
+        crate::fault::point("commit", "committed layer recorded");
+        tracing::info!(layer = %chain, from = rw_id, location = info.location.name(), "writable layer committed");
+        Ok(chain)
+    }
+
+    /// Publishes writable layer `rw_id`'s upper directory as it is now, as
+    /// the layer `chain` (or, without one, named by the digest of its
+    /// content as a tar) over what the writable layer stands on; takes a
+    /// reference.
+    pub(super) fn publish_upper(&self, rw_id: &str, chain: Option<ChainId>) -> Result<(LayerInfo, ChainHold<'_>)> {
+        let (parent_chain, upper) = {
+            let mut st = self.state()?;
+            let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
+            let Kind::Rw { fs, .. } = l.kind else {
+                return Err(Error::FailedPrecondition(format!("layer {rw_id} is not writable")));
+            };
+            let parent_chain = match Self::lower_chain(&st, &l) {
+                Err(Error::Invalid(_)) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "layer {rw_id} stands on a writable layer ({}): only a writable layer over published \
+                         layers can be frozen (a read-only layer over a Docker container's layer is not supported)",
+                        l.parent.as_deref().unwrap_or("")
+                    )))
+                }
+                r => r?,
+            };
+            let upper = self.ensure_rw(&mut st, rw_id, fs)?.join("upper");
+            (parent_chain, upper)
+        };
+        // The tree goes into the image under /fs: bind the upper there.
+        let staging = self.home.join("tmp").join(format!("commit-{}", random_token()));
+        let fs_dir = staging.join(image::LAYER_ROOT);
+        fs::create_dir_all(&fs_dir).ctx("mkdir", &fs_dir)?;
+        // Read-only, so that no cleanup can delete through it.
+        let r = rustix::mount::mount_bind(&upper, &fs_dir)
+            .and_then(|_| {
+                rustix::mount::mount_remount(
+                    &fs_dir,
+                    rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
+                    c"",
+                )
+            })
+            .ctx("bind", &fs_dir)
+            .and_then(|_| {
+                crate::fault::point("commit", "staging made");
+                self.commit_staged(&staging, &upper, chain, parent_chain.as_ref())
+            });
+        match mount::unmount_path(&fs_dir) {
+            Ok(()) => {
+                let _ = fs::remove_dir_all(&staging);
+            }
+            Err(e) => {
+                tracing::warn!(path = %fs_dir.display(), error = %e, "cannot unmount a commit's staging; left for the next start")
+            }
+        }
+        r
+    }
+
+    fn commit_staged(
+        &self,
+        staging: &Path,
+        upper: &Path,
+        chain: Option<ChainId>,
+        parent: Option<&ChainId>,
+    ) -> Result<(LayerInfo, ChainHold<'_>)> {
+        // The staging must still show the upper (a bind of it): a tree
+        // gone from under it would publish an empty layer under the real
+        // content's name.
+        let same = |a: &Path, b: &Path| -> Result<bool> {
+            let (x, y) = (fs::metadata(a).ctx("stat", a)?, fs::metadata(b).ctx("stat", b)?);
+            Ok((x.dev(), x.ino()) == (y.dev(), y.ino()))
+        };
+        if !same(&staging.join(image::LAYER_ROOT), upper)? {
+            return Err(Error::Invalid(format!(
+                "the staging of {} no longer shows the writable layer; not publishing it",
+                upper.display()
+            )));
+        }
+        let counts = export::tree_counts(upper)?;
+        let content_bytes = export::tree_size(upper)?;
+        let (chain, diff_id) = match chain {
+            Some(c) => (c, None),
+            None => {
+                let mut h = <sha2::Sha256 as sha2::Digest>::new();
+                export::export_tar(upper, &mut h)?;
+                let diff = DiffId::from_sha256(&sha2::Digest::finalize(h));
+                (ChainId::of(parent, &diff), Some(diff))
+            }
+        };
+        let tree = TreeFacts { diff_id, content_bytes, tar_bytes: 0, entries: counts.inodes.saturating_sub(1) };
+        self.publish_tree(staging, &chain, parent, &tree, None)
+    }
+}

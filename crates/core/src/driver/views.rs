@@ -1,0 +1,311 @@
+//! Mounting layers and their stacks: Get/Put, the mounts handed to an
+//! engine that mounts them itself, and usage.
+
+use std::fs;
+use std::path::PathBuf;
+
+use super::records::{GetRef, Kind, LocalLayer, RoMount, Source};
+use super::{Driver, MountSpec, State};
+use crate::error::{Context, Error, Result};
+use crate::export;
+use crate::ids::ChainId;
+use crate::image;
+use crate::mount::{self, OverlaySpec};
+use crate::options::FsType;
+use crate::sys::loopdev;
+
+impl Driver {
+    /// Mounts (once per host) the published layer `chain`.
+    fn ensure_ro(&self, st: &mut State, chain: &ChainId) -> Result<RoMount> {
+        if let Some(m) = st.ro.get(chain) {
+            return Ok(m.clone());
+        }
+        let info = self
+            .store
+            .locate(chain)
+            .ok_or_else(|| Error::NotFound(format!("layer {chain} (not in root or fallback)")))?;
+        if info.image().is_none() {
+            let m = RoMount { info, dev: None };
+            st.ro.insert(chain.clone(), m.clone());
+            return Ok(m);
+        }
+        let dev = self.mounts.acquire(&info, &self.home, self.cfg.verify, self.cfg.direct_io)?;
+        let m = RoMount { info, dev: Some(dev) };
+        st.ro.insert(chain.clone(), m.clone());
+        Ok(m)
+    }
+
+    pub(super) fn ensure_rw(&self, st: &mut State, id: &str, fs_type: FsType) -> Result<PathBuf> {
+        let target = self.rw_mnt(id);
+        if st.rw_mounted.contains(id) {
+            return Ok(target);
+        }
+        let img = self.rw_image(id);
+        // A writable image still attached from before (a mount that a
+        // process kept alive through a restart) must not be mounted twice:
+        // two filesystems writing one image corrupt it.
+        if let Some(dev) = st.attached_elsewhere.get(id) {
+            return Err(Error::InUse {
+                id: id.into(),
+                why: format!(
+                    "its image {} is still attached to {} by an earlier mount that something keeps alive; \
+                     stop what uses it (a container's processes) and restart sharedloop",
+                    img.display(),
+                    dev.display()
+                ),
+            });
+        }
+        fs::create_dir_all(&target).ctx("mkdir", &target)?;
+        let direct_io = self.cfg.direct_io.for_file(&img);
+        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io })
+            .ctx("attach loop device", &img)?;
+        mount::mount_layer_rw(dev.path(), &target, fs_type)?;
+        for d in ["upper", "work"] {
+            let p = target.join(d);
+            match fs::create_dir(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::sys("mkdir", p, e)),
+            }
+        }
+        st.rw_mounted.insert(id.to_owned());
+        Ok(target)
+    }
+
+    /// The directory holding layer `id`'s own content, mounted; `None` for
+    /// an empty layer.
+    pub(super) fn own_dir(&self, st: &mut State, id: &str) -> Result<Option<PathBuf>> {
+        let l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        match l.content() {
+            Some(src) => self.mount_source(st, &src),
+            None => Ok(None),
+        }
+    }
+
+    /// Mounts one level of a stack; `None` for an empty published layer.
+    fn mount_source(&self, st: &mut State, src: &Source) -> Result<Option<PathBuf>> {
+        match src {
+            Source::Chain(c) => {
+                let m = self.ensure_ro(st, c)?;
+                Ok(m.dev.map(|_| self.ro_mnt(c).join(image::LAYER_ROOT)))
+            }
+            Source::Upper(id, fs) => Ok(Some(self.ensure_rw(st, id, *fs)?.join("upper"))),
+        }
+    }
+
+    /// What layer `id` stands on, topmost first (with its own content first
+    /// when `own`): for each parent, its snapshot when the child was created
+    /// over it while it was writable, otherwise its own content.
+    pub(super) fn sources(&self, st: &State, id: &str, own: bool) -> Result<Vec<Source>> {
+        let mut l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        let mut out: Vec<Source> = if own { l.content().into_iter().collect() } else { Vec::new() };
+        let mut depth = 0;
+        while let Some(p) = &l.parent {
+            depth += 1;
+            if depth > 4096 {
+                return Err(Error::Corrupt { path: self.layer_file(id), reason: "parent chain loops".into() });
+            }
+            let pl = st.layers.get(p).ok_or_else(|| Error::NotFound(format!("layer {p} (parent of {})", l.id)))?;
+            match &l.base {
+                Some(b) => out.push(Source::Chain(b.clone())),
+                None => out.extend(pl.content()),
+            }
+            l = pl;
+        }
+        Ok(out)
+    }
+
+    /// The stack of layer `id` (without its own content unless `own`),
+    /// topmost first, empty layers left out, everything mounted.
+    pub(super) fn stack(&self, st: &mut State, id: &str, own: bool) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for src in self.sources(st, id, own)? {
+            out.extend(self.mount_source(st, &src)?);
+        }
+        Ok(out)
+    }
+
+    /// The directories of `stack`, without mounting anything: for reports
+    /// and bookkeeping. Layers known to be empty are left out.
+    pub(super) fn stack_paths(&self, st: &State, id: &str, own: bool) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for src in self.sources(st, id, own).unwrap_or_default() {
+            match src {
+                Source::Chain(c) if st.ro.get(&c).is_none_or(|m| m.dev.is_some()) => {
+                    out.push(self.ro_mnt(&c).join(image::LAYER_ROOT))
+                }
+                Source::Chain(_) => {}
+                Source::Upper(id, _) => out.push(self.rw_mnt(&id).join("upper")),
+            }
+        }
+        out
+    }
+
+    /// The published chain that layer `l` stands on: its parent's
+    /// snapshot, or its parent's published layer.
+    pub(super) fn lower_chain(st: &State, l: &LocalLayer) -> Result<Option<ChainId>> {
+        match &l.base {
+            Some(b) => Ok(Some(b.clone())),
+            None => Self::chain_of(st, l.parent.as_deref()),
+        }
+    }
+
+    /// Mounts layer `id` and returns the directory with its full view.
+    /// A layer created read-only and never given content (no ApplyDiff)
+    /// is a layer of its own: the first Get gives it a writable image, and
+    /// what is written into the directory Get returns is its content.
+    pub fn get(&self, id: &str) -> Result<PathBuf> {
+        let mut st = self.state()?;
+        if let Some(g) = st.gets.get_mut(id) {
+            g.count += 1;
+            return Ok(g.dir.clone());
+        }
+        let mut l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        if st.busy.contains(id) {
+            return Err(Error::InUse { id: id.into(), why: "another request is working on it".into() });
+        }
+        if let Kind::Image { chain: None, .. } = l.kind {
+            // Layers built on it see it as it is: empty. Opening it for
+            // writing now would change what they stand on.
+            if st.pinned.contains_key(id) || st.layers.values().any(|c| c.parent.as_deref() == Some(id)) {
+                return Err(Error::InUse {
+                    id: id.into(),
+                    why: "it is empty and layers are built on it; it can no longer be written".into(),
+                });
+            }
+            let fs_type = self.cfg.fs;
+            self.make_rw_image(id, fs_type, self.cfg.rw_size)?;
+            l.kind = Kind::Rw { size: self.cfg.rw_size, fs: fs_type };
+            if let Err(e) = self.save(&l) {
+                let _ = fs::remove_dir_all(self.rw_image(id).parent().unwrap());
+                return Err(e);
+            }
+            tracing::debug!(layer = id, "an empty read-only layer opened for writing through Get");
+            st.layers.insert(id.to_owned(), l.clone());
+        }
+        let target = self.merged(id);
+        let (dir, mounted) = match &l.kind {
+            Kind::Rw { fs, .. } => {
+                let rw = self.ensure_rw(&mut st, id, *fs)?;
+                crate::fault::point("get", "writable image mounted");
+                let mut lowers = self.stack(&mut st, id, false)?;
+                crate::fault::point("get", "layers mounted");
+                if lowers.is_empty() {
+                    lowers.push(self.home.join("empty"));
+                }
+                fs::create_dir_all(&target).ctx("mkdir", &target)?;
+                let (u, w) = (rw.join("upper"), rw.join("work"));
+                mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: Some((&u, &w)) }, &target)?;
+                (target, true)
+            }
+            Kind::Image { .. } => {
+                let lowers = self.stack(&mut st, id, true)?;
+                match lowers.len() {
+                    0 => (self.home.join("empty"), false),
+                    1 => (lowers[0].clone(), false),
+                    _ => {
+                        fs::create_dir_all(&target).ctx("mkdir", &target)?;
+                        mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: None }, &target)?;
+                        (target, true)
+                    }
+                }
+            }
+        };
+        tracing::debug!(layer = id, target = %dir.display(), "get");
+        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: dir.clone(), mounted, adopted: false });
+        Ok(dir)
+    }
+
+    /// The mounts that show layer `id` (a writable layer, or a read-only
+    /// one standing for a view), for an engine that mounts them itself
+    /// (containerd). The layers under it are mounted here, once per host;
+    /// an overlay whose options would not fit in one page for `mount(2)`
+    /// is mounted here too and handed over as a bind mount.
+    pub fn mounts_for(&self, id: &str) -> Result<Vec<MountSpec>> {
+        let mut st = self.state()?;
+        if let Some(g) = st.gets.get(id) {
+            let rw = matches!(st.layers.get(id).map(|l| &l.kind), Some(Kind::Rw { .. }));
+            return Ok(vec![MountSpec::bind(&g.dir, rw)]);
+        }
+        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        let (lowers, upper) = match &l.kind {
+            Kind::Rw { fs, .. } => {
+                let rw = self.ensure_rw(&mut st, id, *fs)?;
+                (self.stack(&mut st, id, false)?, Some((rw.join("upper"), rw.join("work"))))
+            }
+            Kind::Image { .. } => (self.stack(&mut st, id, true)?, None),
+        };
+        match (&upper, lowers.len()) {
+            (Some((u, _)), 0) => return Ok(vec![MountSpec::bind(u, true)]),
+            (None, 0) => return Ok(vec![MountSpec::bind(&self.home.join("empty"), false)]),
+            (None, 1) => return Ok(vec![MountSpec::bind(&lowers[0], false)]),
+            _ => {}
+        }
+        let spec = MountSpec::overlay(&lowers, upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path())));
+        let size: usize = spec.options.iter().map(|o| o.len() + 1).sum();
+        if size + 512 < rustix::param::page_size() {
+            return Ok(vec![spec]);
+        }
+        let target = self.merged(id);
+        fs::create_dir_all(&target).ctx("mkdir", &target)?;
+        let upper_refs = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
+        mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: upper_refs }, &target)?;
+        tracing::debug!(layer = id, layers = lowers.len(), target = %target.display(), "overlay mounted for the engine");
+        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: target.clone(), mounted: true, adopted: false });
+        Ok(vec![MountSpec::bind(&target, upper.is_some())])
+    }
+
+    /// Bytes and inodes of writable layer `id`'s own changes.
+    pub fn rw_usage(&self, id: &str) -> Result<(u64, u64)> {
+        let upper = {
+            let mut st = self.lock();
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+            let Kind::Rw { fs, .. } = l.kind else {
+                return Err(Error::Invalid(format!("layer {id} is not writable")));
+            };
+            self.ensure_rw(&mut st, id, fs)?.join("upper")
+        };
+        Ok((export::tree_size(&upper)?, export::tree_counts(&upper)?.inodes.saturating_sub(1)))
+    }
+
+    /// Bytes of content and entries of published layer `id`, as recorded
+    /// in the store.
+    pub fn image_usage(&self, id: &str) -> Result<(u64, u64)> {
+        let st = self.lock();
+        match st.layers.get(id).map(|l| &l.kind) {
+            Some(Kind::Image { chain: Some(c), size }) => {
+                let entries = st
+                    .ro
+                    .get(c)
+                    .map(|m| m.info.meta.entries)
+                    .or_else(|| self.store.locate(c).map(|i| i.meta.entries))
+                    .unwrap_or(0);
+                Ok((*size, entries))
+            }
+            Some(_) => Ok((0, 0)),
+            None => Err(Error::NotFound(format!("layer {id}"))),
+        }
+    }
+
+    /// Releases one `get`. Releasing what is not held is not an error.
+    pub fn put(&self, id: &str) -> Result<()> {
+        let mut st = self.lock();
+        let Some(g) = st.gets.get_mut(id) else {
+            tracing::debug!(layer = id, "put of a layer that is not mounted");
+            return Ok(());
+        };
+        g.count -= 1;
+        if g.count > 0 {
+            return Ok(());
+        }
+        let g = st.gets.remove(id).expect("present");
+        if g.mounted {
+            if let Err(e) = mount::unmount_path(&g.dir) {
+                st.gets.insert(id.to_owned(), GetRef { count: 1, ..g });
+                return Err(e);
+            }
+            let _ = fs::remove_dir(&g.dir);
+        }
+        Ok(())
+    }
+}

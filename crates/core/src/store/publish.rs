@@ -1,0 +1,171 @@
+//! Publishing a layer: built in `tmp/`, claimed so that one host builds
+//! it, and renamed into `layers/` whole.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+use super::{fsync_dir, no_links, remove_tree, LayerInfo, LayerMeta, Location, Store, IMAGE_FILE, META_FILE};
+use crate::error::{Context, Error, Result};
+use crate::ids::{random_token, ChainId};
+use crate::imagefile::{ImageFile, ImageStamp, Opened};
+
+/// Result of publishing: ours, or the one another host published first.
+#[derive(Debug)]
+pub enum Published {
+    Created(LayerInfo),
+    Existing(LayerInfo),
+}
+
+impl Published {
+    pub fn into_info(self) -> LayerInfo {
+        match self {
+            Published::Created(i) | Published::Existing(i) => i,
+        }
+    }
+}
+
+impl Store {
+    /// Publishes a layer built by `build` (which fills the temp dir it is
+    /// given and returns the meta), into root or, when root cannot take it,
+    /// into fallback.
+    pub fn publish(&self, chain: &ChainId, build: &dyn Fn(&Path) -> Result<LayerMeta>) -> Result<Published> {
+        self.publish_claimed(chain, None, build)
+    }
+
+    /// Claims layer `chain` in root before this host does the work that
+    /// precedes a build (extracting its tar), so that hosts waiting for it
+    /// do not extract it too: `Published` when another host published it
+    /// meanwhile, `Build` with the claim to hand to [`Self::publish_claimed`],
+    /// `None` when root takes no claims now (it is missing, read-only,
+    /// failing; publishing then falls back as usual).
+    pub fn claim_in_root(&self, chain: &ChainId) -> Option<crate::claim::Outcome<LayerInfo>> {
+        if !self.root.is_dir() {
+            return None;
+        }
+        match crate::claim::claim_or_wait(&self.root, chain, &self.host_id, self.claim_timeout, &|| {
+            Ok(self.locate(chain))
+        }) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::debug!(layer = %chain, error = %e, "cannot claim the layer in the root directory");
+                None
+            }
+        }
+    }
+
+    /// [`Self::publish`] with the root claim `claim` already held, if any.
+    pub fn publish_claimed(
+        &self,
+        chain: &ChainId,
+        claim: Option<crate::claim::Claim>,
+        build: &dyn Fn(&Path) -> Result<LayerMeta>,
+    ) -> Result<Published> {
+        let root_err = match self.publish_in(Location::Root, chain, claim, build) {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        tracing::warn!(layer = %chain, root = %self.root.display(), fallback = %self.fallback.display(),
+            error = %root_err, "cannot create the layer in the root directory; using the fallback directory");
+        self.publish_in(Location::Fallback, chain, None, build).map_err(|fb| Error::NoStore {
+            root: self.root.clone(),
+            root_err: root_err.to_string(),
+            fallback: self.fallback.clone(),
+            fallback_err: fb.to_string(),
+        })
+    }
+
+    fn publish_in(
+        &self,
+        loc: Location,
+        chain: &ChainId,
+        held: Option<crate::claim::Claim>,
+        build: &dyn Fn(&Path) -> Result<LayerMeta>,
+    ) -> Result<Published> {
+        let base = self.base(loc);
+        if loc == Location::Fallback {
+            fs::create_dir_all(base).ctx("mkdir", base)?;
+        } else if !base.is_dir() {
+            return Err(Error::sys("open", base, io::Error::from_raw_os_error(libc::ENOENT)));
+        }
+        let (tmp_base, layers) = (base.join("tmp"), base.join("layers"));
+        for d in [&tmp_base, &layers] {
+            no_links(base, d).ctx("open", d)?;
+            match fs::create_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::sys("mkdir", d, e)),
+            }
+        }
+        // One build per layer across hosts: claim it, or wait for the host
+        // that has (crate::claim).
+        let claim = match held {
+            Some(c) => c,
+            None => match crate::claim::claim_or_wait(base, chain, &self.host_id, self.claim_timeout, &|| {
+                Ok(self.locate(chain))
+            })? {
+                crate::claim::Outcome::Published(info) => {
+                    tracing::info!(layer = %chain, location = info.location.name(), "another host built this layer; using it");
+                    return Ok(Published::Existing(info));
+                }
+                crate::claim::Outcome::Build(c) => c,
+            },
+        };
+        let started = std::time::Instant::now();
+        let tmp = tmp_base.join(format!("{}-{}", self.host_id, random_token()));
+        fs::create_dir(&tmp).ctx("mkdir", &tmp)?;
+        let r = (|| {
+            crate::fault::point("publish", "temp dir made");
+            let mut meta = build(&tmp)?;
+            crate::fault::point("publish", "image built");
+            // What this host built and hashed, to vouch for exactly that file.
+            let built = match meta.fs.map(|_| ImageFile::open(&tmp.join(IMAGE_FILE))).transpose()? {
+                Some(Opened::File(f)) => Some(f.at_open()),
+                _ => None,
+            };
+            // The finished image's identity, for hosts that check it by its
+            // size and times (verify=identity). build() fsynced it: times
+            // a network filesystem's server sets on the write back are in.
+            meta.image_file = built.map(ImageStamp::of);
+            let text = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+            {
+                // Closed before anything may remove the directory: a network
+                // filesystem keeps open, deleted files (.fuse_hidden*, .nfs*).
+                let mut f = File::create(tmp.join(META_FILE)).ctx("create", tmp.join(META_FILE))?;
+                f.write_all(&text).ctx("write", tmp.join(META_FILE))?;
+                f.sync_all().ctx("fsync", tmp.join(META_FILE))?;
+            }
+            fsync_dir(&tmp)?;
+            crate::fault::point("publish", "meta written and synced");
+            let dest = layers.join(chain.dir_name());
+            match rustix::fs::rename(&tmp, &dest) {
+                Ok(()) => {
+                    crate::fault::point("publish", "renamed into place");
+                    fsync_dir(&layers)?;
+                    crate::metrics::observe_publish(started, loc, meta.image_bytes);
+                    Ok(Published::Created(LayerInfo { location: loc, dir: dest, meta, built }))
+                }
+                // EEXIST/ENOTEMPTY locally; network filesystems may answer
+                // otherwise (EPERM, EIO): what counts is whether the name
+                // now holds a complete layer.
+                Err(e) => match Self::read_meta(base, &dest) {
+                    Ok(meta) if meta.chain_id == *chain => {
+                        tracing::info!(layer = %chain, "another host published this layer first; using theirs");
+                        remove_tree(&tmp);
+                        Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta, built: None }))
+                    }
+                    _ => Err(Error::sys("rename", dest, e)),
+                },
+            }
+        })();
+        if r.is_err() {
+            remove_tree(&tmp);
+        } else {
+            // In place (ours, or another host's that won the rename):
+            // waiters may stop waiting. On an error the claim is dropped,
+            // which removes it, and a waiter takes over at once.
+            claim.published();
+        }
+        r
+    }
+}
