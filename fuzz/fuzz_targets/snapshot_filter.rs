@@ -1,7 +1,8 @@
 //! containerd Walk filters: parsing and matching never panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use sharedloop_core::snapshots::{Filter, SnapInfo, SnapKind};
+use sharedloop_containerd::filter::Filter;
+use sharedloop_containerd::snapshots::{SnapInfo, SnapKind};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

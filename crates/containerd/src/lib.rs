@@ -1,7 +1,9 @@
 //! The containerd snapshotter front end: containerd's snapshots gRPC API
 //! (a `proxy_plugins` entry of type "snapshot") over the core's
-//! [`Snapshotter`]. A thin adapter: each call runs the core on a blocking
-//! thread, and [`status`] turns core errors into gRPC codes, in one place.
+//! [`sharedloop_core::Driver`]. containerd's snapshot model (keys, kinds,
+//! labels, its error semantics) is [`snapshots`], its Walk filter grammar
+//! [`filter`]; the gRPC service runs each call on a blocking thread, and
+//! [`status`] turns core errors into gRPC codes, in one place.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -11,8 +13,13 @@ use std::time::UNIX_EPOCH;
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::{self, Code, Status};
 use containerd_snapshots::{Info, Kind, Usage};
-use sharedloop_core::snapshots::{SnapInfo, SnapKind, Snapshotter};
 use sharedloop_core::{Error, MountSpec};
+
+pub mod filter;
+pub mod snapshots;
+
+pub use snapshots::Snapshotter;
+use snapshots::{SnapInfo, SnapKind};
 
 /// Serves `sn` on the unix socket `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -52,7 +59,7 @@ pub fn status(e: Error) -> Status {
     let code = match &e {
         Error::NotFound(_) | Error::ParentNotFound { .. } => Code::NotFound,
         Error::AlreadyExists(_) => Code::AlreadyExists,
-        Error::FailedPrecondition(_) | Error::InUse { .. } => Code::FailedPrecondition,
+        Error::Conflict(_) | Error::InUse { .. } => Code::FailedPrecondition,
         Error::Invalid(_) | Error::Option { .. } | Error::BadTar { .. } => Code::InvalidArgument,
         Error::NoStore { .. } => Code::Unavailable,
         Error::Corrupt { .. } => Code::DataLoss,
@@ -204,7 +211,7 @@ mod tests {
     fn errors_map_to_containerds_codes() {
         assert_eq!(status(Error::NotFound("x".into())).code(), Code::NotFound);
         assert_eq!(status(Error::AlreadyExists("x".into())).code(), Code::AlreadyExists);
-        assert_eq!(status(Error::FailedPrecondition("x".into())).code(), Code::FailedPrecondition);
+        assert_eq!(status(Error::Conflict("x".into())).code(), Code::FailedPrecondition);
         assert_eq!(status(Error::Invalid("x".into())).code(), Code::InvalidArgument);
         let s = status(Error::NotFound("snapshot k".into()));
         assert!(s.message().contains("snapshot k"), "{}", s.message());

@@ -35,7 +35,7 @@ pub enum Error {
     /// The object is not in the state the request needs (a commit of a
     /// snapshot that is not active, a removal of a snapshot with children).
     #[error("{0}")]
-    FailedPrecondition(String),
+    Conflict(String),
 
     /// The request is not valid for this layer (wrong kind, bad argument).
     #[error("{0}")]

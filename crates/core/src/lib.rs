@@ -20,7 +20,6 @@ pub mod options;
 pub mod perms;
 pub mod placement;
 pub mod probe;
-pub mod snapshots;
 pub mod store;
 pub mod sys;
 

@@ -121,7 +121,7 @@ impl Plugin {
     fn cleanup(&self) -> Result<Value, String> {
         let mut slot = self.driver.write().unwrap_or_else(|p| p.into_inner());
         let Some(s) = slot.as_ref() else { return Ok(json!({})) };
-        let r = s.driver.cleanup().map_err(|e| e.to_string());
+        let r = s.driver.cleanup().map_err(wire_error);
         *slot = None;
         r.map(|_| json!({}))
     }
@@ -135,7 +135,7 @@ impl Plugin {
             return Err("Init without a Home directory".into());
         }
         let opts = req.opts.unwrap_or_default();
-        let cfg = Config::from_opts(&opts).map_err(|e| e.to_string())?;
+        let cfg = Config::from_opts(&opts).map_err(wire_error)?;
         let home = PathBuf::from(&req.home);
         let mut slot = self.driver.write().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = slot.as_ref().filter(|s| s.claimed && s.driver.home() != home) {
@@ -150,13 +150,13 @@ impl Plugin {
         // A restarted dockerd initialising the same home: open it afresh.
         // Release the old driver's lock on state before opening the new one.
         *slot = None;
-        let d = Driver::open_shared(&home, cfg, self.mounts.clone()).map_err(|e| e.to_string())?;
+        let d = Driver::open_shared(&home, cfg, self.mounts.clone()).map_err(wire_error)?;
         let rec = InitRecord { home, opts };
         if let Some(dir) = self.init_file.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
         sharedloop_core::store::write_atomic(&self.init_file, &serde_json::to_vec(&rec).expect("serialises"))
-            .map_err(|e| e.to_string())?;
+            .map_err(wire_error)?;
         tracing::info!(home = %rec.home.display(), root = %d.config().root.display(),
             fallback = %d.config().fallback.display(), fs = d.config().fs.name(), "driver initialised");
         *slot = Some(Slot { driver: Arc::new(d), claimed: true });
@@ -304,7 +304,7 @@ async fn apply_diff(plugin: Arc<Plugin>, req: Request<Incoming>) -> Result<Value
     });
     let r = blocking(move || {
         let mut reader = ChannelReader { rx, cur: Bytes::new() };
-        driver.apply_diff(&id, opt(&parent).as_deref(), &mut reader).map_err(|e| e.to_string())
+        driver.apply_diff(&id, opt(&parent).as_deref(), &mut reader).map_err(wire_error)
     })
     .await;
     pump.abort();
@@ -319,7 +319,7 @@ async fn diff(plugin: Arc<Plugin>, req: DriverRequest) -> Response<Body> {
     };
     let (id, parent) = (req.id.clone(), opt(&req.parent));
     let d2 = driver.clone();
-    let src = match blocking(move || d2.diff_source(&id, parent.as_deref()).map_err(|e| e.to_string())).await {
+    let src = match blocking(move || d2.diff_source(&id, parent.as_deref()).map_err(wire_error)).await {
         Ok(s) => s,
         Err(e) => return respond("GraphDriver.Diff", Err(e)),
     };
@@ -331,7 +331,7 @@ async fn diff(plugin: Arc<Plugin>, req: DriverRequest) -> Response<Body> {
             .and_then(|_| w.flush().map_err(|e| sharedloop_core::Error::sys("write tar", "<stream>", e)));
         if let Err(e) = r {
             tracing::warn!(op = "GraphDriver.Diff", layer = %id, error = %e, "diff stream failed");
-            let _ = tx.blocking_send(Err(io::Error::other(e.to_string())));
+            let _ = tx.blocking_send(Err(io::Error::other(wire_error(e))));
         }
         drop(driver);
     });
@@ -456,9 +456,15 @@ async fn route(plugin: Arc<Plugin>, req: Request<Incoming>, path: &str) -> Resul
     Ok(respond(&path, r))
 }
 
+/// The one place core errors become the plugin protocol's errors: the
+/// graphdriver protocol carries only a message (`{"Err": "..."}`), which
+/// dockerd matches on nothing but its text, so every error is its text.
+fn wire_error(e: sharedloop_core::Error) -> String {
+    e.to_string()
+}
+
 /// The JSON endpoints, as core calls.
 fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
-    let err = |e: sharedloop_core::Error| e.to_string();
     let parent = opt(&r.parent);
     let parent = parent.as_deref();
     match method {
@@ -466,24 +472,24 @@ fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
         "GraphDriver.Create" | "GraphDriver.CreateReadWrite" => {
             let kind = if method == "GraphDriver.Create" { CreateKind::ReadOnly } else { CreateKind::ReadWrite };
             tracing::debug!(op = method, layer = %r.id, parent = %r.parent, storage_opt = ?r.storage_opt, "create");
-            d.create(&r.id, parent, kind, &r.storage_opt.unwrap_or_default()).map_err(err)?;
+            d.create(&r.id, parent, kind, &r.storage_opt.unwrap_or_default()).map_err(wire_error)?;
             Ok(json!({}))
         }
-        "GraphDriver.Remove" => d.remove(&r.id).map(|_| json!({})).map_err(err),
-        "GraphDriver.Get" => d.get(&r.id).map(|dir| json!({ "Dir": dir })).map_err(err),
-        "GraphDriver.Put" => d.put(&r.id).map(|_| json!({})).map_err(err),
+        "GraphDriver.Remove" => d.remove(&r.id).map(|_| json!({})).map_err(wire_error),
+        "GraphDriver.Get" => d.get(&r.id).map(|dir| json!({ "Dir": dir })).map_err(wire_error),
+        "GraphDriver.Put" => d.put(&r.id).map(|_| json!({})).map_err(wire_error),
         "GraphDriver.Exists" => Ok(json!({ "Exists": d.exists(&r.id) })),
         "GraphDriver.Status" => {
             let s: Vec<[String; 2]> = d.status().into_iter().map(|(k, v)| [k, v]).collect();
             Ok(json!({ "Status": s }))
         }
-        "GraphDriver.GetMetadata" => d.metadata(&r.id).map(|m| json!({ "Metadata": m })).map_err(err),
+        "GraphDriver.GetMetadata" => d.metadata(&r.id).map(|m| json!({ "Metadata": m })).map_err(wire_error),
         "GraphDriver.Changes" => {
-            let ch = d.changes(&r.id, parent).map_err(err)?;
+            let ch = d.changes(&r.id, parent).map_err(wire_error)?;
             let v: Vec<Value> = ch.iter().map(|c| json!({ "Path": c.path, "Kind": c.kind as u8 })).collect();
             Ok(json!({ "Changes": v }))
         }
-        "GraphDriver.DiffSize" => d.diff_size(&r.id, parent).map(|s| json!({ "Size": s })).map_err(err),
+        "GraphDriver.DiffSize" => d.diff_size(&r.id, parent).map(|s| json!({ "Size": s })).map_err(wire_error),
         other => Err(format!("unknown method {other}")),
     }
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
+use sharedloop_containerd::Snapshotter;
 use sharedloop_core::layermounts::LayerMounts;
-use sharedloop_core::snapshots::Snapshotter;
 use sharedloop_core::{options, Config, Driver};
 
 pub const DEFAULT_CONFIG: &str = "/etc/sharedloop/config.toml";

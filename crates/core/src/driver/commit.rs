@@ -61,11 +61,11 @@ impl Driver {
             let mut st = self.state()?;
             let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
             let Kind::Rw { fs, .. } = l.kind else {
-                return Err(Error::FailedPrecondition(format!("layer {rw_id} is not writable")));
+                return Err(Error::Conflict(format!("layer {rw_id} is not writable")));
             };
             let parent_chain = match Self::lower_chain(&st, &l) {
                 Err(Error::Invalid(_)) => {
-                    return Err(Error::FailedPrecondition(format!(
+                    return Err(Error::Conflict(format!(
                         "layer {rw_id} stands on a writable layer ({}): only a writable layer over published \
                          layers can be frozen (a read-only layer over a Docker container's layer is not supported)",
                         l.parent.as_deref().unwrap_or("")

@@ -360,7 +360,7 @@ impl Driver {
     fn state(&self) -> Result<MutexGuard<'_, State>> {
         let st = self.lock();
         if st.closed {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Conflict(format!(
                 "the driver in {} was cleaned up (engine shutdown); initialise it again",
                 self.home.display()
             )));

@@ -16,7 +16,8 @@
 //! snapshotters (`snapshots/storage`): a missing key is `NotFound`, a
 //! taken key `AlreadyExists`, a parent that is not committed
 //! `Invalid` (InvalidArgument), a commit of a non-active snapshot and a
-//! removal of a snapshot with children `FailedPrecondition`.
+//! removal of a snapshot with children `Conflict` (FailedPrecondition);
+//! [`crate::status`] turns them into gRPC codes.
 //!
 //! One lock serialises the operations: commits (which build an image)
 //! hold up other requests on this snapshotter while they run.
@@ -30,10 +31,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::driver::{CreateKind, Driver, MountSpec};
-use crate::error::{Context, Error, Result};
-use crate::ids::{random_token, ChainId};
-use crate::store::write_atomic;
+use sharedloop_core::error::Context;
+use sharedloop_core::fault::point;
+use sharedloop_core::ids::{random_token, ChainId};
+use sharedloop_core::store::{fsync_dir, write_atomic};
+use sharedloop_core::{CreateKind, Driver, Error, MountSpec, Result};
+
+use crate::filter::Filter;
 
 /// The label containerd's unpacker puts on the snapshot of a layer: the
 /// chain id it will commit the layer as.
@@ -111,7 +115,7 @@ impl Snapshotter {
     /// records whose layer a crash left behind (or never made).
     pub fn open(driver: Driver) -> Result<Snapshotter> {
         let dir = driver.home().join("snapshots");
-        crate::perms::private_dir(&dir)?;
+        sharedloop_core::perms::private_dir(&dir)?;
         let mut snaps = HashMap::new();
         for e in fs::read_dir(&dir).ctx("read dir", &dir)?.flatten() {
             let p = e.path();
@@ -186,7 +190,7 @@ impl Snapshotter {
     fn forget(&self, key: &str) -> Result<()> {
         let p = self.record_path(key);
         match fs::remove_file(&p) {
-            Ok(()) => crate::store::fsync_dir(&self.dir),
+            Ok(()) => fsync_dir(&self.dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::sys("remove", p, e)),
         }
@@ -257,7 +261,7 @@ impl Snapshotter {
         }
         let layer = format!("a-{}", random_token());
         self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadWrite, &opts)?;
-        crate::fault::point("snapshot", "writable layer made");
+        point("snapshot", "writable layer made");
         self.record(&mut snaps, Self::new_record(key, SnapKind::Active, parent, labels, layer.clone()))?;
         drop(snaps);
         self.driver.mounts_for(&layer)
@@ -307,7 +311,7 @@ impl Snapshotter {
             let snaps = self.lock();
             let s = snaps.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
             if s.kind == SnapKind::Committed {
-                return Err(Error::FailedPrecondition(format!("snapshot {key} is committed; it has no mounts")));
+                return Err(Error::Conflict(format!("snapshot {key} is committed; it has no mounts")));
             }
             s.layer.clone()
         };
@@ -336,7 +340,7 @@ impl Snapshotter {
         }
         let active = snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
         if active.kind != SnapKind::Active {
-            return Err(Error::FailedPrecondition(format!("snapshot {key} is {}, not active", active.kind.name())));
+            return Err(Error::Conflict(format!("snapshot {key} is {}, not active", active.kind.name())));
         }
         let hint = Self::chain_hint(name, &active, &labels);
         let layer = format!("c-{}", random_token());
@@ -346,10 +350,10 @@ impl Snapshotter {
         let mut rec = Self::new_record(name, SnapKind::Committed, &active.parent, labels, layer);
         rec.from_layer = Some(active.layer.clone());
         self.record(&mut snaps, rec)?;
-        crate::fault::point("snapshot", "committed record saved");
+        point("snapshot", "committed record saved");
         self.forget(key)?;
         snaps.remove(key);
-        crate::fault::point("snapshot", "active record removed");
+        point("snapshot", "active record removed");
         if let Err(e) = self.driver.remove(&active.layer) {
             tracing::warn!(layer = %active.layer, error = %e, "cannot remove the committed writable layer now; removed at the next start");
         }
@@ -362,14 +366,14 @@ impl Snapshotter {
         let mut snaps = self.lock();
         let s = snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
         if let Some(child) = snaps.values().find(|c| c.parent == key) {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(Error::Conflict(format!(
                 "cannot remove snapshot {key}: snapshot {} is based on it",
                 child.name
             )));
         }
         self.forget(key)?;
         snaps.remove(key);
-        crate::fault::point("snapshot", "record removed");
+        point("snapshot", "record removed");
         if let Err(e) = self.driver.remove(&s.layer) {
             // The record is gone; the layer is removed at the next start.
             tracing::warn!(snapshot = key, layer = %s.layer, error = %e, "cannot remove the snapshot's layer now");
@@ -441,136 +445,11 @@ impl Snapshotter {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Walk filters, in containerd's syntax: `a==b,c!=d` is a conjunction, the
-// list of filters a disjunction; `~=` matches a regular expression; a field
-// alone asks for its presence. Fields: name, parent, kind, labels.<key>
-// (a key may be quoted: labels."containerd.io/gc.root").
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Present,
-    Eq,
-    Ne,
-    Match,
-}
-
-#[derive(Debug)]
-struct Clause {
-    field: Vec<String>,
-    op: Op,
-    value: String,
-    re: Option<regex::Regex>,
-}
-
-#[derive(Debug)]
-pub struct Filter {
-    clauses: Vec<Clause>,
-}
-
-fn unquote(s: &str) -> Result<String> {
-    let s = s.trim();
-    for q in ['"', '\'', '/'] {
-        if s.len() >= 2 && s.starts_with(q) && s.ends_with(q) {
-            return Ok(s[1..s.len() - 1].replace(&format!("\\{q}"), &q.to_string()));
-        }
-    }
-    Ok(s.to_owned())
-}
-
-/// Splits at `sep` outside quotes.
-fn split_outside_quotes(s: &str, sep: char) -> Vec<String> {
-    let mut out = vec![String::new()];
-    let mut quote: Option<char> = None;
-    let mut prev = '\0';
-    for c in s.chars() {
-        match quote {
-            Some(q) if c == q && prev != '\\' => quote = None,
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == sep => {
-                out.push(String::new());
-                prev = c;
-                continue;
-            }
-            _ => {}
-        }
-        out.last_mut().unwrap().push(c);
-        prev = c;
-    }
-    out
-}
-
-impl Filter {
-    pub fn parse(s: &str) -> Result<Filter> {
-        let bad = |why: &str| Error::Invalid(format!("filter {s:?}: {why}"));
-        let mut clauses = Vec::new();
-        for part in split_outside_quotes(s, ',') {
-            let part = part.trim();
-            if part.is_empty() {
-                return Err(bad("empty clause"));
-            }
-            // The operator is the first one outside quotes.
-            let (mut sel, mut op, mut value) = (part.to_owned(), Op::Present, String::new());
-            let mut quote: Option<char> = None;
-            let b: Vec<char> = part.chars().collect();
-            for i in 0..b.len() {
-                let c = b[i];
-                match quote {
-                    Some(q) if c == q => quote = None,
-                    Some(_) => {}
-                    None if c == '"' || c == '\'' => quote = Some(c),
-                    None if i + 1 < b.len() && b[i + 1] == '=' && matches!(c, '=' | '!' | '~') => {
-                        sel = b[..i].iter().collect();
-                        op = match c {
-                            '=' => Op::Eq,
-                            '!' => Op::Ne,
-                            _ => Op::Match,
-                        };
-                        value = unquote(&b[i + 2..].iter().collect::<String>())?;
-                        break;
-                    }
-                    None => {}
-                }
-            }
-            let field: Vec<String> =
-                split_outside_quotes(sel.trim(), '.').iter().map(|f| unquote(f)).collect::<Result<_>>()?;
-            if field.is_empty() || field.iter().any(String::is_empty) {
-                return Err(bad("empty field name"));
-            }
-            let re = match op {
-                Op::Match => Some(regex::Regex::new(&value).map_err(|e| bad(&format!("bad regular expression: {e}")))?),
-                _ => None,
-            };
-            clauses.push(Clause { field, op, value, re });
-        }
-        Ok(Filter { clauses })
-    }
-
-    pub fn matches(&self, s: &SnapInfo) -> bool {
-        self.clauses.iter().all(|c| {
-            let v: Option<&str> = match c.field.first().map(String::as_str) {
-                Some("name") if c.field.len() == 1 => Some(&s.name),
-                Some("parent") if c.field.len() == 1 => Some(&s.parent),
-                Some("kind") if c.field.len() == 1 => Some(s.kind.name()),
-                Some("labels") if c.field.len() == 2 => s.labels.get(&c.field[1]).map(String::as_str),
-                Some("labels") if c.field.len() == 1 => (!s.labels.is_empty()).then_some(""),
-                _ => None,
-            };
-            match c.op {
-                Op::Present => v.is_some(),
-                Op::Eq => v == Some(c.value.as_str()),
-                Op::Ne => v != Some(c.value.as_str()),
-                Op::Match => v.is_some_and(|v| c.re.as_ref().expect("compiled").is_match(v)),
-            }
-        })
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn snap(name: &str, kind: SnapKind, parent: &str, labels: &[(&str, &str)]) -> SnapInfo {
+    pub(crate) fn snap(name: &str, kind: SnapKind, parent: &str, labels: &[(&str, &str)]) -> SnapInfo {
         SnapInfo {
             name: name.into(),
             kind,
@@ -580,37 +459,6 @@ mod tests {
             updated_ns: 0,
             layer: "x".into(),
             from_layer: None,
-        }
-    }
-
-    fn m(f: &str, s: &SnapInfo) -> bool {
-        Filter::parse(f).unwrap().matches(s)
-    }
-
-    #[test]
-    fn filters_follow_containerds_syntax() {
-        let a = snap("default/3/sha256:ab", SnapKind::Committed, "p", &[("containerd.io/gc.root", "x"), ("l1", "v1")]);
-        assert!(m("kind==committed", &a));
-        assert!(!m("kind==active", &a));
-        assert!(m("kind!=active", &a));
-        assert!(m("parent==p,kind==committed", &a));
-        assert!(!m("parent==p,kind==view", &a));
-        assert!(m("labels.l1==v1", &a));
-        assert!(m("labels.l1", &a));
-        assert!(!m("labels.l2", &a));
-        assert!(m(r#"labels."containerd.io/gc.root""#, &a));
-        assert!(m(r#"labels."containerd.io/gc.root"==x"#, &a));
-        assert!(m("name~=sha256:a", &a));
-        assert!(!m("name~=^sha", &a));
-        assert!(m(r#"name=="default/3/sha256:ab""#, &a));
-        assert!(m("labels.l1~=^v[0-9]$", &a));
-    }
-
-    #[test]
-    fn bad_filters_are_errors_naming_the_filter() {
-        for f in ["kind==a,", "name~=(", ".x==y"] {
-            let e = Filter::parse(f).unwrap_err().to_string();
-            assert!(e.contains(f), "{e}");
         }
     }
 
