@@ -1,7 +1,8 @@
 //! containerd's Walk filters over snapshots: `a==b,c!=d` is a
 //! conjunction, the list of filters a disjunction; `~=` matches a regular
-//! expression; a field alone asks for its presence. Fields: name, parent,
-//! kind, labels.<key> (a key may be quoted: labels."containerd.io/gc.root").
+//! expression; a field alone asks for its presence. Fields: `name`,
+//! `parent`, `kind`, `labels.<key>` (a key may be quoted:
+//! `labels."containerd.io/gc.root"`).
 
 use sharedloop_core::{Error, Result};
 

@@ -13,7 +13,7 @@
 //! Before the kernel first mounts an image on this host, the image is
 //! checked (`sharedloop.verify`): its sha256 against the digest recorded at
 //! publish, and with `full` a read-only fsck. The image is opened once
-//! ([`ImageFile`]); the check reads that open file and the loop device is
+//! (`imagefile::ImageFile`); the check reads that open file and the loop device is
 //! attached to it, so a name swapped meanwhile changes nothing, and a file
 //! changed in place during the check (size, mtime or ctime) is detached
 //! and refused. A record of the check (`<verified>/<sha256-HEX>`: layer,

@@ -4,7 +4,7 @@
 //! [`driver::Driver`].
 pub mod admin;
 pub mod apply;
-pub mod claim;
+pub(crate) mod claim;
 pub mod driver;
 pub mod error;
 pub mod export;
@@ -12,7 +12,7 @@ pub mod fault;
 pub mod fsmagic;
 pub mod ids;
 pub mod image;
-pub mod imagefile;
+pub(crate) mod imagefile;
 pub mod layermounts;
 pub mod metrics;
 pub mod mount;
