@@ -475,9 +475,15 @@ mod tests {
         assert!(e.contains("enabel"), "{e}");
         let e = format!("{:#}", plan(&["--config", "/nonexistent/c.toml"]).unwrap_err());
         assert!(e.contains("/nonexistent/c.toml"), "{e}");
-        let e = format!("{:#}", plan(&["--no-docker"]).unwrap_err());
+        // An empty config file of its own: the machine's default one
+        // (/etc/sharedloop/config.toml, which the package installs with
+        // the snapshotter on) must not decide what this test sees.
+        let empty = dir.path().join("empty.toml");
+        std::fs::write(&empty, "").unwrap();
+        let empty = empty.to_str().unwrap();
+        let e = format!("{:#}", plan(&["--config", empty, "--no-docker"]).unwrap_err());
         assert!(e.contains("nothing to serve"), "{e}");
-        let e = format!("{:#}", plan(&["-o", "fs=ext4"]).unwrap_err());
+        let e = format!("{:#}", plan(&["--config", empty, "-o", "fs=ext4"]).unwrap_err());
         assert!(e.contains("storage-opt"), "{e}");
     }
 
