@@ -17,7 +17,11 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sharedloop_core::driver::{DriverReport, LayerReport, LayerReportKind};
+use sharedloop_core::ids::Bytes as CoreBytes;
 use sharedloop_core::layermounts::LayerMounts;
+use sharedloop_core::options::{DirectIo, FsType};
+use sharedloop_core::store::Location;
 use sharedloop_core::{Config, CreateKind, Driver};
 
 type Body = BoxBody<Bytes, io::Error>;
@@ -472,7 +476,11 @@ fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
         "GraphDriver.Create" | "GraphDriver.CreateReadWrite" => {
             let kind = if method == "GraphDriver.Create" { CreateKind::ReadOnly } else { CreateKind::ReadWrite };
             tracing::debug!(op = method, layer = %r.id, parent = %r.parent, storage_opt = ?r.storage_opt, "create");
-            d.create(&r.id, parent, kind, &r.storage_opt.unwrap_or_default()).map_err(wire_error)?;
+            let mut opts = r.storage_opt.unwrap_or_default();
+            if kind == CreateKind::ReadWrite {
+                init_layer_size(&r.id, d.config().fs, &mut opts);
+            }
+            d.create(&r.id, parent, kind, &opts).map_err(wire_error)?;
             Ok(json!({}))
         }
         "GraphDriver.Remove" => d.remove(&r.id).map(|_| json!({})).map_err(wire_error),
@@ -480,10 +488,12 @@ fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
         "GraphDriver.Put" => d.put(&r.id).map(|_| json!({})).map_err(wire_error),
         "GraphDriver.Exists" => Ok(json!({ "Exists": d.exists(&r.id) })),
         "GraphDriver.Status" => {
-            let s: Vec<[String; 2]> = d.status().into_iter().map(|(k, v)| [k, v]).collect();
+            let s: Vec<[String; 2]> = status(&d.report()).into_iter().map(|(k, v)| [k, v]).collect();
             Ok(json!({ "Status": s }))
         }
-        "GraphDriver.GetMetadata" => d.metadata(&r.id).map(|m| json!({ "Metadata": m })).map_err(wire_error),
+        "GraphDriver.GetMetadata" => {
+            d.layer_report(&r.id).map(|l| json!({ "Metadata": metadata(&l) })).map_err(wire_error)
+        }
         "GraphDriver.Changes" => {
             let ch = d.changes(&r.id, parent).map_err(wire_error)?;
             let v: Vec<Value> = ch.iter().map(|c| json!({ "Path": c.path, "Kind": c.kind as u8 })).collect();
@@ -492,6 +502,85 @@ fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
         "GraphDriver.DiffSize" => d.diff_size(&r.id, parent).map(|s| json!({ "Size": s })).map_err(wire_error),
         other => Err(format!("unknown method {other}")),
     }
+}
+
+/// Size of a Docker "-init" layer's image: it holds a handful of files.
+const INIT_LAYER_SIZE: CoreBytes = CoreBytes(64 * CoreBytes::MIB);
+
+/// A writable "-init" layer (Docker's, under each container) given no size
+/// gets [`INIT_LAYER_SIZE`], not `sharedloop.size`: at least the
+/// filesystem's minimum, which core would raise the image to anyway.
+fn init_layer_size(id: &str, fs: FsType, opts: &mut HashMap<String, String>) {
+    if id.ends_with("-init") && !opts.keys().any(|k| k.eq_ignore_ascii_case("size")) {
+        let size = INIT_LAYER_SIZE.0.max(fs.min_image_size().0);
+        opts.insert("size".into(), size.to_string());
+    }
+}
+
+/// The driver's report as `docker info` lists it (GraphDriver.Status).
+fn status(r: &DriverReport) -> Vec<(String, String)> {
+    let mut v = vec![
+        ("Backing Filesystem".to_owned(), r.home_fs.clone()),
+        ("Loopback Root Directory".to_owned(), r.root.display().to_string()),
+        ("Loopback Fallback Directory".to_owned(), r.fallback.display().to_string()),
+        ("Layer Image Filesystem".to_owned(), r.fs.name().to_owned()),
+        (
+            "Loop Direct I/O".to_owned(),
+            match r.direct_io {
+                DirectIo::Auto => "auto (on for local files, off on network filesystems)".to_owned(),
+                d => d.name().to_owned(),
+            },
+        ),
+    ];
+    v.push((
+        "Root Directory State".to_owned(),
+        match &r.root_problem {
+            None => "writable".to_owned(),
+            Some(why) => format!("new layers go to fallback ({why})"),
+        },
+    ));
+    v.push(("Root Directory Placement".to_owned(), r.placement.describe()));
+    for area in [&r.root_area, &r.fallback_area] {
+        let name = if area.location == Location::Root { "Root" } else { "Fallback" };
+        v.push((format!("{name} Filesystem"), area.fs.clone().unwrap_or_else(|| "(not created yet)".to_owned())));
+        v.push((format!("Layers in {name}"), area.layers.to_string()));
+    }
+    v.push(("Layer Mounts".to_owned(), r.layer_mounts.to_string()));
+    v.push(("Host ID".to_owned(), r.host_id.clone()));
+    v
+}
+
+/// A layer's report as `docker inspect` shows it (GraphDriver.Data).
+fn metadata(l: &LayerReport) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    let images: Vec<String> = l.stack.iter().map(|e| e.image.display().to_string()).collect();
+    let locs: Vec<String> = l.stack.iter().map(|e| e.location.map_or("local", Location::name).to_owned()).collect();
+    let loops: Vec<String> = l.stack.iter().map(|e| e.loop_device.clone().unwrap_or_else(|| "-".into())).collect();
+    if let Some(first) = images.first() {
+        m.insert("LayerImage".into(), first.clone());
+        m.insert("Location".into(), locs[0].clone());
+        m.insert("LoopDevice".into(), loops[0].clone());
+    }
+    m.insert("LayerImages".into(), images.join(":"));
+    m.insert("LayerLocations".into(), locs.join(":"));
+    m.insert("LoopDevices".into(), loops.join(":"));
+    match &l.kind {
+        LayerReportKind::Image { chain } => {
+            if let Some(c) = chain {
+                m.insert("ChainID".into(), c.to_string());
+            }
+        }
+        LayerReportKind::Rw { upper, work, merged, size, fs, lowers } => {
+            m.insert("UpperDir".into(), upper.display().to_string());
+            m.insert("WorkDir".into(), work.display().to_string());
+            m.insert("MergedDir".into(), merged.display().to_string());
+            m.insert("WritableSize".into(), size.0.to_string());
+            m.insert("WritableFilesystem".into(), fs.name().into());
+            let lowers: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+            m.insert("LowerDir".into(), lowers.join(":"));
+        }
+    }
+    m
 }
 
 /// Serves the plugin protocol on `listener` until `shutdown` resolves.
@@ -557,6 +646,22 @@ mod tests {
         assert_eq!(percent_decode("%3a%3A%2f"), "::/");
         assert_eq!(percent_decode("%e2%82%ac"), "\u{20ac}");
         assert_eq!(percent_decode("%-1x"), "%-1x");
+    }
+
+    #[test]
+    fn init_layers_get_their_size_unless_given_one() {
+        let mut o = HashMap::new();
+        init_layer_size("abc-init", FsType::Ext4, &mut o);
+        assert_eq!(o["size"], (64 * CoreBytes::MIB).to_string());
+        let mut o = HashMap::new();
+        init_layer_size("abc-init", FsType::Xfs, &mut o);
+        assert_eq!(o["size"], FsType::Xfs.min_image_size().0.to_string());
+        let mut o = HashMap::from([("Size".to_owned(), "1G".to_owned())]);
+        init_layer_size("abc-init", FsType::Ext4, &mut o);
+        assert_eq!(o.len(), 1);
+        let mut o = HashMap::new();
+        init_layer_size("abc", FsType::Ext4, &mut o);
+        assert!(o.is_empty());
     }
 
     #[test]

@@ -16,9 +16,6 @@ use crate::image;
 use crate::options::FsType;
 use crate::store::{LayerInfo, LayerMeta, FORMAT_VERSION, IMAGE_FILE};
 
-/// Size of a Docker "-init" layer's image: it holds a handful of files.
-const INIT_LAYER_SIZE: Bytes = Bytes(64 * Bytes::MIB);
-
 impl Driver {
     /// Creates an empty layer `id` over `parent`.
     pub fn create(
@@ -97,8 +94,8 @@ impl Driver {
                         reason: format!("{s} is below the {} minimum of {}", fs_type.name(), fs_type.min_image_size()),
                     });
                 }
-                let default = if id.ends_with("-init") { INIT_LAYER_SIZE } else { self.cfg.rw_size };
-                let size = size.unwrap_or(default);
+                // Without a size option, the configured `sharedloop.size`.
+                let size = size.unwrap_or(self.cfg.rw_size);
                 if let Err(e) = self.make_rw_image(id, fs_type, size) {
                     release_base(&base, base_hold.take());
                     return Err(e);

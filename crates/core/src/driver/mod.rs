@@ -40,6 +40,7 @@ mod reconcile;
 mod records;
 mod remove;
 mod report;
+pub use report::{AreaReport, DriverReport, LayerReport, LayerReportKind, StackEntry};
 mod views;
 
 use std::collections::{HashMap, HashSet};

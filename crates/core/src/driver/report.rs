@@ -1,8 +1,7 @@
-//! What the driver tells about itself and its layers: status (`docker
-//! info`), metadata (`docker inspect`), changes, diff size and the
-//! directory a diff is exported from.
+//! What the driver tells about itself and its layers: its report and a
+//! layer's (neutral data; the front ends render them), changes, diff size
+//! and the directory a diff is exported from.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::records::{Kind, LocalLayer, Source};
@@ -10,7 +9,10 @@ use super::{none_if_empty, Driver};
 use crate::error::{Error, Result};
 use crate::export::{self, Change};
 use crate::fsmagic;
+use crate::ids::{Bytes, ChainId};
 use crate::mount;
+use crate::options::{DirectIo, FsType};
+use crate::placement::RootPlacement;
 use crate::store::Location;
 
 impl Driver {
@@ -65,56 +67,45 @@ impl Driver {
         dir.map(|d| export::tree_size(&d)).unwrap_or(Ok(0))
     }
 
-    /// Driver status, as `docker info` lists it.
-    pub fn status(&self) -> Vec<(String, String)> {
-        let mut v = vec![
-            ("Backing Filesystem".to_owned(), fsmagic::fs_name_of(&self.home)),
-            ("Loopback Root Directory".to_owned(), self.cfg.root.display().to_string()),
-            ("Loopback Fallback Directory".to_owned(), self.cfg.fallback.display().to_string()),
-            ("Layer Image Filesystem".to_owned(), self.cfg.fs.name().to_owned()),
-            (
-                "Loop Direct I/O".to_owned(),
-                match self.cfg.direct_io {
-                    crate::options::DirectIo::Auto => {
-                        "auto (on for local files, off on network filesystems)".to_owned()
-                    }
-                    d => d.name().to_owned(),
-                },
-            ),
-        ];
-        v.push((
-            "Root Directory State".to_owned(),
-            match self.store.root_problem() {
-                None => "writable".to_owned(),
-                Some(why) => format!("new layers go to fallback ({why})"),
-            },
-        ));
-        v.push((
-            "Root Directory Placement".to_owned(),
-            crate::placement::check_root(&self.cfg.root, Some(&self.home)).describe(),
-        ));
-        for loc in [Location::Root, Location::Fallback] {
+    /// What the driver can tell about itself (a front end renders it:
+    /// `docker info`'s lines, for one).
+    pub fn report(&self) -> DriverReport {
+        let area = |loc: Location| {
             let base = self.store.base(loc);
-            let root_fs = if base.exists() { fsmagic::fs_name_of(base) } else { "(not created yet)".to_owned() };
-            let n = self.store.count_layers(loc).unwrap_or(0).to_string();
-            let name = if loc == Location::Root { "Root" } else { "Fallback" };
-            v.push((format!("{name} Filesystem"), root_fs));
-            v.push((format!("Layers in {name}"), n));
-        }
+            AreaReport {
+                location: loc,
+                fs: base.exists().then(|| fsmagic::fs_name_of(base)),
+                layers: self.store.count_layers(loc).unwrap_or(0),
+            }
+        };
+        let home_fs = fsmagic::fs_name_of(&self.home);
+        let root_problem = self.store.root_problem();
+        let placement = crate::placement::check_root(&self.cfg.root, Some(&self.home));
+        let (root_area, fallback_area) = (area(Location::Root), area(Location::Fallback));
         let st = self.lock();
-        v.push(("Layer Mounts".to_owned(), st.ro.values().filter(|m| m.dev.is_some()).count().to_string()));
-        v.push(("Host ID".to_owned(), self.store.host_id.clone()));
-        v
+        DriverReport {
+            home_fs,
+            root: self.cfg.root.clone(),
+            fallback: self.cfg.fallback.clone(),
+            fs: self.cfg.fs,
+            direct_io: self.cfg.direct_io,
+            root_problem,
+            placement,
+            root_area,
+            fallback_area,
+            layer_mounts: st.ro.values().filter(|m| m.dev.is_some()).count(),
+            host_id: self.store.host_id.clone(),
+        }
     }
 
-    /// Per-layer details for `docker inspect` (GraphDriver.Data).
-    pub fn metadata(&self, id: &str) -> Result<HashMap<String, String>> {
+    /// What the driver can tell about layer `id`: its stack and, for a
+    /// writable layer, its directories.
+    pub fn layer_report(&self, id: &str) -> Result<LayerReport> {
         let st = self.state()?;
         let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
-        let mut m = HashMap::new();
         let mounts = mount::mountinfo().unwrap_or_default();
         // Every layer of the stack, topmost first.
-        let (mut images, mut locs, mut loops) = (Vec::new(), Vec::new(), Vec::new());
+        let mut stack = Vec::new();
         for src in self.sources(&st, id, true)? {
             match &src {
                 Source::Chain(ch) => {
@@ -124,52 +115,99 @@ impl Driver {
                     };
                     if let Some(info) = info {
                         if let Some(img) = info.image() {
-                            images.push(img.display().to_string());
-                            locs.push(info.location.name().to_owned());
-                            loops.push(dev.unwrap_or_else(|| "-".into()));
+                            stack.push(StackEntry { image: img, location: Some(info.location), loop_device: dev });
                         }
                     }
                 }
                 Source::Upper(c, _) => {
-                    images.push(self.rw_image(c).display().to_string());
-                    locs.push("local".into());
                     let mnt = self.rw_mnt(c);
-                    loops.push(
-                        mounts
-                            .iter()
-                            .find(|e| e.mount_point == mnt)
-                            .map(|e| e.source.clone())
-                            .unwrap_or_else(|| "-".into()),
-                    );
+                    stack.push(StackEntry {
+                        image: self.rw_image(c),
+                        location: None,
+                        loop_device: mounts.iter().find(|e| e.mount_point == mnt).map(|e| e.source.clone()),
+                    });
                 }
             }
         }
-        if let Some(first) = images.first() {
-            m.insert("LayerImage".into(), first.clone());
-            m.insert("Location".into(), locs[0].clone());
-            m.insert("LoopDevice".into(), loops[0].clone());
-        }
-        m.insert("LayerImages".into(), images.join(":"));
-        m.insert("LayerLocations".into(), locs.join(":"));
-        m.insert("LoopDevices".into(), loops.join(":"));
-        match &l.kind {
-            Kind::Image { chain, .. } => {
-                if let Some(c) = chain {
-                    m.insert("ChainID".into(), c.to_string());
-                }
-            }
+        let kind = match &l.kind {
+            Kind::Image { chain, .. } => LayerReportKind::Image { chain: chain.clone() },
             Kind::Rw { size, fs } => {
                 let rw = self.rw_mnt(id);
-                m.insert("UpperDir".into(), rw.join("upper").display().to_string());
-                m.insert("WorkDir".into(), rw.join("work").display().to_string());
-                m.insert("MergedDir".into(), self.merged(id).display().to_string());
-                m.insert("WritableSize".into(), size.0.to_string());
-                m.insert("WritableFilesystem".into(), fs.name().into());
-                let lowers: Vec<String> =
-                    self.stack_paths(&st, id, false).iter().map(|p| p.display().to_string()).collect();
-                m.insert("LowerDir".into(), lowers.join(":"));
+                LayerReportKind::Rw {
+                    upper: rw.join("upper"),
+                    work: rw.join("work"),
+                    merged: self.merged(id),
+                    size: *size,
+                    fs: *fs,
+                    lowers: self.stack_paths(&st, id, false),
+                }
             }
-        }
-        Ok(m)
+        };
+        Ok(LayerReport { stack, kind })
     }
+}
+
+/// The driver's own state, for a front end to render ([`Driver::report`]).
+#[derive(Debug, Clone)]
+pub struct DriverReport {
+    /// The filesystem of the driver's home.
+    pub home_fs: String,
+    pub root: PathBuf,
+    pub fallback: PathBuf,
+    /// The filesystem of layer images.
+    pub fs: FsType,
+    pub direct_io: DirectIo,
+    /// Why new layers go to the fallback, if they do; `None`: the root is
+    /// writable.
+    pub root_problem: Option<String>,
+    pub placement: RootPlacement,
+    pub root_area: AreaReport,
+    pub fallback_area: AreaReport,
+    /// Read-only layer mounts with a loop device.
+    pub layer_mounts: usize,
+    pub host_id: String,
+}
+
+/// The root or the fallback.
+#[derive(Debug, Clone)]
+pub struct AreaReport {
+    pub location: Location,
+    /// Its filesystem; `None`: not created yet.
+    pub fs: Option<String>,
+    pub layers: usize,
+}
+
+/// A layer's details, for a front end to render ([`Driver::layer_report`]).
+#[derive(Debug, Clone)]
+pub struct LayerReport {
+    /// Every layer image of the stack, topmost first.
+    pub stack: Vec<StackEntry>,
+    pub kind: LayerReportKind,
+}
+
+/// One image of a layer stack.
+#[derive(Debug, Clone)]
+pub struct StackEntry {
+    pub image: PathBuf,
+    /// Where a published layer is; `None`: a writable layer's own image,
+    /// on this host.
+    pub location: Option<Location>,
+    /// The loop device it is attached to, if it is.
+    pub loop_device: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum LayerReportKind {
+    Image {
+        chain: Option<ChainId>,
+    },
+    Rw {
+        upper: PathBuf,
+        work: PathBuf,
+        merged: PathBuf,
+        size: Bytes,
+        fs: FsType,
+        /// The layers below, topmost first.
+        lowers: Vec<PathBuf>,
+    },
 }
