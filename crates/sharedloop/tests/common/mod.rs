@@ -12,8 +12,11 @@
 //! loudly when they cannot run (not root, no dockerd).
 #![allow(dead_code)]
 
+pub mod engines;
 pub mod plugin_client;
 pub mod snap_client;
+
+pub use engines::Engine;
 
 use plugin_client::PluginClient;
 
@@ -277,6 +280,8 @@ pub struct Host {
     dockerd: Option<Child>,
     dockerd_args: Vec<String>,
     containerd: Option<Child>,
+    /// The containerd build `start_containerd_engine` started.
+    pub engine: Engine,
     /// What the plugin was last started with, for restarts.
     plugin_args: Vec<String>,
 }
@@ -374,6 +379,7 @@ impl Host {
             dockerd: None,
             dockerd_args: Vec::new(),
             containerd: None,
+            engine: Engine::System,
             plugin_args: Vec::new(),
         }
     }
@@ -706,27 +712,32 @@ impl Host {
     /// Starts containerd with its own config, root, state and socket, and
     /// sharedloop as the proxy snapshotter "sharedloop".
     pub fn start_containerd(&mut self) {
+        self.start_containerd_engine(Engine::System, None);
+    }
+
+    /// [`Host::start_containerd`] for one `engine` of the matrix, with the
+    /// CRI plugin's config section `cri` (CRI off without it).
+    pub fn start_containerd_engine(&mut self, engine: Engine, cri: Option<&str>) {
+        self.engine = engine;
         let cfg = self.dir.join("containerd.toml");
         fs::write(
             &cfg,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"/run/ctrd/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \
-                 \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \
-                 \"io.containerd.snapshotter.v1.aufs\"]\n\
-                 [grpc]\n  address = \"{CONTAINERD_SOCKET}\"\n\
-                 [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n\
-                 [proxy_plugins]\n  [proxy_plugins.sharedloop]\n    type = \"snapshot\"\n    address = \"{SNAPSHOTTER_SOCKET}\"\n",
-                root = self.containerd_root().display(),
-                opt = self.dir.join("containerd-opt").display(),
+            engine.config(
+                &self.containerd_root().display().to_string(),
+                "/run/ctrd/state",
+                CONTAINERD_SOCKET,
+                SNAPSHOTTER_SOCKET,
+                &self.dir.join("containerd-opt").display().to_string(),
+                cri,
             ),
         )
         .unwrap();
         let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("containerd.log")).unwrap();
         let mut child = self
-            .cmd("containerd")
+            .cmd(engine.bin("containerd"))
             .arg("--config")
             .arg(&cfg)
+            .env("PATH", engine.path_env())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -753,7 +764,7 @@ impl Host {
     /// `ctr` against this host's containerd, snapshotter sharedloop.
     pub fn ctr(&self, args: &[&str]) -> Output {
         run(self
-            .cmd("ctr")
+            .cmd(self.engine.bin("ctr"))
             .args(["--address", CONTAINERD_SOCKET, "--namespace", "default"])
             .args(args)
             .env("CONTAINERD_SNAPSHOTTER", "sharedloop"))

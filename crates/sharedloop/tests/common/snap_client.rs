@@ -16,6 +16,18 @@ use super::{run, run_ok, Host};
 pub struct SnapClient {
     rt: tokio::runtime::Runtime,
     c: SnapshotsClient<Channel>,
+    /// The containerd namespace sent with each call, when talking to
+    /// containerd's own snapshots service rather than to sharedloop.
+    ns: Option<String>,
+}
+
+/// `m` as a request, in containerd namespace `ns` when one is set.
+fn with_ns<T>(ns: &Option<String>, m: T) -> containerd_snapshots::tonic::Request<T> {
+    let mut r = containerd_snapshots::tonic::Request::new(m);
+    if let Some(ns) = ns {
+        r.metadata_mut().insert("containerd-namespace", ns.parse().unwrap());
+    }
+    r
 }
 
 /// A call's result; the status is boxed (it is large), `s.code()` reads through.
@@ -39,7 +51,17 @@ impl SnapClient {
                     .await
             })
             .expect("connect to the snapshotter");
-        SnapClient { rt, c: SnapshotsClient::new(ch) }
+        SnapClient { rt, c: SnapshotsClient::new(ch), ns: None }
+    }
+
+    /// Connects to containerd's snapshots service at `sock`, in containerd
+    /// namespace `ns`: calls go through containerd's metadata store (and
+    /// its garbage collector, so what should stay needs a
+    /// `containerd.io/gc.root` label) to the snapshotter named in them.
+    pub fn connect_containerd(sock: &Path, ns: &str) -> SnapClient {
+        let mut c = SnapClient::connect(sock);
+        c.ns = Some(ns.into());
+        c
     }
 
     pub fn prepare(&mut self, key: &str, parent: &str, l: HashMap<String, String>) -> R<Vec<Mount>> {
@@ -49,38 +71,41 @@ impl SnapClient {
             parent: parent.into(),
             labels: l,
         };
-        self.rt.block_on(self.c.prepare(req)).map_err(Box::new).map(|r| r.into_inner().mounts)
+        self.rt.block_on(self.c.prepare(with_ns(&self.ns, req))).map_err(Box::new).map(|r| r.into_inner().mounts)
     }
 
     pub fn view(&mut self, key: &str, parent: &str) -> R<Vec<Mount>> {
-        let req = ViewSnapshotRequest {
-            snapshotter: "sharedloop".into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: HashMap::new(),
-        };
-        self.rt.block_on(self.c.view(req)).map_err(Box::new).map(|r| r.into_inner().mounts)
+        self.view_labelled(key, parent, HashMap::new())
+    }
+
+    pub fn view_labelled(&mut self, key: &str, parent: &str, l: HashMap<String, String>) -> R<Vec<Mount>> {
+        let req =
+            ViewSnapshotRequest { snapshotter: "sharedloop".into(), key: key.into(), parent: parent.into(), labels: l };
+        self.rt.block_on(self.c.view(with_ns(&self.ns, req))).map_err(Box::new).map(|r| r.into_inner().mounts)
     }
 
     pub fn mounts(&mut self, key: &str) -> R<Vec<Mount>> {
         let req = MountsRequest { snapshotter: "sharedloop".into(), key: key.into() };
-        self.rt.block_on(self.c.mounts(req)).map_err(Box::new).map(|r| r.into_inner().mounts)
+        self.rt.block_on(self.c.mounts(with_ns(&self.ns, req))).map_err(Box::new).map(|r| r.into_inner().mounts)
     }
 
     pub fn commit(&mut self, name: &str, key: &str, l: HashMap<String, String>) -> R<()> {
         let req =
             CommitSnapshotRequest { snapshotter: "sharedloop".into(), name: name.into(), key: key.into(), labels: l };
-        self.rt.block_on(self.c.commit(req)).map_err(Box::new).map(|_| ())
+        self.rt.block_on(self.c.commit(with_ns(&self.ns, req))).map_err(Box::new).map(|_| ())
     }
 
     pub fn remove(&mut self, key: &str) -> R<()> {
         let req = RemoveSnapshotRequest { snapshotter: "sharedloop".into(), key: key.into() };
-        self.rt.block_on(self.c.remove(req)).map_err(Box::new).map(|_| ())
+        self.rt.block_on(self.c.remove(with_ns(&self.ns, req))).map_err(Box::new).map(|_| ())
     }
 
     pub fn stat(&mut self, key: &str) -> R<Info> {
         let req = StatSnapshotRequest { snapshotter: "sharedloop".into(), key: key.into() };
-        self.rt.block_on(self.c.stat(req)).map_err(Box::new).map(|r| r.into_inner().info.expect("info"))
+        self.rt
+            .block_on(self.c.stat(with_ns(&self.ns, req)))
+            .map_err(Box::new)
+            .map(|r| r.into_inner().info.expect("info"))
     }
 
     pub fn update(&mut self, info: Info, paths: &[&str]) -> R<Info> {
@@ -90,12 +115,15 @@ impl SnapClient {
             update_mask: (!paths.is_empty())
                 .then(|| prost_types::FieldMask { paths: paths.iter().map(|s| s.to_string()).collect() }),
         };
-        self.rt.block_on(self.c.update(req)).map_err(Box::new).map(|r| r.into_inner().info.expect("info"))
+        self.rt
+            .block_on(self.c.update(with_ns(&self.ns, req)))
+            .map_err(Box::new)
+            .map(|r| r.into_inner().info.expect("info"))
     }
 
     pub fn usage(&mut self, key: &str) -> R<(i64, i64)> {
         let req = UsageRequest { snapshotter: "sharedloop".into(), key: key.into() };
-        self.rt.block_on(self.c.usage(req)).map_err(Box::new).map(|r| {
+        self.rt.block_on(self.c.usage(with_ns(&self.ns, req))).map_err(Box::new).map(|r| {
             let u = r.into_inner();
             (u.size, u.inodes)
         })
@@ -107,7 +135,7 @@ impl SnapClient {
             filters: filters.iter().map(|s| s.to_string()).collect(),
         };
         self.rt.block_on(async {
-            let mut stream = self.c.list(req).await?.into_inner();
+            let mut stream = self.c.list(with_ns(&self.ns, req)).await?.into_inner();
             let mut out = Vec::new();
             while let Some(m) = stream.message().await? {
                 out.extend(m.info);
@@ -118,7 +146,7 @@ impl SnapClient {
 
     pub fn cleanup(&mut self) -> R<()> {
         let req = CleanupRequest { snapshotter: "sharedloop".into() };
-        self.rt.block_on(self.c.cleanup(req)).map_err(Box::new).map(|_| ())
+        self.rt.block_on(self.c.cleanup(with_ns(&self.ns, req))).map_err(Box::new).map(|_| ())
     }
 }
 
