@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod admin;
+mod configure;
 mod doctor;
 mod metrics;
 mod serve;
@@ -82,6 +83,9 @@ enum Cmd {
     /// devices, mkfs tools, root and fallback, clocks, engine configs,
     /// sockets. Exit status 1 when a check fails.
     Doctor(doctor::DoctorArgs),
+    /// Wire sharedloop into containerd's or Docker's configuration,
+    /// merging into what is there (a backup kept, each change printed).
+    Configure(configure::ConfigureArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish,
     /// powershell) on stdout; the Debian package installs them.
     #[command(hide = true)]
@@ -110,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Verify { store, max_rate, layers } => admin::verify(&store, max_rate.as_deref(), &layers),
         Cmd::Promote { store } => admin::promote(&store),
         Cmd::Doctor(args) => doctor::doctor(&args),
+        Cmd::Configure(args) => configure::configure(&args),
         Cmd::Completions { .. } => unreachable!("handled above"),
     };
     match code {
