@@ -12,6 +12,7 @@
 //! loudly when they cannot run (not root, no dockerd).
 #![allow(dead_code)]
 
+pub mod docker_engines;
 pub mod engines;
 pub mod plugin_client;
 pub mod snap_client;
@@ -245,6 +246,20 @@ fn detach_loops_under(dir: &Path) {
 }
 
 static SWEEP: Once = Once::new();
+
+/// Whether a Docker API answers on `sock` (`GET /_ping`), whichever
+/// dockerd and CLI versions are installed.
+fn api_answers(sock: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if s.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    reply.starts_with("HTTP/1.") && reply.lines().next().is_some_and(|l| l.contains(" 200 "))
+}
 
 /// Options of a simulated host.
 #[derive(Clone, Debug, Default)]
@@ -561,11 +576,19 @@ impl Host {
             args.push("--storage-opt".into());
             args.push(o.clone());
         }
-        self.dockerd_args = args.clone();
+        self.spawn_dockerd(Path::new(DOCKERD), &args, &[])
+    }
+
+    /// Starts the dockerd binary `bin` with `args` (which must make it
+    /// listen on [`Host::socket`]) and `env`; waits until it answers.
+    /// Returns the daemon's error output when it exits instead.
+    pub fn spawn_dockerd(&mut self, bin: &Path, args: &[String], env: &[(&str, &str)]) -> Result<(), String> {
+        self.dockerd_args = args.to_vec();
         let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("dockerd.log")).unwrap();
         let mut child = self
-            .cmd(DOCKERD)
-            .args(&args)
+            .cmd(bin)
+            .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -576,7 +599,7 @@ impl Host {
             if let Some(s) = child.try_wait().unwrap() {
                 return Err(format!("dockerd exited ({s}): {}", self.dockerd_log()));
             }
-            if self.socket().exists() && self.docker(&["version"]).status.success() {
+            if api_answers(&self.socket()) {
                 break;
             }
             assert!(t.elapsed() < Duration::from_secs(90), "dockerd did not come up: {}", self.dockerd_log());
