@@ -166,17 +166,7 @@ impl DockerHost {
     /// The manifest of `image` ([`MANIFEST_SCRIPT`]) from inside a
     /// container of it, without the paths Docker adds.
     pub fn manifest(&self, image: &str) -> Vec<String> {
-        filter_manifest(&self.docker_ok(&[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            image,
-            "/bin/busybox",
-            "sh",
-            "-c",
-            MANIFEST_SCRIPT,
-        ]))
+        filter_manifest(&self.docker_ok(&manifest_run_args(image)))
     }
 
     /// Builds `ctx` as `tag` with the engine's default builder for this

@@ -922,19 +922,15 @@ pub fn host_manifest(tree: &Path) -> Vec<String> {
     filter_manifest(&run_ok(Command::new("chroot").arg(tree).args(["/bin/busybox", "sh", "-c", MANIFEST_SCRIPT])))
 }
 
+/// `docker run` arguments that print [`MANIFEST_SCRIPT`]'s manifest of
+/// `image` from inside a container of it.
+pub fn manifest_run_args(image: &str) -> [&str; 9] {
+    ["run", "--rm", "--network", "none", image, "/bin/busybox", "sh", "-c", MANIFEST_SCRIPT]
+}
+
 /// The manifest of an image, from inside a container of it.
 pub fn container_manifest(host: &Host, image: &str) -> Vec<String> {
-    filter_manifest(&host.docker_ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        image,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        MANIFEST_SCRIPT,
-    ]))
+    filter_manifest(&host.docker_ok(&manifest_run_args(image)))
 }
 
 pub fn assert_same_manifest(expected: &[String], actual: &[String], what: &str) {
