@@ -172,6 +172,8 @@ pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
+    /// The per-mount options, then the superblock's (`rw,relatime,...`).
+    pub options: Vec<String>,
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for space, ...).
@@ -198,14 +200,18 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             let (left, right) = line.split_once(" - ")?;
             let mount_id = left.split(' ').next()?.parse().ok()?;
             let mount_point = left.split(' ').nth(4)?;
+            let mut options: Vec<String> = left.split(' ').nth(5).unwrap_or("").split(',').map(str::to_owned).collect();
             let mut r = right.split(' ');
             let fs_type = r.next()?;
             let source = r.next().unwrap_or("");
+            options.extend(r.next().unwrap_or("").split(',').filter(|o| !o.is_empty()).map(str::to_owned));
+            options.retain(|o| !o.is_empty());
             Some(MountEntry {
                 mount_id,
                 mount_point: PathBuf::from(unescape(mount_point)),
                 fs_type: fs_type.to_owned(),
                 source: unescape(source),
+                options,
             })
         })
         .collect()

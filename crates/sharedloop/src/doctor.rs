@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::Serialize;
+use sharedloop_core::mount::MountEntry;
 use sharedloop_core::options::{FsType, VerifyMode};
 use sharedloop_core::placement::check_root;
 use sharedloop_core::probe::{self, Probe};
@@ -330,57 +331,9 @@ fn directories(out: &mut Vec<Check>, cfg: &Config, home: Option<&Path>) {
     }
 }
 
-/// One line of `/proc/self/mountinfo`: mount id, mount point, filesystem
-/// type, source, per-mount options and superblock options.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountOpts {
-    pub mount_id: u64,
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-    pub source: String,
-    pub options: Vec<String>,
-}
-
-fn unescape(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses mountinfo, with both option lists (per-mount first).
-pub fn parse_mountinfo_options(text: &str) -> Vec<MountOpts> {
-    text.lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let pre: Vec<&str> = pre.split(' ').collect();
-            let post: Vec<&str> = post.split(' ').collect();
-            let mut options: Vec<String> = pre.get(5)?.split(',').map(str::to_owned).collect();
-            options.extend(post.get(2).unwrap_or(&"").split(',').filter(|o| !o.is_empty()).map(str::to_owned));
-            Some(MountOpts {
-                mount_id: pre.first()?.parse().ok()?,
-                mount_point: PathBuf::from(unescape(pre.get(4)?)),
-                fs_type: post.first()?.to_string(),
-                source: unescape(post.get(1)?),
-                options,
-            })
-        })
-        .collect()
-}
-
 /// What in an NFS mount's options works against the store: warnings, each
 /// a (problem, fix). Other filesystems: none.
-pub fn nfs_option_problems(m: &MountOpts) -> Vec<(String, String)> {
+pub fn nfs_option_problems(m: &MountEntry) -> Vec<(String, String)> {
     if !m.fs_type.starts_with("nfs") {
         return Vec::new();
     }
@@ -425,7 +378,7 @@ pub fn nfs_option_problems(m: &MountOpts) -> Vec<(String, String)> {
     v
 }
 
-fn mount_of(p: &Path, mounts: &[MountOpts]) -> Option<MountOpts> {
+fn mount_of(p: &Path, mounts: &[MountEntry]) -> Option<MountEntry> {
     use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
     if let Ok(st) = statx(CWD, p, AtFlags::NO_AUTOMOUNT, StatxFlags::MNT_ID) {
         if st.stx_mask & StatxFlags::MNT_ID.bits() != 0 {
@@ -439,7 +392,8 @@ fn mount_of(p: &Path, mounts: &[MountOpts]) -> Option<MountOpts> {
 
 fn mount_options(out: &mut Vec<Check>, root: &Path) {
     const C: &str = "root mount options";
-    let mounts = parse_mountinfo_options(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    let mounts =
+        sharedloop_core::mount::parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
     let Some(m) = mount_of(root, &mounts) else {
         out.push(Check::warn(C, "the mount holding root is not in /proc/self/mountinfo", "check how root is mounted"));
         return;
@@ -707,7 +661,7 @@ mod tests {
 
     #[test]
     fn mountinfo_options_parse() {
-        let m = parse_mountinfo_options(MI);
+        let m = sharedloop_core::mount::parse_mountinfo(MI);
         assert_eq!(m.len(), 3);
         assert_eq!(m[1].mount_id, 120);
         assert_eq!(m[1].fs_type, "nfs4");

@@ -210,6 +210,11 @@ pub fn parse_size(option: &str, v: &str) -> Result<Bytes> {
     }
 }
 
+/// A duration of at least one second, in seconds.
+fn parse_positive_duration(option: &str, v: &str) -> Result<u64> {
+    parse_duration(v).filter(|s| *s > 0).ok_or_else(|| bad(option, format!("{v:?} is not a duration (e.g. 30s, 5m)")))
+}
+
 fn parse_dir(option: &str, v: &str) -> Result<PathBuf> {
     if v.is_empty() {
         return Err(bad(option, "empty path"));
@@ -273,10 +278,7 @@ pub static OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         name: "heartbeat_interval",
         set: |c, k, v| {
-            let v = need(k, v)?;
-            c.heartbeat_secs = parse_duration(v)
-                .filter(|s| *s > 0)
-                .ok_or_else(|| bad(k, format!("{v:?} is not a duration (e.g. 30s, 5m)")))?;
+            c.heartbeat_secs = parse_positive_duration(k, need(k, v)?)?;
             Ok(())
         },
     },
@@ -326,10 +328,7 @@ pub static OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         name: "claim_timeout",
         set: |c, k, v| {
-            let v = need(k, v)?;
-            c.claim_timeout_secs = parse_duration(v)
-                .filter(|s| *s > 0)
-                .ok_or_else(|| bad(k, format!("{v:?} is not a duration (e.g. 30s, 5m)")))?;
+            c.claim_timeout_secs = parse_positive_duration(k, need(k, v)?)?;
             Ok(())
         },
     },
