@@ -127,6 +127,7 @@ fn bench_engine(a: &Args, engine: Engine, tag: &str) -> serde_json::Value {
         let t = Instant::now();
         cb.pull(&image).unwrap_or_else(|e| fail(&b, "PullImage (host B)", &e));
         let s = secs(t);
+        reg.settle();
         let gets = reg.blob_gets(mark, &layers);
         eprintln!("cri-pull: host B{i}: {s:.3} s, {gets} layer blob GETs");
         b_pull.push(s);

@@ -125,6 +125,7 @@ fn cri_pull_path(engine: Engine, pull: CriPull, tag: &str) {
     let t = Instant::now();
     let id = ca.pull(&image).unwrap_or_else(|e| fail(&a, "PullImage", &e));
     eprintln!("host A's CRI pull: {:.2} s", t.elapsed().as_secs_f64());
+    reg.settle();
     assert_eq!(id, img.config_digest(), "PullImage answers the image id (its config digest)");
     assert_eq!(reg.blob_gets(mark, &layers), layers.len(), "host A fetched each layer once:\n{}", reg.access_log());
     let mut want_chains = chains.clone();
@@ -142,6 +143,7 @@ fn cri_pull_path(engine: Engine, pull: CriPull, tag: &str) {
     let t = Instant::now();
     let id_b = cb.pull(&image).unwrap_or_else(|e| fail(&b, "PullImage", &e));
     let took = t.elapsed();
+    reg.settle();
     let requests: Vec<String> = reg.access_log()[mark..].lines().map(str::to_owned).collect();
     eprintln!(
         "host B's CRI pull: {:.3} s ({} requests to the registry: {:?})",
@@ -187,6 +189,23 @@ fn cri_pull_path(engine: Engine, pull: CriPull, tag: &str) {
     // /dev; /etc/hosts, /etc/hostname, /etc/resolv.conf).
     let got = filter_manifest(&String::from_utf8_lossy(&out));
     assert_same_manifest(&want, &got, &format!("{tag}: CRI container on host B"));
+    // kubelet's image filesystem: the snapshotter's exported root, and
+    // the images' bytes as sharedloop's Usage reports them (CRI collects
+    // them every 10 s).
+    let t = Instant::now();
+    loop {
+        let info = cb.image_fs_info().unwrap_or_else(|e| fail(&b, "ImageFsInfo", &e));
+        let f = info.image_filesystems.first().expect("an image filesystem");
+        let mp = f.fs_id.as_ref().map(|i| i.mountpoint.clone()).unwrap_or_default();
+        assert_eq!(Path::new(&mp), b.snapshotter_root(), "ImageFsInfo names the exported root");
+        let used = f.used_bytes.as_ref().map(|u| u.value).unwrap_or(0);
+        if used >= img.layer_bytes() / 2 {
+            eprintln!("ImageFsInfo on host B: {mp}: {used} bytes, {:?} inodes", f.inodes_used);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "ImageFsInfo reports {used} bytes used: {f:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let stacked = b.mounts_under(Path::new(LAYER_MOUNTS)).len();
     assert!(stacked >= layers.len(), "host B mounts each layer of the image: {stacked} layer mounts");
     cb.stop_container(&ctr, 5).unwrap_or_else(|e| fail(&b, "StopContainer", &e));

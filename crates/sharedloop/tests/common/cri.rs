@@ -108,7 +108,14 @@ pub fn cri_host(
     let cni = h.dir.join("cni");
     std::fs::create_dir_all(cni.join("bin")).unwrap();
     std::fs::create_dir_all(cni.join("net.d")).unwrap();
-    let cfg = cri_config(engine, snapshotter, pull, pause, &hosts, &cni);
+    let mut cfg = cri_config(engine, snapshotter, pull, pause, &hosts, &cni);
+    // The proxy plugin's exported root: CRI's ImageFsInfo (kubelet's
+    // image filesystem, for its image garbage collection and eviction)
+    // names it; without it CRI reports
+    // <containerd root>/io.containerd.snapshotter.v1.sharedloop, which
+    // does not exist. (A sub-table may come before its parent's header,
+    // which Engine::config writes after this section.)
+    cfg.push_str(&format!("[proxy_plugins.sharedloop.exports]\n  root = \"{}\"\n", h.snapshotter_root().display()));
     h.start_containerd_engine(engine, Some(&cfg));
     let c = CriClient::connect(&h.inside(Path::new(CONTAINERD_SOCKET)));
     (h, c)
@@ -211,6 +218,12 @@ impl CriClient {
     pub fn image_status(&mut self, image: &str) -> R<Option<Image>> {
         let req = ImageStatusRequest { image: Some(image_spec(image)), verbose: false };
         self.rt.block_on(self.is.image_status(req)).map(|r| r.into_inner().image).map_err(Box::new)
+    }
+
+    /// CRI ImageFsInfo: the filesystems holding images (kubelet's image
+    /// garbage collection and eviction read it).
+    pub fn image_fs_info(&mut self) -> R<ImageFsInfoResponse> {
+        self.rt.block_on(self.is.image_fs_info(ImageFsInfoRequest {})).map(|r| r.into_inner()).map_err(Box::new)
     }
 
     pub fn list_images(&mut self) -> R<Vec<Image>> {

@@ -327,6 +327,21 @@ impl Registry {
         digests.iter().map(|d| self.requests(from, "GET", &format!("/blobs/{d}"))).sum()
     }
 
+    /// Waits until the access log stops growing: the registry writes a
+    /// request's line after its response, which the client may have read
+    /// already.
+    pub fn settle(&self) {
+        let mut last = self.log_mark();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = self.log_mark();
+            if now == last {
+                return;
+            }
+            last = now;
+        }
+    }
+
     /// The access log's length now, to count only later requests.
     pub fn log_mark(&self) -> usize {
         self.access_log().len()
