@@ -12,9 +12,11 @@
 //! loudly when they cannot run (not root, no dockerd).
 #![allow(dead_code)]
 
+pub mod cri;
 pub mod docker_engines;
 pub mod engines;
 pub mod plugin_client;
+pub mod registry;
 pub mod snap_client;
 
 pub use engines::Engine;
