@@ -31,6 +31,11 @@ pub enum What {
         /// The socket sharedloop serves the snapshotter on.
         #[arg(long, default_value = crate::serve::DEFAULT_CONTAINERD_SOCKET)]
         socket: PathBuf,
+        /// The snapshotter's root (`serve --containerd-root`), exported to
+        /// containerd so that CRI's ImageFsInfo (kubelet's image
+        /// filesystem stats, for image GC and eviction) names it.
+        #[arg(long, default_value = crate::serve::DEFAULT_CONTAINERD_ROOT)]
+        root: PathBuf,
         /// containerd's major version; by default from `containerd --version`.
         #[arg(long)]
         containerd_major: Option<u32>,
@@ -78,14 +83,14 @@ pub enum DockerMode {
 
 pub fn configure(args: &ConfigureArgs) -> anyhow::Result<i32> {
     match &args.what {
-        What::Containerd { config, socket, containerd_major, cri, dry_run } => {
+        What::Containerd { config, socket, root, containerd_major, cri, dry_run } => {
             let major = match containerd_major {
                 Some(m) => *m,
                 None => engine_major("containerd")
                     .context("cannot tell containerd's version (`containerd --version`); give --containerd-major")?,
             };
             let old = read_opt(config)?;
-            let (new, changes) = merge_containerd(old.as_deref(), socket, major, *cri)
+            let (new, changes) = merge_containerd(old.as_deref(), socket, root, major, *cri)
                 .with_context(|| format!("{} (fix it, or move it away to start afresh)", config.display()))?;
             apply(config, old.as_deref(), &new, &changes, *dry_run)
         }
@@ -230,6 +235,7 @@ fn set_bool(t: &mut Table, key: &str, v: bool, what: &str, changes: &mut Vec<Str
 pub fn merge_containerd(
     old: Option<&str>,
     socket: &Path,
+    root_dir: &Path,
     major: u32,
     cri: bool,
 ) -> anyhow::Result<(String, Vec<String>)> {
@@ -252,6 +258,17 @@ pub fn merge_containerd(
     p.set_implicit(false);
     set_str(p, "type", "snapshot", "[proxy_plugins.sharedloop] type", &mut changes);
     set_str(p, "address", &socket.display().to_string(), "[proxy_plugins.sharedloop] address", &mut changes);
+    let root_dir = root_dir.display().to_string();
+    let exported = p.get("exports").and_then(|e| e.get("root")).and_then(|r| r.as_str()).map(str::to_owned);
+    if exported.as_deref() != Some(root_dir.as_str()) {
+        if !p.get("exports").is_some_and(|e| e.is_table_like()) {
+            p.insert("exports", value(InlineTable::new()));
+        }
+        if let Some(e) = p.get_mut("exports").and_then(|e| e.as_table_like_mut()) {
+            e.insert("root", value(root_dir.as_str()));
+        }
+        changes.push(format!("[proxy_plugins.sharedloop] exports.root = {root_dir:?} (CRI's image filesystem)"));
+    }
 
     if major >= 2 {
         // The transfer service unpacks only into the snapshotters its
@@ -404,6 +421,7 @@ mod tests {
     use super::*;
 
     const SOCK: &str = "/run/sharedloop/containerd.sock";
+    const ROOT: &str = "/var/lib/sharedloop/containerd";
 
     #[test]
     fn versions_are_read_from_each_engines_banner() {
@@ -420,7 +438,7 @@ mod tests {
 
     #[test]
     fn containerd_config_is_created_per_version() {
-        let (t, c) = merge_containerd(None, Path::new(SOCK), 1, false).unwrap();
+        let (t, c) = merge_containerd(None, Path::new(SOCK), Path::new(ROOT), 1, false).unwrap();
         assert!(t.starts_with("version = 2\n"), "{t}");
         assert!(
             t.contains(
@@ -429,8 +447,8 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("unpack_config") && !t.contains("[proxy_plugins]\n"), "{t}");
-        assert_eq!(c.len(), 3, "{c:?}");
-        let (t, _) = merge_containerd(None, Path::new(SOCK), 2, true).unwrap();
+        assert_eq!(c.len(), 4, "{c:?}");
+        let (t, _) = merge_containerd(None, Path::new(SOCK), Path::new(ROOT), 2, true).unwrap();
         assert!(t.starts_with("version = 3\n"), "{t}");
         let doc: toml::Value = toml::from_str(&t).unwrap();
         let u = doc["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"].as_array().unwrap();
@@ -445,7 +463,7 @@ mod tests {
     #[test]
     fn containerd_config_is_merged_keeping_what_was_there_and_is_idempotent() {
         let old = "# my cluster's settings\nversion = 2\nroot = \"/srv/containerd\"\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"reg.local/pause:3.9\"\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"overlayfs\"\n\n[proxy_plugins]\n  [proxy_plugins.stargz]\n    type = \"snapshot\"\n    address = \"/run/stargz.sock\"\n  [proxy_plugins.sharedloop]\n    type = \"snapshot\"\n    address = \"/elsewhere.sock\"\n";
-        let (t, c) = merge_containerd(Some(old), Path::new(SOCK), 1, true).unwrap();
+        let (t, c) = merge_containerd(Some(old), Path::new(SOCK), Path::new(ROOT), 1, true).unwrap();
         assert!(t.starts_with("# my cluster's settings\nversion = 2\nroot = \"/srv/containerd\"\n"), "{t}");
         assert!(t.contains("sandbox_image = \"reg.local/pause:3.9\""), "{t}");
         assert!(t.contains("address = \"/run/stargz.sock\""), "{t}");
@@ -457,32 +475,32 @@ mod tests {
             Some(false)
         );
         assert_eq!(doc["proxy_plugins"]["sharedloop"]["address"].as_str(), Some(SOCK));
-        let (t2, c2) = merge_containerd(Some(&t), Path::new(SOCK), 1, true).unwrap();
+        let (t2, c2) = merge_containerd(Some(&t), Path::new(SOCK), Path::new(ROOT), 1, true).unwrap();
         assert!(c2.is_empty() && t2 == t, "{c2:?}");
     }
 
     #[test]
     fn containerd_2_unpack_list_is_extended_not_replaced() {
         let old = "version = 3\n[plugins.\"io.containerd.transfer.v1.local\"]\n  unpack_config = [{ platform = \"linux/arm64\", snapshotter = \"overlayfs\" }]\n";
-        let (t, c) = merge_containerd(Some(old), Path::new(SOCK), 2, false).unwrap();
+        let (t, c) = merge_containerd(Some(old), Path::new(SOCK), Path::new(ROOT), 2, false).unwrap();
         let doc: toml::Value = toml::from_str(&t).unwrap();
         let u = doc["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"].as_array().unwrap();
         assert_eq!(u.len(), 2, "{t}");
         assert_eq!(u[0]["platform"].as_str(), Some("linux/arm64"));
         assert_eq!(u[1]["snapshotter"].as_str(), Some("sharedloop"));
         assert!(c.iter().any(|c| c.contains("unpack_config")));
-        assert!(merge_containerd(Some(&t), Path::new(SOCK), 2, false).unwrap().1.is_empty());
+        assert!(merge_containerd(Some(&t), Path::new(SOCK), Path::new(ROOT), 2, false).unwrap().1.is_empty());
         // A v1 file (no version key) gets the v1 CRI section.
-        let (t, _) = merge_containerd(Some("oom_score = 0\n"), Path::new(SOCK), 1, true).unwrap();
+        let (t, _) = merge_containerd(Some("oom_score = 0\n"), Path::new(SOCK), Path::new(ROOT), 1, true).unwrap();
         let doc: toml::Value = toml::from_str(&t).unwrap();
         assert_eq!(doc["plugins"]["cri"]["containerd"]["snapshotter"].as_str(), Some("sharedloop"));
     }
 
     #[test]
     fn containerd_config_errors_name_the_problem() {
-        let e = merge_containerd(Some("[[["), Path::new(SOCK), 1, false).unwrap_err();
+        let e = merge_containerd(Some("[[["), Path::new(SOCK), Path::new(ROOT), 1, false).unwrap_err();
         assert!(format!("{e:#}").contains("does not parse as TOML"), "{e:#}");
-        let e = merge_containerd(Some("proxy_plugins = 3\n"), Path::new(SOCK), 1, false).unwrap_err();
+        let e = merge_containerd(Some("proxy_plugins = 3\n"), Path::new(SOCK), Path::new(ROOT), 1, false).unwrap_err();
         assert!(format!("{e:#}").contains("proxy_plugins is not a table"), "{e:#}");
     }
 

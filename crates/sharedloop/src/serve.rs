@@ -141,6 +141,8 @@ pub fn plan_for_config(config: &Path) -> anyhow::Result<Plan> {
 
 /// The snapshotter socket when neither flag nor file names one.
 pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/sharedloop/containerd.sock";
+/// Where the snapshotter keeps its records and writable images.
+pub const DEFAULT_CONTAINERD_ROOT: &str = "/var/lib/sharedloop/containerd";
 
 impl ServeArgs {
     pub fn plan(&self) -> anyhow::Result<Plan> {
@@ -182,11 +184,8 @@ impl ServeArgs {
                 .clone()
                 .or(file.containerd.socket)
                 .unwrap_or_else(|| DEFAULT_CONTAINERD_SOCKET.into());
-            let root = self
-                .containerd_root
-                .clone()
-                .or(file.containerd.root)
-                .unwrap_or_else(|| "/var/lib/sharedloop/containerd".into());
+            let root =
+                self.containerd_root.clone().or(file.containerd.root).unwrap_or_else(|| DEFAULT_CONTAINERD_ROOT.into());
             Some((socket, root, cfg))
         } else {
             if !self.opts.is_empty() {
