@@ -7,6 +7,8 @@
 //!   through containerd and Docker's containerd image store, merges into
 //!   both files with a backup, restarts both daemons with the arguments
 //!   they ran with, replaces no engine, and runs a container on sharedloop;
+//! - one that runs containerd 1.7 and no Docker: sharedloop as
+//!   containerd's snapshotter, the demo container run with `ctr`;
 //! - Debian 12 with its Docker 20.10: the graphdriver plugin, as the spec
 //!   has it.
 //!
@@ -217,6 +219,53 @@ fn setup_wires_sharedloop_into_a_running_docker_28_through_containerd() {
     for mut c in [ctrd, dockerd] {
         let _ = c.wait();
     }
+    assert_eq!(machine_state(), before, "setup in the host changed this machine");
+}
+
+#[test]
+fn setup_wires_sharedloop_into_containerd_without_docker() {
+    let trixie = suite_tree("trixie");
+    let before = machine_state();
+    let host = system_host("setup-ctrd17");
+    let at = |p: &str| host.inside(Path::new(p));
+    // No Docker on this machine (the host's /usr is an overlay: the
+    // whiteout hides this machine's dockerd in the host only), containerd
+    // 1.7 installed as static binaries, running with the site's config.
+    fs::remove_file(at("/usr/sbin/dockerd")).unwrap();
+    for b in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+        fs::copy(trixie.join("usr/bin").join(b), at("/usr/local/bin").join(b)).unwrap();
+    }
+    fs::create_dir_all(at("/etc/containerd")).unwrap();
+    let site = "version = 2\noom_score = -100\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"site.local/pause:3.9\"\n";
+    fs::write(at("/etc/containerd/config.toml"), site).unwrap();
+    let ctrd = start_daemon(&host, &["/usr/local/bin/containerd"], "containerd-site.log");
+    wait_for("containerd", || at("/run/containerd/containerd.sock").exists());
+
+    let out = setup(&host);
+    eprintln!("--- setup ---\n{out}");
+    assert!(out.contains("dockerd none, containerd 1: using the containerd path"), "{out}");
+    assert!(out.contains("changed: [proxy_plugins.sharedloop] address"), "{out}");
+    assert!(!out.contains("unpack_config"), "containerd 1.7 needs no unpack_config:\n{out}");
+    assert!(out.contains("restarting containerd"), "{out}");
+    assert!(out.contains("hello from a container on sharedloop"), "{out}");
+    assert!(!at("/etc/docker/daemon.json.before-sharedloop").exists(), "no Docker, no daemon.json change");
+    let cfg = fs::read_to_string(at("/etc/containerd/config.toml")).unwrap();
+    assert!(cfg.starts_with(site), "{cfg}");
+    assert_eq!(fs::read_to_string(at("/etc/containerd/config.toml.before-sharedloop")).unwrap(), site);
+    let ctr = |args: &[&str]| run_ok(host.cmd("/usr/local/bin/ctr").args(["--namespace", "default"]).args(args));
+    assert!(ctr(&["image", "ls", "-q"]).lines().any(|l| l == "docker.io/library/sharedloop-demo:latest"));
+    let snaps = ctr(&["snapshots", "--snapshotter", "sharedloop", "ls"]);
+    assert_eq!(snaps.lines().skip(1).count(), 1, "the demo's one layer is a sharedloop snapshot:\n{snaps}");
+    let layers = fs::read_dir(host.dir.join("varlib/loopback/root/layers")).unwrap().count();
+    assert_eq!(layers, 1, "the demo's layer is published in the default root");
+
+    // Again: unchanged, no restart, the demo runs.
+    let out = setup(&host);
+    assert!(out.contains("/etc/containerd/config.toml: already configured for sharedloop; unchanged"), "{out}");
+    assert!(!out.contains("restarting containerd"), "{out}");
+    assert!(out.contains("hello from a container on sharedloop"), "{out}");
+    drop(host);
+    let _ = { ctrd }.wait();
     assert_eq!(machine_state(), before, "setup in the host changed this machine");
 }
 
