@@ -26,13 +26,6 @@ fn ctr_host(name: &str) -> Host {
     h
 }
 
-fn layer_dirs(root: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> =
-        fs::read_dir(root.join("layers")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Imports the four-layer test image (`base_layers`) as
 /// docker.io/test/multi:1 on `h`.
 fn import_multi(h: &Host) {

@@ -20,7 +20,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cri::*;
@@ -34,27 +34,9 @@ use common::*;
 const DATA_LAYERS: usize = 4;
 const LAYER_MIB: usize = 36;
 
-fn layer_dirs(root: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(root.join("layers"))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Mounts of sharedloop's on the host: layer mounts and the snapshotter's
-/// areas.
-fn our_mounts(h: &Host) -> Vec<String> {
-    let sr = h.snapshotter_root();
-    let areas = [sr.join("rwmnt"), sr.join("merged"), sr.join("mnt"), PathBuf::from(LAYER_MOUNTS)];
-    h.mountinfo()
-        .lines()
-        .filter(|l| {
-            let mp = Path::new(l.split_whitespace().nth(4).unwrap_or(""));
-            areas.iter().any(|a| mp.starts_with(a) && mp != a)
-        })
-        .map(str::to_owned)
-        .collect()
+/// The store's layer directory names, sorted.
+fn layer_names(root: &Path) -> Vec<String> {
+    layer_dirs(root).iter().map(|d| d.file_name().unwrap().to_string_lossy().into_owned()).collect()
 }
 
 /// Removes `images` through CRI and waits until containerd's collector
@@ -77,10 +59,10 @@ fn remove_images(h: &Host, c: &mut CriClient, images: &[&str]) {
     }
     s.cleanup().unwrap();
     let t = Instant::now();
-    while !our_mounts(h).is_empty() && t.elapsed() < Duration::from_secs(10) {
+    while !h.snapshotter_mounts().is_empty() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(our_mounts(h), Vec::<String>::new(), "{}: mounts left", h.name);
+    assert_eq!(h.snapshotter_mounts(), Vec::<String>::new(), "{}: mounts left", h.name);
     assert_no_loops(&h.dir);
 }
 
@@ -130,7 +112,7 @@ fn cri_pull_path(engine: Engine, pull: CriPull, tag: &str) {
     assert_eq!(reg.blob_gets(mark, &layers), layers.len(), "host A fetched each layer once:\n{}", reg.access_log());
     let mut want_chains = chains.clone();
     want_chains.sort();
-    assert_eq!(layer_dirs(&root), want_chains, "host A published every layer under its chain id");
+    assert_eq!(layer_names(&root), want_chains, "host A published every layer under its chain id");
     assert!(a.plugin_log().contains("image built"), "host A built the layer images");
 
     // Host B pulls the same image: no layer leaves the registry.
@@ -164,7 +146,7 @@ fn cri_pull_path(engine: Engine, pull: CriPull, tag: &str) {
     // The snapshot annotations arrive with the local pull only.
     let annotated = log.contains("containerd.io/snapshot/cri.layer-digest");
     assert_eq!(annotated, pull == CriPull::Local, "CRI's annotations with a {pull:?} pull:\n{log}");
-    assert_eq!(layer_dirs(&root), want_chains, "host B added no layer");
+    assert_eq!(layer_names(&root), want_chains, "host B added no layer");
     for (c, m) in chains.iter().zip(&stamps) {
         let now = fs::metadata(root.join("layers").join(c).join("layer.img")).unwrap().modified().unwrap();
         assert_eq!(now, *m, "{c} rewritten");
@@ -219,11 +201,11 @@ fn cri_pull_path(engine: Engine, pull: CriPull, tag: &str) {
     // sharedloop drops each host's references, and the layers leave the
     // store with the last.
     remove_images(&b, &mut cb, &[&image, &pause]);
-    assert_eq!(layer_dirs(&root), want_chains, "host A still holds the image's layers");
+    assert_eq!(layer_names(&root), want_chains, "host A still holds the image's layers");
     remove_images(&a, &mut ca, &[&image]);
     let t = Instant::now();
-    while !layer_dirs(&root).is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(30), "layers left in the store: {:?}", layer_dirs(&root));
+    while !layer_names(&root).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(30), "layers left in the store: {:?}", layer_names(&root));
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(loops_under(&root).is_empty(), "loop devices on the store left: {:?}", loops_under(&root));

@@ -14,7 +14,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::docker_engines::*;
@@ -22,13 +22,6 @@ use common::snap_client::*;
 use common::*;
 
 const IMAGE: &str = "docker.io/test/matrix:1";
-
-fn layer_dirs(root: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> =
-        fs::read_dir(root.join("layers")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    v.sort();
-    v
-}
 
 fn engine_host(name: &str, engine: Engine, root: &Path) -> Host {
     require(&["containerd", "runc", "mkfs.ext4", "busybox"]);
@@ -62,21 +55,6 @@ fn wait_no_snapshots(h: &Host) {
         assert!(t.elapsed() < Duration::from_secs(30), "snapshots left: {:?}", h.ctr_snapshots());
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// Mounts of sharedloop's on the host: layer mounts and the snapshotter's
-/// areas.
-fn our_mounts(h: &Host) -> Vec<String> {
-    let sr = h.snapshotter_root();
-    let areas = [sr.join("rwmnt"), sr.join("merged"), sr.join("mnt"), PathBuf::from(LAYER_MOUNTS)];
-    h.mountinfo()
-        .lines()
-        .filter(|l| {
-            let mp = Path::new(l.split_whitespace().nth(4).unwrap_or(""));
-            areas.iter().any(|a| mp.starts_with(a) && mp != a)
-        })
-        .map(str::to_owned)
-        .collect()
 }
 
 fn containerd_matrix(engine: Engine, tag: &str) {
@@ -124,8 +102,10 @@ fn containerd_matrix(engine: Engine, tag: &str) {
     unmount(&a, &view);
     c.remove("matrix-view").unwrap();
     c.remove("matrix-committed").unwrap();
-    // The committed layer leaves the store (removal runs in the
-    // background).
+    // The committed layer leaves the store once containerd's collector
+    // passes the removal on (and sharedloop's removal, in the background,
+    // is done).
+    a.collect_garbage();
     let t = Instant::now();
     while layer_dirs(&root) != published {
         assert!(t.elapsed() < Duration::from_secs(30), "the committed layer stays: {:?}", layer_dirs(&root));
@@ -158,7 +138,7 @@ fn containerd_matrix(engine: Engine, tag: &str) {
         let mut c = SnapClient::connect(&h.inside(Path::new(SNAPSHOTTER_SOCKET)));
         c.cleanup().unwrap();
         assert!(c.list(&[]).unwrap().is_empty(), "{}: the snapshotter holds nothing", h.name);
-        assert_eq!(our_mounts(h), Vec::<String>::new(), "{}: mounts left", h.name);
+        assert_eq!(h.snapshotter_mounts(), Vec::<String>::new(), "{}: mounts left", h.name);
         assert!(loops_under(&h.dir).is_empty(), "{}: loop devices left: {:?}", h.name, loops_under(&h.dir));
         if last {
             assert!(layer_dirs(&root).is_empty(), "no unreferenced layer: {:?}", layer_dirs(&root));

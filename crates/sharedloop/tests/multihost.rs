@@ -72,13 +72,6 @@ fn cluster_with(n: usize, root: &Path, slave: bool, extra: &[&str]) -> Cluster {
     Cluster { hosts, root: root.to_owned(), archive, tars, _fixture: fixture }
 }
 
-fn layer_dirs(root: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> =
-        fs::read_dir(root.join("layers")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Every published layer is complete: meta readable, image of the recorded size.
 fn assert_layers_complete(root: &Path) {
     for d in layer_dirs(root) {

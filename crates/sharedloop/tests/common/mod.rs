@@ -687,6 +687,14 @@ impl Host {
     }
 }
 
+/// The layer directories of the store at `root`, sorted.
+pub fn layer_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> =
+        fs::read_dir(root.join("layers")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// Where a host's sharedloop serves the snapshotter (inside the host).
 pub const SNAPSHOTTER_SOCKET: &str = "/run/sharedloop/containerd.sock";
 /// Where `sharedloop serve` mounts layers, inside a host.
@@ -838,6 +846,31 @@ impl Host {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs containerd's garbage collector now and waits for it (deleting
+    /// a lease with --sync): containerd removes a deleted snapshot from
+    /// the snapshotter only when it collects, which it otherwise schedules
+    /// at a pace set by how long the last collection took.
+    pub fn collect_garbage(&self) {
+        let id = format!("gc-{}", &token()[..12]);
+        self.ctr_ok(&["leases", "create", "--id", &id]);
+        self.ctr_ok(&["leases", "delete", "--sync", &id]);
+    }
+
+    /// sharedloop's mounts on this host: its layer mounts and the
+    /// snapshotter's areas (writable layers, merged views, mounts).
+    pub fn snapshotter_mounts(&self) -> Vec<String> {
+        let sr = self.snapshotter_root();
+        let areas = [sr.join("rwmnt"), sr.join("merged"), sr.join("mnt"), PathBuf::from(LAYER_MOUNTS)];
+        self.mountinfo()
+            .lines()
+            .filter(|l| {
+                let mp = Path::new(l.split_whitespace().nth(4).unwrap_or(""));
+                areas.iter().any(|a| mp.starts_with(a) && mp != a)
+            })
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Names of the snapshots the snapshotter has, by `ctr snapshots ls`.
