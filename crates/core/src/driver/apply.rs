@@ -49,12 +49,13 @@ impl Driver {
         // the id or of the parent waits for nothing and is refused.
         // A parent being removed, or (empty) being opened for writing by
         // a Get, is waited for: what it is afterwards decides.
+        // A removal of the id itself is waited for too.
         let parent_busy = |st: &State| {
-            parent.is_some_and(|p| {
-                st.flights.contains(&Flight::Remove(p.to_owned()))
-                    || (st.flights.contains(&Flight::View(p.to_owned()))
-                        && matches!(st.layers.get(p).map(|l| &l.kind), Some(Kind::Image { chain: None, .. })))
-            })
+            Self::removing(st, &[Some(id), parent])
+                || parent.is_some_and(|p| {
+                    st.flights.contains(&Flight::View(p.to_owned()))
+                        && matches!(st.layers.get(p).map(|l| &l.kind), Some(Kind::Image { chain: None, .. }))
+                })
         };
         let (_reserved, writable_parent) = {
             let mut st = self.state_when(parent_busy)?;
@@ -149,7 +150,7 @@ impl Driver {
     pub fn apply_diff(&self, id: &str, parent: Option<&str>, tar: &mut dyn Read) -> Result<u64> {
         let parent = none_if_empty(parent);
         let (_reserved, parent_chain) = {
-            let mut st = self.state()?;
+            let mut st = self.state_when(|st| Self::removing(st, &[Some(id)]))?;
             let l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             if l.parent.as_deref() != parent {
                 return Err(Error::Invalid(format!(
@@ -369,7 +370,7 @@ impl Driver {
     /// or it sits on another parent.
     pub fn create_from_store(&self, id: &str, parent: Option<&str>, chain: &ChainId) -> Result<bool> {
         check_id(id)?;
-        let parent_busy = |st: &State| parent.is_some_and(|p| st.flights.contains(&Flight::Remove(p.to_owned())));
+        let parent_busy = |st: &State| Self::removing(st, &[Some(id), parent]);
         let (_reserved, parent_chain) = {
             let mut st = self.state_when(parent_busy)?;
             if st.layers.contains_key(id) || st.busy.contains(id) {

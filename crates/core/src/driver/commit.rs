@@ -24,7 +24,7 @@ impl Driver {
     pub fn commit(&self, rw_id: &str, new_id: &str, chain: Option<ChainId>) -> Result<ChainId> {
         check_id(new_id)?;
         let (_reserved, rw) = {
-            let mut st = self.state()?;
+            let mut st = self.state_when(|st| Self::removing(st, &[Some(rw_id), Some(new_id)]))?;
             if st.layers.contains_key(new_id) || st.busy.contains(new_id) {
                 return Err(Error::AlreadyExists(format!("layer {new_id}")));
             }

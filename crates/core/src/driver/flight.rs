@@ -219,6 +219,12 @@ impl Driver {
         (st, true)
     }
 
+    /// Whether any of `ids` is being removed (a request on it waits for
+    /// that, then finds it gone, as if the two ran one after the other).
+    pub(super) fn removing(st: &State, ids: &[Option<&str>]) -> bool {
+        ids.iter().flatten().any(|id| st.flights.contains(&Flight::Remove((*id).to_owned())))
+    }
+
     /// Marks `key` in flight; the caller has waited for it to land.
     pub(super) fn take_off(&self, st: &mut State, key: Flight) -> InFlight<'_> {
         debug_assert!(!st.flights.contains(&key), "{key:?} in flight twice");

@@ -69,8 +69,10 @@ impl Driver {
                 why: format!("it is mounted at {} (Get without Put)", g.dir.display()),
             });
         }
-        let _reserved = self.reserve(&mut st, &[id], None)?;
         let _flights = (self.take_off(&mut st, view), self.take_off(&mut st, Flight::Remove(id.to_owned())));
+        // Dropped before the flights: a create of the id waiting for the
+        // removal finds it free.
+        let _reserved = self.reserve(&mut st, &[id], None)?;
         // Mounted by a run before a restart; nobody holds it now.
         let adopted = st.gets.remove(id);
         drop(st);

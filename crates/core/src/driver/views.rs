@@ -329,20 +329,19 @@ impl Driver {
     /// Bytes of content and entries of published layer `id`, as recorded
     /// in the store.
     pub fn image_usage(&self, id: &str) -> Result<(u64, u64)> {
-        let st = self.lock();
-        match st.layers.get(id).map(|l| &l.kind) {
-            Some(Kind::Image { chain: Some(c), size }) => {
-                let entries = st
-                    .ro
-                    .get(c)
-                    .map(|m| m.info.meta.entries)
-                    .or_else(|| self.store.locate(c).map(|i| i.meta.entries))
-                    .unwrap_or(0);
-                Ok((*size, entries))
+        let (chain, size, known) = {
+            let st = self.lock();
+            match st.layers.get(id).map(|l| &l.kind) {
+                Some(Kind::Image { chain: Some(c), size }) => {
+                    (c.clone(), *size, st.ro.get(c).map(|m| m.info.meta.entries))
+                }
+                Some(_) => return Ok((0, 0)),
+                None => return Err(Error::NotFound(format!("layer {id}"))),
             }
-            Some(_) => Ok((0, 0)),
-            None => Err(Error::NotFound(format!("layer {id}"))),
-        }
+        };
+        // Not mounted here: the store says, read without the lock.
+        let entries = known.or_else(|| self.store.locate(&chain).map(|i| i.meta.entries)).unwrap_or(0);
+        Ok((size, entries))
     }
 
     /// Releases one `get`. Releasing what is not held is not an error.
