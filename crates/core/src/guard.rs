@@ -2,8 +2,9 @@
 //! return, a `?`, a panic), they undo it; kept, they let it stand.
 //!
 //! - [`Staged`]: a directory or file made for the duration of a request
-//!   (a staging directory, a temporary build, a new writable image's
-//!   directory), removed on drop unless kept; never through a mount left
+//!   (a staging directory, a layer's temporary build in the store's
+//!   `tmp/`, a new writable image's directory, a template or scratch image
+//!   being made), removed on drop unless kept; never through a mount left
 //!   inside it.
 //! - [`Mounted`]: a mount, unmounted on drop (and its mount point
 //!   directory removed) unless kept.
