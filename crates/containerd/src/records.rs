@@ -67,3 +67,34 @@ impl Table {
         Pending { table: self, key: key.to_owned() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request on a pending key waits for it; one on another key does
+    /// not; the mark clears when its guard drops, also in a panic.
+    #[test]
+    fn a_pending_key_is_waited_for_and_cleared_also_by_a_panic() {
+        let t = Table::new(HashMap::new());
+        let mark = {
+            let mut r = t.lock();
+            t.mark(&mut r, "k", "p")
+        };
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| t.settled(&["k"]).pending.contains_key("k"));
+            assert!(t.settled(&["other", ""]).pending.contains_key("k"), "another key waited for k");
+            drop(mark);
+            assert!(!waiter.join().unwrap(), "the waiter went on while k was pending");
+        });
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _mark = {
+                let mut r = t.lock();
+                t.mark(&mut r, "k2", "")
+            };
+            panic!("a request fails while k2 is pending");
+        }));
+        assert!(r.is_err());
+        assert!(t.lock().pending.is_empty(), "the mark outlived its request");
+    }
+}
