@@ -16,6 +16,7 @@ use containerd_snapshots::{Info, Kind, Usage};
 use sharedloop_core::{Error, MountSpec};
 
 pub mod filter;
+mod records;
 pub mod snapshots;
 
 pub use snapshots::Snapshotter;

@@ -19,13 +19,15 @@
 //! removal of a snapshot with children `Conflict` (FailedPrecondition);
 //! [`crate::status`] turns them into gRPC codes.
 //!
-//! One lock serialises the operations: commits (which build an image)
-//! hold up other requests on this snapshotter while they run.
+//! The records are guarded by one lock that no driver call or file write
+//! runs under ([`crate::records`]): requests on one key (or its parent, or
+//! a commit's name) follow each other, requests on others do not, so a
+//! commit building an image holds up no other snapshot.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +40,7 @@ use sharedloop_core::store::{fsync_dir, write_atomic};
 use sharedloop_core::{CreateKind, Driver, Error, MountSpec, Result};
 
 use crate::filter::Filter;
+use crate::records::{Records, Table};
 
 /// The label containerd's unpacker puts on the snapshot of a layer: the
 /// chain id it will commit the layer as.
@@ -107,7 +110,7 @@ pub struct Usage {
 pub struct Snapshotter {
     driver: Driver,
     dir: PathBuf,
-    snaps: Mutex<HashMap<String, SnapInfo>>,
+    table: Table,
 }
 
 impl Snapshotter {
@@ -141,21 +144,21 @@ impl Snapshotter {
             .filter(|s| s.from_layer.as_ref().is_some_and(|l| actives.contains(l)))
             .map(|s| s.name.clone())
             .collect();
-        let sn = Snapshotter { driver, dir, snaps: Mutex::new(snaps) };
+        let sn = Snapshotter { driver, dir, table: Table::new(snaps) };
         for name in unfinished {
             tracing::info!(snapshot = %name, "rolling back a commit a crash interrupted");
             sn.forget(&name)?;
-            sn.lock().remove(&name);
+            sn.lock().snaps.remove(&name);
         }
         sn.remove_stray_layers();
-        tracing::info!(snapshots = sn.lock().len(), "snapshots loaded");
+        tracing::info!(snapshots = sn.lock().snaps.len(), "snapshots loaded");
         Ok(sn)
     }
 
     /// Driver layers no snapshot names: a crash between making a layer and
     /// recording its snapshot. Children before parents.
     fn remove_stray_layers(&self) {
-        let named: std::collections::HashSet<String> = self.lock().values().map(|s| s.layer.clone()).collect();
+        let named: std::collections::HashSet<String> = self.lock().snaps.values().map(|s| s.layer.clone()).collect();
         let mut stray: Vec<String> = self.driver.layer_ids().into_iter().filter(|l| !named.contains(l)).collect();
         for _ in 0..stray.len() {
             stray.retain(|l| match self.driver.remove(l) {
@@ -175,8 +178,8 @@ impl Snapshotter {
         &self.driver
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, SnapInfo>> {
-        self.snaps.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Records> {
+        self.table.lock()
     }
 
     fn record_path(&self, key: &str) -> PathBuf {
@@ -208,14 +211,15 @@ impl Snapshotter {
         Ok(Some(p.layer.clone()))
     }
 
-    /// Records snapshot `rec` (whose driver layer exists); when the record
-    /// cannot be written, the layer goes again.
-    fn record(&self, snaps: &mut HashMap<String, SnapInfo>, rec: SnapInfo) -> Result<()> {
+    /// Records snapshot `rec` (whose driver layer exists, and whose key the
+    /// caller marked pending); when the record cannot be written, the
+    /// layer goes again.
+    fn record(&self, rec: SnapInfo) -> Result<()> {
         if let Err(e) = self.save(&rec) {
             let _ = self.driver.remove(&rec.layer);
             return Err(e);
         }
-        snaps.insert(rec.name.clone(), rec);
+        self.lock().snaps.insert(rec.name.clone(), rec);
         Ok(())
     }
 
@@ -245,13 +249,16 @@ impl Snapshotter {
     /// answers `AlreadyExists`: the engine then skips fetching and
     /// unpacking the layer.
     pub fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<MountSpec>> {
-        let mut snaps = self.lock();
-        if snaps.contains_key(key) {
-            return Err(Error::AlreadyExists(format!("snapshot {key}")));
-        }
-        let parent_layer = Self::parent_layer(&snaps, parent)?;
+        let (parent_layer, _pending) = {
+            let mut r = self.table.settled(&[key, parent]);
+            if r.snaps.contains_key(key) {
+                return Err(Error::AlreadyExists(format!("snapshot {key}")));
+            }
+            let parent_layer = Self::parent_layer(&r.snaps, parent)?;
+            (parent_layer, self.table.mark(&mut r, key, parent))
+        };
         if let Some(target) = labels.get(REF_LABEL) {
-            if self.use_published(&mut snaps, target, parent, parent_layer.as_deref(), &labels)? {
+            if self.use_published(key, target, parent, parent_layer.as_deref(), &labels)? {
                 return Err(Error::AlreadyExists(format!("snapshot {target}")));
             }
         }
@@ -262,24 +269,29 @@ impl Snapshotter {
         let layer = format!("a-{}", random_token());
         self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadWrite, &opts)?;
         point("snapshot", "writable layer made");
-        self.record(&mut snaps, Self::new_record(key, SnapKind::Active, parent, labels, layer.clone()))?;
-        drop(snaps);
+        self.record(Self::new_record(key, SnapKind::Active, parent, labels, layer.clone()))?;
         self.driver.mounts_for(&layer)
     }
 
-    /// The skip-download path of [`Self::prepare`]; `true` when committed
-    /// snapshot `target` now stands (or stood already) for the layer.
+    /// The skip-download path of [`Self::prepare`] of `key`; `true` when
+    /// committed snapshot `target` now stands (or stood already) for the
+    /// layer.
     fn use_published(
         &self,
-        snaps: &mut HashMap<String, SnapInfo>,
+        key: &str,
         target: &str,
         parent: &str,
         parent_layer: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<bool> {
-        if let Some(t) = snaps.get(target) {
-            return Ok(t.kind == SnapKind::Committed && t.parent == parent);
-        }
+        // `key` is this request's own mark.
+        let _pending = {
+            let mut r = self.table.settled(&[if target == key { "" } else { target }]);
+            if let Some(t) = r.snaps.get(target) {
+                return Ok(t.kind == SnapKind::Committed && t.parent == parent);
+            }
+            (target != key).then(|| self.table.mark(&mut r, target, parent))
+        };
         let Some(chain) = ChainId::parse(target) else { return Ok(false) };
         let layer = format!("c-{}", random_token());
         if !self.driver.create_from_store(&layer, parent_layer, &chain)? {
@@ -287,29 +299,31 @@ impl Snapshotter {
         }
         let mut labels = labels.clone();
         labels.remove(SIZE_LABEL);
-        self.record(snaps, Self::new_record(target, SnapKind::Committed, parent, labels, layer))?;
+        self.record(Self::new_record(target, SnapKind::Committed, parent, labels, layer))?;
         Ok(true)
     }
 
     /// Creates view snapshot `key`: read-only, over `parent`.
     pub fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<MountSpec>> {
-        let mut snaps = self.lock();
-        if snaps.contains_key(key) {
-            return Err(Error::AlreadyExists(format!("snapshot {key}")));
-        }
-        let parent_layer = Self::parent_layer(&snaps, parent)?;
+        let (parent_layer, _pending) = {
+            let mut r = self.table.settled(&[key, parent]);
+            if r.snaps.contains_key(key) {
+                return Err(Error::AlreadyExists(format!("snapshot {key}")));
+            }
+            let parent_layer = Self::parent_layer(&r.snaps, parent)?;
+            (parent_layer, self.table.mark(&mut r, key, parent))
+        };
         let layer = format!("v-{}", random_token());
         self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadOnly, &HashMap::new())?;
-        self.record(&mut snaps, Self::new_record(key, SnapKind::View, parent, labels, layer.clone()))?;
-        drop(snaps);
+        self.record(Self::new_record(key, SnapKind::View, parent, labels, layer.clone()))?;
         self.driver.mounts_for(&layer)
     }
 
     /// The mounts of active or view snapshot `key`.
     pub fn mounts(&self, key: &str) -> Result<Vec<MountSpec>> {
         let layer = {
-            let snaps = self.lock();
-            let s = snaps.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+            let r = self.table.settled(&[key]);
+            let s = r.snaps.get(key).ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
             if s.kind == SnapKind::Committed {
                 return Err(Error::Conflict(format!("snapshot {key} is committed; it has no mounts")));
             }
@@ -334,14 +348,19 @@ impl Snapshotter {
 
     /// Commits active snapshot `key` as `name`; `key` is gone afterwards.
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
-        let mut snaps = self.lock();
-        if snaps.contains_key(name) {
-            return Err(Error::AlreadyExists(format!("snapshot {name}")));
-        }
-        let active = snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
-        if active.kind != SnapKind::Active {
-            return Err(Error::Conflict(format!("snapshot {key} is {}, not active", active.kind.name())));
-        }
+        // Both names pending while the image is built, without the lock.
+        let (active, _name, _key) = {
+            let mut r = self.table.settled(&[name, key]);
+            if r.snaps.contains_key(name) {
+                return Err(Error::AlreadyExists(format!("snapshot {name}")));
+            }
+            let active = r.snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+            if active.kind != SnapKind::Active {
+                return Err(Error::Conflict(format!("snapshot {key} is {}, not active", active.kind.name())));
+            }
+            let marks = (self.table.mark(&mut r, name, &active.parent), self.table.mark(&mut r, key, &active.parent));
+            (active, marks.0, marks.1)
+        };
         let hint = Self::chain_hint(name, &active, &labels);
         let layer = format!("c-{}", random_token());
         // The layer, then its record, then the active record goes (the
@@ -349,10 +368,10 @@ impl Snapshotter {
         let chain = self.driver.commit(&active.layer, &layer, hint)?;
         let mut rec = Self::new_record(name, SnapKind::Committed, &active.parent, labels, layer);
         rec.from_layer = Some(active.layer.clone());
-        self.record(&mut snaps, rec)?;
+        self.record(rec)?;
         point("snapshot", "committed record saved");
         self.forget(key)?;
-        snaps.remove(key);
+        self.lock().snaps.remove(key);
         point("snapshot", "active record removed");
         if let Err(e) = self.driver.remove(&active.layer) {
             tracing::warn!(layer = %active.layer, error = %e, "cannot remove the committed writable layer now; removed at the next start");
@@ -361,18 +380,22 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Removes snapshot `key`; refused while another snapshot is based on it.
+    /// Removes snapshot `key`; refused while another snapshot is based on
+    /// it (or being made over it).
     pub fn remove(&self, key: &str) -> Result<()> {
-        let mut snaps = self.lock();
-        let s = snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
-        if let Some(child) = snaps.values().find(|c| c.parent == key) {
-            return Err(Error::Conflict(format!(
-                "cannot remove snapshot {key}: snapshot {} is based on it",
-                child.name
-            )));
-        }
+        let (s, _pending) = {
+            let mut r = self.table.settled(&[key]);
+            let s = r.snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))?;
+            let child = r.snaps.values().find(|c| c.parent == key).map(|c| c.name.clone());
+            let child = child.or_else(|| r.pending.iter().find(|(_, p)| *p == key).map(|(k, _)| k.clone()));
+            if let Some(child) = child {
+                return Err(Error::Conflict(format!("cannot remove snapshot {key}: snapshot {child} is based on it")));
+            }
+            let mark = self.table.mark(&mut r, key, &s.parent);
+            (s, mark)
+        };
         self.forget(key)?;
-        snaps.remove(key);
+        self.lock().snaps.remove(key);
         point("snapshot", "record removed");
         if let Err(e) = self.driver.remove(&s.layer) {
             // The record is gone; the layer is removed at the next start.
@@ -382,14 +405,14 @@ impl Snapshotter {
     }
 
     pub fn stat(&self, key: &str) -> Result<SnapInfo> {
-        self.lock().get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
+        self.lock().snaps.get(key).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {key}")))
     }
 
     /// Updates the labels of `info.name`: all of them without field paths,
     /// or those named `labels` / `labels.<key>`. Other fields are immutable.
     pub fn update(&self, info: &SnapInfo, paths: &[String]) -> Result<SnapInfo> {
-        let mut snaps = self.lock();
-        let cur = snaps.get(&info.name).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {}", info.name)))?;
+        let mut r = self.table.settled(&[&info.name]);
+        let cur = r.snaps.get(&info.name).cloned().ok_or_else(|| Error::NotFound(format!("snapshot {}", info.name)))?;
         let mut next = cur.clone();
         if paths.is_empty() {
             next.labels = info.labels.clone();
@@ -410,8 +433,11 @@ impl Snapshotter {
             }
         }
         next.updated_ns = now_ns();
+        // Written without the lock, the name pending meanwhile.
+        let _pending = self.table.mark(&mut r, &info.name, &cur.parent);
+        drop(r);
         self.save(&next)?;
-        snaps.insert(next.name.clone(), next.clone());
+        self.lock().snaps.insert(next.name.clone(), next.clone());
         Ok(next)
     }
 
@@ -431,6 +457,7 @@ impl Snapshotter {
             filters.iter().filter(|f| !f.trim().is_empty()).map(|f| Filter::parse(f)).collect::<Result<_>>()?;
         let mut v: Vec<SnapInfo> = self
             .lock()
+            .snaps
             .values()
             .filter(|s| parsed.is_empty() || parsed.iter().any(|f| f.matches(s)))
             .cloned()

@@ -14,8 +14,12 @@
 //! `SHAREDLOOP_FAULT_PAUSE=OP:MATCH:FILE` (same feature; MATCH without a
 //! colon, e.g. a layer's hex digest) holds every thread passing [`pause`]
 //! of operation OP with a `what` containing MATCH until FILE exists; on
-//! arrival it creates `FILE.reached`, so a test knows the thread is held. Tests use it to hold one step (a layer's image check)
-//! while they show what other threads can do meanwhile.
+//! arrival it creates `FILE.reached`, so a test knows the thread is held.
+//! Tests use it to hold one step while they show what other threads can
+//! do meanwhile. The pause points: `layer-mount` (a layer's first mount on
+//! this host, before its image is opened and checked; MATCH: the chain
+//! id) and `layer-build` (a layer's image about to be built for
+//! publishing; MATCH: the chain id).
 
 #[cfg(feature = "fault-injection")]
 mod enabled {

@@ -18,6 +18,7 @@ use std::process::Command;
 
 use crate::error::{Context, Error, Result};
 use crate::export::TreeCounts;
+use crate::guard::Staged;
 use crate::ids::Bytes;
 use crate::mount;
 use crate::options::FsType;
@@ -205,13 +206,12 @@ pub fn sparse_copy(src: &Path, dst: &Path, mode: u32) -> Result<()> {
 /// used as scratch space for staging.
 pub fn create_scratch_image(out: &Path, size: Bytes) -> Result<()> {
     drop(create_sparse(out, size, crate::perms::PRIVATE_FILE)?);
-    let r = run(Command::new("mkfs.ext4")
+    let made = Staged::new(out);
+    run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-E", "lazy_itable_init=1,nodiscard", "-L", "sl-scratch"])
-        .arg(out));
-    if r.is_err() {
-        let _ = std::fs::remove_file(out);
-    }
-    r
+        .arg(out))?;
+    made.keep();
+    Ok(())
 }
 
 /// The sha256 of a file, hex.
@@ -235,20 +235,14 @@ pub fn create_rw_image(out: &Path, fs: FsType, size: Bytes, templates: &Path) ->
     let template = templates.join(format!("{}-{}.img", fs.name(), size.0));
     if !template.exists() {
         crate::perms::private_dir(templates)?;
-        let tmp = templates.join(format!(".{}-{}.{}", fs.name(), size.0, crate::ids::random_token()));
-        let made = create_sparse(&tmp, size, crate::perms::PRIVATE_FILE).and_then(|f| {
-            drop(f);
-            mkfs_rw(&tmp, fs)
-        });
-        let made = made.and_then(|_| std::fs::rename(&tmp, &template).ctx("rename", &template));
-        if let Err(e) = made {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        // Gone again unless renamed into place.
+        let tmp = Staged::new(templates.join(format!(".{}-{}.{}", fs.name(), size.0, crate::ids::random_token())));
+        drop(create_sparse(tmp.path(), size, crate::perms::PRIVATE_FILE)?);
+        mkfs_rw(tmp.path(), fs)?;
+        std::fs::rename(tmp.path(), &template).ctx("rename", &template)?;
     }
-    let r = sparse_copy(&template, out, crate::perms::PRIVATE_FILE);
-    if r.is_err() {
-        let _ = std::fs::remove_file(out);
-    }
-    r
+    let copy = Staged::new(out);
+    sparse_copy(&template, out, crate::perms::PRIVATE_FILE)?;
+    copy.keep();
+    Ok(())
 }

@@ -42,6 +42,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
+use crate::guard::Staged;
 use crate::ids::ChainId;
 use crate::imagefile::{FileId, ImageFile, ImageStamp};
 use crate::mount;
@@ -254,6 +255,8 @@ impl LayerMounts {
         let record = self.check(info, &img, verify)?;
         let target = self.path(chain);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
+        // The mount point goes again unless the layer is mounted on it.
+        let mount_point = Staged::new(&target);
         let direct_io = direct_io.for_file(image);
         let dev = loopdev::attach_file(img.file(), image, loopdev::AttachOptions { read_only: true, direct_io })
             .ctx("attach loop device", image)?;
@@ -263,7 +266,6 @@ impl LayerMounts {
             let now = img.now()?;
             if now != img.at_open() {
                 drop(dev); // autoclear: nothing else holds the device
-                let _ = fs::remove_dir(&target);
                 return Err(Error::Corrupt {
                     path: image.to_owned(),
                     reason: format!(
@@ -275,10 +277,8 @@ impl LayerMounts {
                 });
             }
         }
-        if let Err(e) = mount::mount_layer_ro(dev.path(), &target, fs_type) {
-            let _ = fs::remove_dir(&target);
-            return Err(e);
-        }
+        mount::mount_layer_ro(dev.path(), &target, fs_type)?;
+        mount_point.keep();
         if let Some(rec) = record {
             let path = self.verified.join(chain.dir_name());
             if let Err(e) = write_atomic(&path, &serde_json::to_vec(&rec).expect("serialises")) {

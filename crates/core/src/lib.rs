@@ -10,6 +10,7 @@ pub mod error;
 pub mod export;
 pub mod fault;
 pub mod fsmagic;
+pub mod guard;
 pub mod ids;
 pub mod image;
 pub(crate) mod imagefile;
@@ -23,6 +24,6 @@ pub mod probe;
 pub mod store;
 pub mod sys;
 
-pub use driver::{CreateKind, Driver, MountSpec};
+pub use driver::{CreateKind, Driver, Lease, MountSpec};
 pub use error::{Error, Result};
 pub use options::Config;

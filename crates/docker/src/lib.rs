@@ -323,6 +323,7 @@ async fn diff(plugin: Arc<Plugin>, req: DriverRequest) -> Response<Body> {
     };
     let (id, parent) = (req.id.clone(), opt(&req.parent));
     let d2 = driver.clone();
+    // A lease: the layer stays mounted (a Remove waits) while the tar streams.
     let src = match blocking(move || d2.diff_source(&id, parent.as_deref()).map_err(wire_error)).await {
         Ok(s) => s,
         Err(e) => return respond("GraphDriver.Diff", Err(e)),
@@ -331,12 +332,13 @@ async fn diff(plugin: Arc<Plugin>, req: DriverRequest) -> Response<Body> {
     let id = req.id.clone();
     tokio::task::spawn_blocking(move || {
         let mut w = ChannelWriter { tx: tx.clone(), buf: Vec::new() };
-        let r = sharedloop_core::export::export_tar(&src, &mut w)
+        let r = sharedloop_core::export::export_tar(src.path(), &mut w)
             .and_then(|_| w.flush().map_err(|e| sharedloop_core::Error::sys("write tar", "<stream>", e)));
         if let Err(e) = r {
             tracing::warn!(op = "GraphDriver.Diff", layer = %id, error = %e, "diff stream failed");
             let _ = tx.blocking_send(Err(io::Error::other(wire_error(e))));
         }
+        drop(src);
         drop(driver);
     });
     let stream =

@@ -6,11 +6,13 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 
+use super::flight::Flight;
 use super::records::{Kind, LocalLayer, TreeFacts};
 use super::{check_id, none_if_empty, ChainHold, CreateKind, Driver, State};
 use crate::apply::apply_tar_limited;
 use crate::error::{Context, Error, Result};
 use crate::export;
+use crate::guard::Staged;
 use crate::ids::{random_token, Bytes, ChainId};
 use crate::image;
 use crate::options::FsType;
@@ -45,8 +47,18 @@ impl Driver {
         // The id is reserved and the parent pinned until the layer is
         // recorded: a concurrent create of the same id fails, a removal of
         // the id or of the parent waits for nothing and is refused.
+        // A parent being removed, or (empty) being opened for writing by
+        // a Get, is waited for: what it is afterwards decides.
+        // A removal of the id itself is waited for too.
+        let parent_busy = |st: &State| {
+            Self::removing(st, &[Some(id), parent])
+                || parent.is_some_and(|p| {
+                    st.flights.contains(&Flight::View(p.to_owned()))
+                        && matches!(st.layers.get(p).map(|l| &l.kind), Some(Kind::Image { chain: None, .. }))
+                })
+        };
         let (_reserved, writable_parent) = {
-            let mut st = self.state()?;
+            let mut st = self.state_when(parent_busy)?;
             if st.layers.contains_key(id) || st.busy.contains(id) {
                 return Err(Error::AlreadyExists(format!("layer {id}")));
             }
@@ -77,12 +89,12 @@ impl Driver {
         let release_base = |base: &Option<ChainId>, hold: Option<ChainHold<'_>>| {
             drop(hold);
             if let Some(c) = base {
-                let mut st = self.lock();
-                if let Err(e) = self.release_chain(&mut st, c, id) {
+                if let Err(e) = self.release_chain(c, id) {
                     tracing::warn!(layer = %c, error = %e, "cannot release a parent snapshot");
                 }
             }
         };
+        let mut image = None;
         let kind = match kind {
             CreateKind::ReadOnly => Kind::Image { chain: None, size: 0 },
             CreateKind::ReadWrite => {
@@ -96,36 +108,41 @@ impl Driver {
                 }
                 // Without a size option, the configured `sharedloop.size`.
                 let size = size.unwrap_or(self.cfg.rw_size);
-                if let Err(e) = self.make_rw_image(id, fs_type, size) {
-                    release_base(&base, base_hold.take());
-                    return Err(e);
+                match self.make_rw_image(id, fs_type, size) {
+                    Ok(made) => image = Some(made),
+                    Err(e) => {
+                        release_base(&base, base_hold.take());
+                        return Err(e);
+                    }
                 }
                 Kind::Rw { size, fs: fs_type }
             }
         };
         let l = LocalLayer { id: id.into(), parent: parent.map(str::to_owned), base: base.clone(), kind };
         if let Err(e) = self.save(&l) {
-            let _ = fs::remove_dir_all(self.rw_image(id).parent().unwrap());
+            drop(image); // the new image goes
             release_base(&base, base_hold.take());
             return Err(e);
         }
         self.lock().layers.insert(id.into(), l);
+        if let Some(made) = image {
+            made.keep();
+        }
         Ok(())
     }
 
-    /// Makes writable layer `id`'s image (replacing a leftover).
-    pub(super) fn make_rw_image(&self, id: &str, fs_type: FsType, size: Bytes) -> Result<()> {
+    /// Makes writable layer `id`'s image (replacing a leftover); its
+    /// directory goes again unless the guard is kept.
+    pub(super) fn make_rw_image(&self, id: &str, fs_type: FsType, size: Bytes) -> Result<Staged> {
         let img = self.rw_image(id);
         let dir = img.parent().unwrap();
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir).ctx("mkdir", dir)?;
+        let made = Staged::new(dir);
         crate::fault::point("create", "directory made");
-        if let Err(e) = image::create_rw_image(&img, fs_type, size, &self.home.join("templates")) {
-            let _ = fs::remove_dir_all(dir);
-            return Err(e);
-        }
+        image::create_rw_image(&img, fs_type, size, &self.home.join("templates"))?;
         crate::fault::point("create", "image made");
-        Ok(())
+        Ok(made)
     }
 
     /// Applies a layer tar to the empty read-only layer `id`; returns the
@@ -133,7 +150,7 @@ impl Driver {
     pub fn apply_diff(&self, id: &str, parent: Option<&str>, tar: &mut dyn Read) -> Result<u64> {
         let parent = none_if_empty(parent);
         let (_reserved, parent_chain) = {
-            let mut st = self.state()?;
+            let mut st = self.state_when(|st| Self::removing(st, &[Some(id)]))?;
             let l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             if l.parent.as_deref() != parent {
                 return Err(Error::Invalid(format!(
@@ -165,22 +182,20 @@ impl Driver {
             // nothing: they are refused while this one runs.
             (self.reserve(&mut st, &[id], None)?, parent_chain)
         };
-        let staging = self.home.join("tmp").join(format!("apply-{}", random_token()));
-        fs::create_dir(&staging).ctx("mkdir", &staging)?;
-        let r = fs::create_dir(staging.join(image::LAYER_ROOT))
-            .ctx("mkdir", staging.join(image::LAYER_ROOT))
-            .and_then(|_| self.apply_staged(&staging, parent_chain.as_ref(), tar));
-        if let Err(e) = fs::remove_dir_all(&staging) {
-            tracing::warn!(path = %staging.display(), error = %e, "cannot remove staging directory");
-        }
-        let (info, content, hold) = r?;
+        let (info, content, hold) = {
+            // Removed when done, whatever the outcome.
+            let staging = Staged::mkdir(self.home.join("tmp").join(format!("apply-{}", random_token())))?;
+            let fs_dir = staging.path().join(image::LAYER_ROOT);
+            fs::create_dir(&fs_dir).ctx("mkdir", &fs_dir)?;
+            self.apply_staged(staging.path(), parent_chain.as_ref(), tar)?
+        };
         crate::fault::point("apply", "published and referenced");
         let chain = info.meta.chain_id.clone();
         let mut l = self.lock().layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
         l.kind = Kind::Image { chain: Some(chain.clone()), size: content };
         if let Err(e) = self.save(&l) {
             drop(hold);
-            let _ = self.release_chain(&mut self.lock(), &chain, id);
+            let _ = self.release_chain(&chain, id);
             return Err(e);
         }
         self.lock().layers.insert(id.to_owned(), l);
@@ -255,8 +270,7 @@ impl Driver {
                 ),
             });
         }
-        *self.lock().inflight.entry(chain.clone()).or_default() += 1;
-        let hold = ChainHold { state: &self.state, chain: chain.clone() };
+        let hold = self.hold_chain(chain);
         let Some(info) = self.store.acquire(&info) else { return Ok(None) };
         tracing::info!(layer = %chain, location = info.location.name(), "layer already in the store; nothing extracted");
         Ok(Some((info, hold)))
@@ -274,10 +288,10 @@ impl Driver {
     ) -> Result<(LayerInfo, ChainHold<'_>)> {
         // Held before the store's reference is taken, so that no removal
         // on this host drops it before the caller records the layer.
-        *self.lock().inflight.entry(chain.clone()).or_default() += 1;
-        let hold = ChainHold { state: &self.state, chain: chain.clone() };
+        let hold = self.hold_chain(chain);
         let fs_type = self.cfg.fs;
         let build = |tmp: &Path| -> Result<LayerMeta> {
+            crate::fault::pause("layer-build", chain.as_str());
             let t1 = std::time::Instant::now();
             let counts = export::tree_counts(staging)?;
             let empty = counts.inodes <= 2; // the image root and fs/
@@ -356,11 +370,18 @@ impl Driver {
     /// or it sits on another parent.
     pub fn create_from_store(&self, id: &str, parent: Option<&str>, chain: &ChainId) -> Result<bool> {
         check_id(id)?;
-        let mut st = self.state()?;
-        if st.layers.contains_key(id) || st.busy.contains(id) {
-            return Err(Error::AlreadyExists(format!("layer {id}")));
-        }
-        let parent_chain = Self::chain_of(&st, parent)?;
+        let parent_busy = |st: &State| Self::removing(st, &[Some(id), parent]);
+        let (_reserved, parent_chain) = {
+            let mut st = self.state_when(parent_busy)?;
+            if st.layers.contains_key(id) || st.busy.contains(id) {
+                return Err(Error::AlreadyExists(format!("layer {id}")));
+            }
+            let parent_chain = Self::chain_of(&st, parent)?;
+            (self.reserve(&mut st, &[id], parent)?, parent_chain)
+        };
+        // The store is read and referenced without the lock, the layer
+        // held meanwhile.
+        let hold = self.hold_chain(chain);
         let Some(info) = self.store.locate(chain) else { return Ok(false) };
         if info.meta.parent != parent_chain {
             tracing::warn!(layer = %chain, "the published layer sits on another parent; not reusing it");
@@ -374,11 +395,12 @@ impl Driver {
             kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
         };
         if let Err(e) = self.save(&l) {
-            let _ = self.release_chain(&mut st, chain, id);
+            drop(hold);
+            let _ = self.release_chain(chain, id);
             return Err(e);
         }
         tracing::info!(layer = %chain, location = info.location.name(), "using the published layer; nothing to unpack");
-        st.layers.insert(id.into(), l);
+        self.lock().layers.insert(id.into(), l);
         Ok(true)
     }
 }

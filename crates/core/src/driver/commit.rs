@@ -9,10 +9,10 @@ use super::records::{Kind, LocalLayer, TreeFacts};
 use super::{check_id, ChainHold, Driver};
 use crate::error::{Context, Error, Result};
 use crate::export;
+use crate::guard::{Mounted, Staged};
 use crate::ids::DiffId;
 use crate::ids::{random_token, ChainId};
 use crate::image;
-use crate::mount;
 use crate::store::LayerInfo;
 
 impl Driver {
@@ -24,7 +24,7 @@ impl Driver {
     pub fn commit(&self, rw_id: &str, new_id: &str, chain: Option<ChainId>) -> Result<ChainId> {
         check_id(new_id)?;
         let (_reserved, rw) = {
-            let mut st = self.state()?;
+            let mut st = self.state_when(|st| Self::removing(st, &[Some(rw_id), Some(new_id)]))?;
             if st.layers.contains_key(new_id) || st.busy.contains(new_id) {
                 return Err(Error::AlreadyExists(format!("layer {new_id}")));
             }
@@ -42,7 +42,7 @@ impl Driver {
         };
         if let Err(e) = self.save(&l) {
             drop(hold);
-            let _ = self.release_chain(&mut self.lock(), &chain, new_id);
+            let _ = self.release_chain(&chain, new_id);
             return Err(e);
         }
         self.lock().layers.insert(new_id.into(), l);
@@ -57,7 +57,7 @@ impl Driver {
     /// content as a tar) over what the writable layer stands on; takes a
     /// reference.
     pub(super) fn publish_upper(&self, rw_id: &str, chain: Option<ChainId>) -> Result<(LayerInfo, ChainHold<'_>)> {
-        let (parent_chain, upper) = {
+        let (parent_chain, fs, _lease) = {
             let mut st = self.state()?;
             let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
             let Kind::Rw { fs, .. } = l.kind else {
@@ -73,34 +73,25 @@ impl Driver {
                 }
                 r => r?,
             };
-            let upper = self.ensure_rw(&mut st, rw_id, fs)?.join("upper");
-            (parent_chain, upper)
+            // A removal of the writable layer waits for the commit.
+            (parent_chain, fs, self.lease(&mut st, rw_id, self.rw_mnt(rw_id)))
         };
+        let upper = self.ensure_rw(rw_id, fs)?.join("upper");
         // The tree goes into the image under /fs: bind the upper there.
-        let staging = self.home.join("tmp").join(format!("commit-{}", random_token()));
-        let fs_dir = staging.join(image::LAYER_ROOT);
-        fs::create_dir_all(&fs_dir).ctx("mkdir", &fs_dir)?;
+        let staging = Staged::mkdir(self.home.join("tmp").join(format!("commit-{}", random_token())))?;
+        let fs_dir = staging.path().join(image::LAYER_ROOT);
+        fs::create_dir(&fs_dir).ctx("mkdir", &fs_dir)?;
+        rustix::mount::mount_bind(&upper, &fs_dir).ctx("bind", &fs_dir)?;
+        let bind = Mounted::new(&fs_dir);
         // Read-only, so that no cleanup can delete through it.
-        let r = rustix::mount::mount_bind(&upper, &fs_dir)
-            .and_then(|_| {
-                rustix::mount::mount_remount(
-                    &fs_dir,
-                    rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
-                    c"",
-                )
-            })
-            .ctx("bind", &fs_dir)
-            .and_then(|_| {
-                crate::fault::point("commit", "staging made");
-                self.commit_staged(&staging, &upper, chain, parent_chain.as_ref())
-            });
-        match mount::unmount_path(&fs_dir) {
-            Ok(()) => {
-                let _ = fs::remove_dir_all(&staging);
-            }
-            Err(e) => {
-                tracing::warn!(path = %fs_dir.display(), error = %e, "cannot unmount a commit's staging; left for the next start")
-            }
+        rustix::mount::mount_remount(&fs_dir, rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY, c"")
+            .ctx("bind", &fs_dir)?;
+        crate::fault::point("commit", "staging made");
+        let r = self.commit_staged(staging.path(), &upper, chain, parent_chain.as_ref());
+        if let Err(e) = bind.unmount() {
+            // The staging stays (nothing is deleted through a mount).
+            tracing::warn!(path = %fs_dir.display(), error = %e, "cannot unmount a commit's staging; left for the next start");
+            staging.keep();
         }
         r
     }

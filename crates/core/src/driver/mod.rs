@@ -32,10 +32,16 @@
 //! - `commit`: freezing a writable layer into a published one;
 //! - `remove`: removal, releasing published layers, Cleanup;
 //! - `report`: what the driver tells about itself and its layers
-//!   (status, metadata, changes, diff size).
+//!   (status, metadata, changes, diff size);
+//! - `flight`: how requests work outside the state lock (marks of work
+//!   in flight, reservations, leases), which no kernel or file system
+//!   I/O runs under, apart from the start-up reconcile.
 
 mod apply;
 mod commit;
+mod flight;
+pub use flight::Lease;
+use flight::{ChainHold, Flight, Shared};
 mod reconcile;
 mod records;
 mod remove;
@@ -46,9 +52,10 @@ mod views;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use crate::error::{Context, Error, Result};
+use crate::guard::Staged;
 use crate::ids::{random_token, Bytes, ChainId};
 use crate::image;
 use crate::layermounts::LayerMounts;
@@ -84,50 +91,11 @@ struct State {
     closed: bool,
     /// Background removals of writable layers; each sender drops when done.
     pending: Vec<std::sync::mpsc::Receiver<()>>,
-}
-
-/// A published layer held in flight (see `State::inflight`) until
-/// dropped, once its user is recorded.
-struct ChainHold<'a> {
-    state: &'a Mutex<State>,
-    chain: ChainId,
-}
-
-impl Drop for ChainHold<'_> {
-    fn drop(&mut self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = st.inflight.get_mut(&self.chain) {
-            *n -= 1;
-            if *n == 0 {
-                st.inflight.remove(&self.chain);
-            }
-        }
-    }
-}
-
-/// Ids reserved by one request while it works outside the lock; released
-/// when dropped.
-struct Reservation<'a> {
-    state: &'a Mutex<State>,
-    ids: Vec<String>,
-    pinned: Option<String>,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        for id in &self.ids {
-            st.busy.remove(id);
-        }
-        if let Some(p) = &self.pinned {
-            if let Some(n) = st.pinned.get_mut(p) {
-                *n -= 1;
-                if *n == 0 {
-                    st.pinned.remove(p);
-                }
-            }
-        }
-    }
+    /// Mounts made or unmade, layers removed and published layers
+    /// released outside the lock now (see `flight`).
+    flights: HashSet<Flight>,
+    /// Layers lent to readers ([`Lease`]), with their count.
+    leases: HashMap<String, u32>,
 }
 
 /// Whether the created layer is read-only (an image layer) or writable.
@@ -173,7 +141,7 @@ pub struct Driver {
     cfg: Config,
     store: Store,
     mounts: Arc<LayerMounts>,
-    state: Mutex<State>,
+    shared: Arc<Shared>,
     /// An exclusive lock on `<home>/lock`, held while the driver lives: a
     /// second process on the same state would corrupt it.
     _lock: fs::File,
@@ -231,13 +199,10 @@ fn prepare_staging(home: &Path) -> Result<()> {
     let img = home.join("scratch.img");
     if !img.exists() {
         tracing::info!(home = %home.display(), "the home filesystem cannot hold whiteouts; staging in a scratch image");
-        let part = home.join(format!(".scratch-{}", random_token()));
-        let made =
-            image::create_scratch_image(&part, SCRATCH_SIZE).and_then(|_| fs::rename(&part, &img).ctx("rename", &img));
-        if let Err(e) = made {
-            let _ = fs::remove_file(&part);
-            return Err(e);
-        }
+        // Gone again unless renamed into place.
+        let part = Staged::new(home.join(format!(".scratch-{}", random_token())));
+        image::create_scratch_image(part.path(), SCRATCH_SIZE)?;
+        fs::rename(part.path(), &img).ctx("rename", &img)?;
     }
     let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io: false })
         .ctx("attach loop device", &img)?;
@@ -330,15 +295,8 @@ impl Driver {
         };
         let store = Store::new(&cfg, &host_id);
         let hb = spawn_heartbeat(store.clone(), cfg.heartbeat_secs);
-        let d = Driver {
-            home: home.to_owned(),
-            cfg,
-            store,
-            mounts,
-            state: Mutex::new(State::default()),
-            _lock: lock,
-            _heartbeat: hb,
-        };
+        let d =
+            Driver { home: home.to_owned(), cfg, store, mounts, shared: Shared::new(), _lock: lock, _heartbeat: hb };
         d.reconcile()?;
         Ok(d)
     }
@@ -351,41 +309,6 @@ impl Driver {
     }
     pub fn home(&self) -> &Path {
         &self.home
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The state, for a request: refused once the driver is cleaned up.
-    fn state(&self) -> Result<MutexGuard<'_, State>> {
-        let st = self.lock();
-        if st.closed {
-            return Err(Error::Conflict(format!(
-                "the driver in {} was cleaned up (engine shutdown); initialise it again",
-                self.home.display()
-            )));
-        }
-        Ok(st)
-    }
-
-    /// Reserves `ids` (which no other request may be working on) and pins
-    /// `parent` for a request that works outside the lock.
-    fn reserve(&self, st: &mut State, ids: &[&str], parent: Option<&str>) -> Result<Reservation<'_>> {
-        if let Some(id) = ids.iter().find(|id| st.busy.contains(**id)) {
-            return Err(Error::InUse { id: (*id).into(), why: "another request is working on it".into() });
-        }
-        for id in ids {
-            st.busy.insert((*id).to_owned());
-        }
-        if let Some(p) = parent {
-            *st.pinned.entry(p.to_owned()).or_default() += 1;
-        }
-        Ok(Reservation {
-            state: &self.state,
-            ids: ids.iter().map(|s| (*s).to_owned()).collect(),
-            pinned: parent.map(str::to_owned),
-        })
     }
 
     fn layer_file(&self, id: &str) -> PathBuf {

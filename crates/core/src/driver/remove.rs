@@ -5,9 +5,11 @@
 use std::fs;
 use std::path::PathBuf;
 
+use super::flight::Flight;
 use super::records::{GetRef, Kind};
 use super::{Driver, State};
 use crate::error::{Context, Error, Result};
+use crate::guard::Staged;
 use crate::ids::{random_token, ChainId};
 use crate::mount;
 use crate::store::LayerInfo;
@@ -17,26 +19,43 @@ const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Driver {
     /// Removes layer `id`. Removing what does not exist is not an error.
+    ///
+    /// The checks run under the state lock; then the id is reserved and
+    /// its view and removal marked in flight (a Get, Put or lease of it, or
+    /// a create over it, waits; a create of the same id is refused), and
+    /// the unmounts, the release of published layers (on the shared root:
+    /// references, perhaps the layer's deletion) and the record's deletion
+    /// run without the lock.
     pub fn remove(&self, id: &str) -> Result<()> {
         // A request working on the id (an ApplyDiff whose client went away,
-        // a create over it) finishes first: dockerd removes a layer right
-        // after its ApplyDiff failed on the client side, and does not retry
-        // a refused Remove. Removal waits for it, a bounded time.
-        let mut st = self.state()?;
-        let t0 = std::time::Instant::now();
-        while st.busy.contains(id) || st.pinned.contains_key(id) {
-            if t0.elapsed() > REMOVE_WAIT {
-                return Err(Error::InUse {
-                    id: id.into(),
-                    why: format!(
-                        "another request has been working on it or on a child for over {} s",
-                        REMOVE_WAIT.as_secs()
-                    ),
-                });
-            }
+        // a create over it, a reader holding a lease on it) finishes first:
+        // dockerd removes a layer right after its ApplyDiff failed on the
+        // client side, and does not retry a refused Remove. Removal waits
+        // for it, a bounded time.
+        let (view, rw) = (Flight::View(id.to_owned()), Flight::Rw(id.to_owned()));
+        let working = |st: &State| {
+            st.busy.contains(id)
+                || st.pinned.contains_key(id)
+                || st.leases.contains_key(id)
+                || st.flights.contains(&view)
+                || st.flights.contains(&rw)
+        };
+        let (st, idle) = self.wait_bounded(self.state()?, std::time::Instant::now() + REMOVE_WAIT, working);
+        if st.closed {
             drop(st);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            st = self.state()?;
+            return self.state().map(|_| ());
+        }
+        let mut st = st;
+        if !idle {
+            let why = if st.leases.contains_key(id) {
+                format!(
+                    "a reader has been using its directory (a diff streaming from it) for over {} s",
+                    REMOVE_WAIT.as_secs()
+                )
+            } else {
+                format!("another request has been working on it or on a child for over {} s", REMOVE_WAIT.as_secs())
+            };
+            return Err(Error::InUse { id: id.into(), why });
         }
         let Some(l) = st.layers.get(id).cloned() else {
             return Ok(());
@@ -44,36 +63,49 @@ impl Driver {
         if let Some(child) = st.layers.values().find(|c| c.parent.as_deref() == Some(id)) {
             return Err(Error::InUse { id: id.into(), why: format!("layer {} is built on it", child.id) });
         }
-        match st.gets.get(id) {
-            Some(g) if !g.adopted => {
-                return Err(Error::InUse {
-                    id: id.into(),
-                    why: format!("it is mounted at {} (Get without Put)", g.dir.display()),
-                })
+        if let Some(g) = st.gets.get(id).filter(|g| !g.adopted) {
+            return Err(Error::InUse {
+                id: id.into(),
+                why: format!("it is mounted at {} (Get without Put)", g.dir.display()),
+            });
+        }
+        let _flights = (self.take_off(&mut st, view), self.take_off(&mut st, Flight::Remove(id.to_owned())));
+        // Dropped before the flights: a create of the id waiting for the
+        // removal finds it free.
+        let _reserved = self.reserve(&mut st, &[id], None)?;
+        // Mounted by a run before a restart; nobody holds it now.
+        let adopted = st.gets.remove(id);
+        drop(st);
+        if let Some(g) = adopted.filter(|g| g.mounted) {
+            if let Err(e) = mount::unmount_path(&g.dir) {
+                self.lock().gets.insert(id.to_owned(), g);
+                return Err(e);
             }
-            Some(g) => {
-                // Mounted by a run before a restart; nobody holds it now.
-                if g.mounted {
-                    mount::unmount_path(&g.dir)?;
-                    let _ = fs::remove_dir(&g.dir);
-                }
-                st.gets.remove(id);
+            let _ = fs::remove_dir(&g.dir);
+        }
+        if let Kind::Rw { .. } = &l.kind {
+            self.bury_rw(id)?;
+        }
+        // From here the layer stands on nothing: a removal of another
+        // layer on the same published layers, running meanwhile, sees that
+        // (one of the two releases it). Put back if what follows fails.
+        self.lock().layers.remove(id);
+        let released = (|| {
+            if let Kind::Image { chain: Some(c), .. } = &l.kind {
+                self.release_chain(c, id)?;
             }
-            None => {}
+            if let Some(b) = &l.base {
+                self.release_chain(b, id)?;
+            }
+            crate::fault::point("remove", "mounts released");
+            let f = self.layer_file(id);
+            fs::remove_file(&f).ctx("remove", &f)?;
+            crate::store::fsync_dir(f.parent().unwrap())
+        })();
+        if let Err(e) = released {
+            self.lock().layers.insert(id.to_owned(), l);
+            return Err(e);
         }
-        match &l.kind {
-            Kind::Rw { .. } => self.bury_rw(&mut st, id)?,
-            Kind::Image { chain: Some(c), .. } => self.release_chain(&mut st, c, id)?,
-            Kind::Image { chain: None, .. } => {}
-        }
-        if let Some(b) = &l.base {
-            self.release_chain(&mut st, b, id)?;
-        }
-        crate::fault::point("remove", "mounts released");
-        let f = self.layer_file(id);
-        fs::remove_file(&f).ctx("remove", &f)?;
-        crate::store::fsync_dir(f.parent().unwrap())?;
-        st.layers.remove(id);
         Ok(())
     }
 
@@ -82,18 +114,22 @@ impl Driver {
     /// Nothing left under the id's names: a create of the same id right
     /// after cannot meet the removal. A crash in between leaves a mount and
     /// an `rw/.rm-*` entry, both of which the start-up reconcile removes.
-    fn bury_rw(&self, st: &mut State, id: &str) -> Result<()> {
+    /// Called without the state lock, with the removal in flight.
+    fn bury_rw(&self, id: &str) -> Result<()> {
         let dir = self.home.join("rw").join(id);
         // Same mount as rw/ (tmp/ is a mount of its own).
-        let grave = self.home.join("rw").join(format!(".rm-{}", random_token()));
-        fs::create_dir(&grave).ctx("mkdir", &grave)?;
-        st.attached_elsewhere.remove(id);
+        let grave = Staged::mkdir(self.home.join("rw").join(format!(".rm-{}", random_token())))?;
+        let was_mounted = {
+            let mut st = self.lock();
+            st.attached_elsewhere.remove(id);
+            st.rw_mounted.contains(id)
+        };
         let m = self.rw_mnt(id);
         let mut moved = None;
-        if st.rw_mounted.contains(id) {
+        if was_mounted {
             // The mount moves into the grave (both are on private mounts of
             // the home), so rwmnt/<id> is free at once.
-            let to = grave.join("mnt");
+            let to = grave.path().join("mnt");
             let r = fs::create_dir(&to)
                 .ctx("mkdir", &to)
                 .and_then(|_| rustix::mount::mount_move(&m, &to).ctx("move mount", &m));
@@ -101,18 +137,15 @@ impl Driver {
                 Ok(()) => moved = Some(to),
                 Err(e) => {
                     tracing::info!(target = %m.display(), error = %e, "cannot move the writable mount; detaching it");
-                    if let Err(e) = mount::detach_path(&m) {
-                        // Nothing moved yet: the layer stays as it was.
-                        let _ = fs::remove_dir(&to);
-                        let _ = fs::remove_dir(&grave);
-                        return Err(e);
-                    }
+                    // Nothing moved yet on an error: the layer stays as it
+                    // was (the grave goes with its guard).
+                    mount::detach_path(&m)?;
                 }
             }
-            st.rw_mounted.remove(id);
+            self.lock().rw_mounted.remove(id);
         }
         // The image last: once it is in the grave, the layer is gone.
-        match fs::rename(&dir, grave.join("img")) {
+        match fs::rename(&dir, grave.path().join("img")) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -121,6 +154,9 @@ impl Driver {
         }
         let _ = fs::remove_dir(&m);
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        // The worker owns the grave from here.
+        let grave_path = grave.path().to_owned();
+        grave.keep();
         std::thread::spawn(move || {
             if let Some(to) = moved {
                 if let Err(e) = mount::unmount_path(&to) {
@@ -134,25 +170,34 @@ impl Driver {
                     }
                 }
             }
-            let _ = fs::remove_dir_all(&grave);
+            let _ = fs::remove_dir_all(&grave_path);
             drop(tx);
         });
+        let mut st = self.lock();
         st.pending.retain(|r| matches!(r.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)));
         st.pending.push(rx);
         Ok(())
     }
 
     /// Layer `id` no longer stands on published layer `c`: unless another
-    /// local layer does, its mount and this host's reference go.
-    pub(super) fn release_chain(&self, st: &mut State, c: &ChainId, id: &str) -> Result<()> {
-        if st.layers.values().any(|o| o.id != id && o.uses_chain(c)) || st.inflight.contains_key(c) {
-            return Ok(());
-        }
-        let info = match st.ro.remove(c) {
+    /// local layer does, or a request holds it, its mount and this host's
+    /// reference go. The decision is made under the state lock, with the
+    /// release then marked in flight (a request about to reference `c`
+    /// waits for it); the unmount and the store's work run without it.
+    pub(super) fn release_chain(&self, c: &ChainId, id: &str) -> Result<()> {
+        let key = Flight::Release(c.clone());
+        let (m, _flight) = {
+            let mut st = self.wait_while(self.lock(), |st| st.flights.contains(&key));
+            if st.layers.values().any(|o| o.id != id && o.uses_chain(c)) || st.inflight.contains_key(c) {
+                return Ok(());
+            }
+            (st.ro.remove(c), self.take_off(&mut st, key.clone()))
+        };
+        let info = match m {
             Some(m) => {
                 if m.dev.is_some() {
                     if let Err(e) = self.mounts.release(c, &self.home) {
-                        st.ro.insert(c.clone(), m);
+                        self.lock().ro.insert(c.clone(), m);
                         return Err(e);
                     }
                 }
@@ -199,26 +244,28 @@ impl Driver {
             }
             st.closed = true;
         }
-        let t0 = std::time::Instant::now();
-        loop {
-            let st = self.lock();
-            if st.busy.is_empty() && st.pinned.is_empty() && st.inflight.is_empty() {
-                break;
-            }
-            if t0.elapsed() > std::time::Duration::from_secs(300) {
-                tracing::warn!(busy = ?st.busy, "requests still in flight after 300 s; cleaning up around them");
-                break;
-            }
-            drop(st);
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        // Leases too: a diff streaming keeps its directory until it ends.
+        let working = |st: &State| {
+            !(st.busy.is_empty()
+                && st.pinned.is_empty()
+                && st.inflight.is_empty()
+                && st.flights.is_empty()
+                && st.leases.is_empty())
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        let (st, idle) = self.wait_bounded(self.lock(), until, working);
+        if !idle {
+            tracing::warn!(busy = ?st.busy, flights = ?st.flights, leases = ?st.leases,
+                "requests still in flight after 300 s; cleaning up around them");
         }
+        drop(st);
         self.settle();
-        let mut st = self.lock();
         // Nothing is detached: a mount that cannot go now (a process still
         // in a container) stays visible, so that the next start adopts it
-        // instead of mounting a writable image a second time.
+        // instead of mounting a writable image a second time. The mounts
+        // are taken out of the state, then unmounted without the lock.
         let mut failed = Vec::new();
-        let gets: Vec<(String, GetRef)> = st.gets.drain().collect();
+        let gets: Vec<(String, GetRef)> = self.lock().gets.drain().collect();
         for (id, g) in gets {
             if !g.adopted {
                 tracing::warn!(layer = %id, holds = g.count, "layer still mounted (Get without Put) at cleanup; unmounting it");
@@ -238,7 +285,11 @@ impl Driver {
                 failed.join("; ")
             )));
         }
-        for id in std::mem::take(&mut st.rw_mounted) {
+        let (rw_mounted, ro) = {
+            let mut st = self.lock();
+            (std::mem::take(&mut st.rw_mounted), std::mem::take(&mut st.ro))
+        };
+        for id in rw_mounted {
             let m = self.rw_mnt(&id);
             match mount::unmount_path(&m) {
                 Ok(()) => {
@@ -247,7 +298,7 @@ impl Driver {
                 Err(e) => failed.push(e.to_string()),
             }
         }
-        for (c, m) in std::mem::take(&mut st.ro) {
+        for (c, m) in ro {
             if m.dev.is_some() {
                 if let Err(e) = self.mounts.release(&c, &self.home) {
                     failed.push(e.to_string());

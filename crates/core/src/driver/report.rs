@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::records::{Kind, LocalLayer, Source};
-use super::{none_if_empty, Driver};
+use super::{none_if_empty, Driver, Lease};
 use crate::error::{Error, Result};
 use crate::export::{self, Change};
 use crate::fsmagic;
@@ -16,7 +16,7 @@ use crate::placement::RootPlacement;
 use crate::store::Location;
 
 impl Driver {
-    fn check_parent(l: &LocalLayer, parent: Option<&str>) -> Result<()> {
+    pub(super) fn check_parent(l: &LocalLayer, parent: Option<&str>) -> Result<()> {
         let parent = none_if_empty(parent);
         if parent.is_some() && l.parent.as_deref() != parent {
             return Err(Error::Invalid(format!(
@@ -30,23 +30,17 @@ impl Driver {
     }
 
     /// The directory whose tree is layer `id`'s own changes, mounted, for
-    /// [`export::export_tar`]. Checked before anything is streamed.
-    pub fn diff_source(&self, id: &str, parent: Option<&str>) -> Result<PathBuf> {
-        let mut st = self.state()?;
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
-        Self::check_parent(&l, parent)?;
-        Ok(self.own_dir(&mut st, id)?.unwrap_or_else(|| self.home.join("empty")))
+    /// [`export::export_tar`]. Checked before anything is streamed. The
+    /// lease keeps it mounted while the caller streams from it: a removal
+    /// of the layer meanwhile waits for the lease (a bounded time, then it
+    /// is refused as in use).
+    pub fn diff_source(&self, id: &str, parent: Option<&str>) -> Result<Lease> {
+        Ok(self.lend_own(id, parent, false)?.0)
     }
 
     /// The changes of layer `id` against its parent.
     pub fn changes(&self, id: &str, parent: Option<&str>) -> Result<Vec<Change>> {
-        let (dir, lowers) = {
-            let mut st = self.state()?;
-            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
-            Self::check_parent(&l, parent)?;
-            let dir = self.own_dir(&mut st, id)?;
-            (dir, self.stack(&mut st, id, false)?)
-        };
+        let (_lease, dir, lowers) = self.lend_own(id, parent, true)?;
         match dir {
             Some(d) => export::changes(&d, &lowers),
             None => Ok(Vec::new()),
@@ -55,15 +49,15 @@ impl Driver {
 
     /// Bytes of content layer `id` adds.
     pub fn diff_size(&self, id: &str, parent: Option<&str>) -> Result<u64> {
-        let dir = {
-            let mut st = self.state()?;
+        {
+            let st = self.state()?;
             let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             Self::check_parent(&l, parent)?;
             if let Kind::Image { size, .. } = l.kind {
                 return Ok(size);
             }
-            self.own_dir(&mut st, id)?
-        };
+        }
+        let (_lease, dir, _) = self.lend_own(id, parent, false)?;
         dir.map(|d| export::tree_size(&d)).unwrap_or(Ok(0))
     }
 
@@ -101,16 +95,29 @@ impl Driver {
     /// What the driver can tell about layer `id`: its stack and, for a
     /// writable layer, its directories.
     pub fn layer_report(&self, id: &str) -> Result<LayerReport> {
-        let st = self.state()?;
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        // What the state knows, under the lock; the store and the mount
+        // table are read after it.
+        let (l, srcs, known, lowers) = {
+            let st = self.state()?;
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+            let srcs = self.sources(&st, id, true)?;
+            let known: std::collections::HashMap<ChainId, (crate::store::LayerInfo, Option<String>)> = srcs
+                .iter()
+                .filter_map(|s| match s {
+                    Source::Chain(c) => st.ro.get(c).map(|r| (c.clone(), (r.info.clone(), r.dev.clone()))),
+                    Source::Upper(..) => None,
+                })
+                .collect();
+            (l, srcs, known, self.stack_paths(&st, id, false))
+        };
         let mounts = mount::mountinfo().unwrap_or_default();
         // Every layer of the stack, topmost first.
         let mut stack = Vec::new();
-        for src in self.sources(&st, id, true)? {
+        for src in srcs {
             match &src {
                 Source::Chain(ch) => {
-                    let (info, dev) = match st.ro.get(ch) {
-                        Some(r) => (Some(r.info.clone()), r.dev.clone()),
+                    let (info, dev) = match known.get(ch) {
+                        Some((info, dev)) => (Some(info.clone()), dev.clone()),
                         None => (self.store.locate(ch), None),
                     };
                     if let Some(info) = info {
@@ -139,7 +146,7 @@ impl Driver {
                     merged: self.merged(id),
                     size: *size,
                     fs: *fs,
-                    lowers: self.stack_paths(&st, id, false),
+                    lowers,
                 }
             }
         };

@@ -4,10 +4,12 @@
 use std::fs;
 use std::path::PathBuf;
 
+use super::flight::Flight;
 use super::records::{GetRef, Kind, LocalLayer, RoMount, Source};
-use super::{Driver, MountSpec, State};
+use super::{Driver, Lease, MountSpec, State};
 use crate::error::{Context, Error, Result};
 use crate::export;
+use crate::guard::Mounted;
 use crate::ids::ChainId;
 use crate::image;
 use crate::mount::{self, OverlaySpec};
@@ -15,51 +17,60 @@ use crate::options::FsType;
 use crate::sys::loopdev;
 
 impl Driver {
-    /// Mounts (once per host) the published layer `chain`.
-    fn ensure_ro(&self, st: &mut State, chain: &ChainId) -> Result<RoMount> {
-        if let Some(m) = st.ro.get(chain) {
+    /// Mounts (once per host) the published layer `chain`. Called without
+    /// the state lock, by a request that keeps a layer using `chain` from
+    /// being removed meanwhile (a view in flight, a lease). The layer mount
+    /// table lets concurrent first mounts of one layer make one mount.
+    fn ensure_ro(&self, chain: &ChainId) -> Result<RoMount> {
+        if let Some(m) = self.lock().ro.get(chain) {
             return Ok(m.clone());
         }
         let info = self
             .store
             .locate(chain)
             .ok_or_else(|| Error::NotFound(format!("layer {chain} (not in root or fallback)")))?;
-        if info.image().is_none() {
-            let m = RoMount { info, dev: None };
-            st.ro.insert(chain.clone(), m.clone());
-            return Ok(m);
-        }
-        let dev = self.mounts.acquire(&info, &self.home, self.cfg.verify, self.cfg.direct_io)?;
-        let m = RoMount { info, dev: Some(dev) };
-        st.ro.insert(chain.clone(), m.clone());
-        Ok(m)
+        let dev = match info.image() {
+            None => None,
+            Some(_) => Some(self.mounts.acquire(&info, &self.home, self.cfg.verify, self.cfg.direct_io)?),
+        };
+        // Another request may have recorded it meanwhile: the same mount.
+        Ok(self.lock().ro.entry(chain.clone()).or_insert(RoMount { info, dev }).clone())
     }
 
-    pub(super) fn ensure_rw(&self, st: &mut State, id: &str, fs_type: FsType) -> Result<PathBuf> {
+    /// Mounts writable layer `id`'s image, once: a request mounting it
+    /// meanwhile is waited for. Called without the state lock.
+    pub(super) fn ensure_rw(&self, id: &str, fs_type: FsType) -> Result<PathBuf> {
         let target = self.rw_mnt(id);
-        if st.rw_mounted.contains(id) {
-            return Ok(target);
-        }
         let img = self.rw_image(id);
-        // A writable image still attached from before (a mount that a
-        // process kept alive through a restart) must not be mounted twice:
-        // two filesystems writing one image corrupt it.
-        if let Some(dev) = st.attached_elsewhere.get(id) {
-            return Err(Error::InUse {
-                id: id.into(),
-                why: format!(
-                    "its image {} is still attached to {} by an earlier mount that something keeps alive; \
-                     stop what uses it (a container's processes) and restart sharedloop",
-                    img.display(),
-                    dev.display()
-                ),
-            });
-        }
+        let key = Flight::Rw(id.to_owned());
+        let _flight = {
+            let mut st = self.wait_while(self.lock(), |st| st.flights.contains(&key));
+            if st.rw_mounted.contains(id) {
+                return Ok(target);
+            }
+            // A writable image still attached from before (a mount that a
+            // process kept alive through a restart) must not be mounted
+            // twice: two filesystems writing one image corrupt it.
+            if let Some(dev) = st.attached_elsewhere.get(id) {
+                return Err(Error::InUse {
+                    id: id.into(),
+                    why: format!(
+                        "its image {} is still attached to {} by an earlier mount that something keeps alive; \
+                         stop what uses it (a container's processes) and restart sharedloop",
+                        img.display(),
+                        dev.display()
+                    ),
+                });
+            }
+            self.take_off(&mut st, key)
+        };
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
         let direct_io = self.cfg.direct_io.for_file(&img);
+        // Autoclear: the device goes with this handle unless the mount keeps it.
         let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io })
             .ctx("attach loop device", &img)?;
         mount::mount_layer_rw(dev.path(), &target, fs_type)?;
+        let mounted = Mounted::new(&target);
         for d in ["upper", "work"] {
             let p = target.join(d);
             match fs::create_dir(&p) {
@@ -68,29 +79,55 @@ impl Driver {
                 Err(e) => return Err(Error::sys("mkdir", p, e)),
             }
         }
-        st.rw_mounted.insert(id.to_owned());
+        self.lock().rw_mounted.insert(id.to_owned());
+        mounted.keep();
         Ok(target)
     }
 
-    /// The directory holding layer `id`'s own content, mounted; `None` for
-    /// an empty layer.
-    pub(super) fn own_dir(&self, st: &mut State, id: &str) -> Result<Option<PathBuf>> {
-        let l = st.layers.get(id).ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
-        match l.content() {
-            Some(src) => self.mount_source(st, &src),
-            None => Ok(None),
+    /// Mounts one level of a stack; `None` for an empty published layer.
+    /// Called without the state lock.
+    fn mount_source(&self, src: &Source) -> Result<Option<PathBuf>> {
+        match src {
+            Source::Chain(c) => {
+                let m = self.ensure_ro(c)?;
+                Ok(m.dev.map(|_| self.ro_mnt(c).join(image::LAYER_ROOT)))
+            }
+            Source::Upper(id, fs) => Ok(Some(self.ensure_rw(id, *fs)?.join("upper"))),
         }
     }
 
-    /// Mounts one level of a stack; `None` for an empty published layer.
-    fn mount_source(&self, st: &mut State, src: &Source) -> Result<Option<PathBuf>> {
-        match src {
-            Source::Chain(c) => {
-                let m = self.ensure_ro(st, c)?;
-                Ok(m.dev.map(|_| self.ro_mnt(c).join(image::LAYER_ROOT)))
-            }
-            Source::Upper(id, fs) => Ok(Some(self.ensure_rw(st, id, *fs)?.join("upper"))),
+    /// Mounts the levels `srcs`, in order; empty layers left out.
+    pub(super) fn mount_sources(&self, srcs: &[Source]) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for src in srcs {
+            out.extend(self.mount_source(src)?);
         }
+        Ok(out)
+    }
+
+    /// Lends layer `id`'s own content directory (mounted) to a reader, and
+    /// the stack under it when `under`: the lease keeps a removal off them.
+    /// `None` for a layer without content of its own.
+    pub(super) fn lend_own(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        under: bool,
+    ) -> Result<(Lease, Option<PathBuf>, Vec<PathBuf>)> {
+        let view = Flight::View(id.to_owned());
+        let (lease, own, lower) = {
+            let mut st = self.state_when(|st| st.flights.contains(&view))?;
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+            Self::check_parent(&l, parent)?;
+            let lower = if under { self.sources(&st, id, false)? } else { Vec::new() };
+            (self.lease(&mut st, id, self.home.join("empty")), l.content(), lower)
+        };
+        let own = match own {
+            Some(src) => self.mount_source(&src)?,
+            None => None,
+        };
+        let lower = self.mount_sources(&lower)?;
+        Ok((lease.with_path(own.clone().unwrap_or_else(|| self.home.join("empty"))), own, lower))
     }
 
     /// What layer `id` stands on, topmost first (with its own content first
@@ -111,16 +148,6 @@ impl Driver {
                 None => out.extend(pl.content()),
             }
             l = pl;
-        }
-        Ok(out)
-    }
-
-    /// The stack of layer `id` (without its own content unless `own`),
-    /// topmost first, empty layers left out, everything mounted.
-    pub(super) fn stack(&self, st: &mut State, id: &str, own: bool) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        for src in self.sources(st, id, own)? {
-            out.extend(self.mount_source(st, &src)?);
         }
         Ok(out)
     }
@@ -154,41 +181,53 @@ impl Driver {
     /// A layer created read-only and never given content (no ApplyDiff)
     /// is a layer of its own: the first Get gives it a writable image, and
     /// what is written into the directory Get returns is its content.
+    ///
+    /// The mounts are made outside the state lock with the layer's view in
+    /// flight: a Get, Put or Remove of the same id waits for it, requests
+    /// on other layers do not.
     pub fn get(&self, id: &str) -> Result<PathBuf> {
-        let mut st = self.state()?;
-        if let Some(g) = st.gets.get_mut(id) {
-            g.count += 1;
-            return Ok(g.dir.clone());
-        }
-        let mut l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
-        if st.busy.contains(id) {
-            return Err(Error::InUse { id: id.into(), why: "another request is working on it".into() });
-        }
+        let view = Flight::View(id.to_owned());
+        let (mut l, _flight, _reserved) = {
+            let mut st = self.state_when(|st| st.flights.contains(&view))?;
+            if let Some(g) = st.gets.get_mut(id) {
+                g.count += 1;
+                return Ok(g.dir.clone());
+            }
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+            if st.busy.contains(id) {
+                return Err(Error::InUse { id: id.into(), why: "another request is working on it".into() });
+            }
+            let mut reserved = None;
+            if let Kind::Image { chain: None, .. } = l.kind {
+                // Layers built on it see it as it is: empty. Opening it for
+                // writing now would change what they stand on.
+                if st.pinned.contains_key(id) || st.layers.values().any(|c| c.parent.as_deref() == Some(id)) {
+                    return Err(Error::InUse {
+                        id: id.into(),
+                        why: "it is empty and layers are built on it; it can no longer be written".into(),
+                    });
+                }
+                // No ApplyDiff of it while it becomes writable.
+                reserved = Some(self.reserve(&mut st, &[id], None)?);
+            }
+            (l, self.take_off(&mut st, view.clone()), reserved)
+        };
         if let Kind::Image { chain: None, .. } = l.kind {
-            // Layers built on it see it as it is: empty. Opening it for
-            // writing now would change what they stand on.
-            if st.pinned.contains_key(id) || st.layers.values().any(|c| c.parent.as_deref() == Some(id)) {
-                return Err(Error::InUse {
-                    id: id.into(),
-                    why: "it is empty and layers are built on it; it can no longer be written".into(),
-                });
-            }
             let fs_type = self.cfg.fs;
-            self.make_rw_image(id, fs_type, self.cfg.rw_size)?;
+            let made = self.make_rw_image(id, fs_type, self.cfg.rw_size)?;
             l.kind = Kind::Rw { size: self.cfg.rw_size, fs: fs_type };
-            if let Err(e) = self.save(&l) {
-                let _ = fs::remove_dir_all(self.rw_image(id).parent().unwrap());
-                return Err(e);
-            }
+            self.save(&l)?;
+            made.keep();
             tracing::debug!(layer = id, "an empty read-only layer opened for writing through Get");
-            st.layers.insert(id.to_owned(), l.clone());
+            self.lock().layers.insert(id.to_owned(), l.clone());
         }
         let target = self.merged(id);
-        let (dir, mounted) = match &l.kind {
+        let (dir, overlay) = match &l.kind {
             Kind::Rw { fs, .. } => {
-                let rw = self.ensure_rw(&mut st, id, *fs)?;
+                let rw = self.ensure_rw(id, *fs)?;
                 crate::fault::point("get", "writable image mounted");
-                let mut lowers = self.stack(&mut st, id, false)?;
+                let srcs = self.sources(&self.lock(), id, false)?;
+                let mut lowers = self.mount_sources(&srcs)?;
                 crate::fault::point("get", "layers mounted");
                 if lowers.is_empty() {
                     lowers.push(self.home.join("empty"));
@@ -196,23 +235,30 @@ impl Driver {
                 fs::create_dir_all(&target).ctx("mkdir", &target)?;
                 let (u, w) = (rw.join("upper"), rw.join("work"));
                 mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: Some((&u, &w)) }, &target)?;
-                (target, true)
+                (target.clone(), Some(Mounted::new(target)))
             }
             Kind::Image { .. } => {
-                let lowers = self.stack(&mut st, id, true)?;
+                let srcs = self.sources(&self.lock(), id, true)?;
+                let lowers = self.mount_sources(&srcs)?;
                 match lowers.len() {
-                    0 => (self.home.join("empty"), false),
-                    1 => (lowers[0].clone(), false),
+                    0 => (self.home.join("empty"), None),
+                    1 => (lowers[0].clone(), None),
                     _ => {
                         fs::create_dir_all(&target).ctx("mkdir", &target)?;
                         mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: None }, &target)?;
-                        (target, true)
+                        (target.clone(), Some(Mounted::new(target)))
                     }
                 }
             }
         };
+        // Refused when the driver was cleaned up meanwhile: the overlay goes.
+        let mut st = self.state()?;
         tracing::debug!(layer = id, target = %dir.display(), "get");
+        let mounted = overlay.is_some();
         st.gets.insert(id.to_owned(), GetRef { count: 1, dir: dir.clone(), mounted, adopted: false });
+        if let Some(o) = overlay {
+            o.keep();
+        }
         Ok(dir)
     }
 
@@ -220,20 +266,26 @@ impl Driver {
     /// one standing for a view), for an engine that mounts them itself
     /// (containerd). The layers under it are mounted here, once per host;
     /// an overlay whose options would not fit in one page for `mount(2)`
-    /// is mounted here too and handed over as a bind mount.
+    /// is mounted here too and handed over as a bind mount. Mounting runs
+    /// outside the state lock, as for [`Driver::get`].
     pub fn mounts_for(&self, id: &str) -> Result<Vec<MountSpec>> {
-        let mut st = self.state()?;
-        if let Some(g) = st.gets.get(id) {
-            let rw = matches!(st.layers.get(id).map(|l| &l.kind), Some(Kind::Rw { .. }));
-            return Ok(vec![MountSpec::bind(&g.dir, rw)]);
-        }
-        let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+        let view = Flight::View(id.to_owned());
+        let (l, srcs, _flight) = {
+            let mut st = self.state_when(|st| st.flights.contains(&view))?;
+            if let Some(g) = st.gets.get(id) {
+                let rw = matches!(st.layers.get(id).map(|l| &l.kind), Some(Kind::Rw { .. }));
+                return Ok(vec![MountSpec::bind(&g.dir, rw)]);
+            }
+            let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
+            let srcs = self.sources(&st, id, !matches!(l.kind, Kind::Rw { .. }))?;
+            (l, srcs, self.take_off(&mut st, view.clone()))
+        };
         let (lowers, upper) = match &l.kind {
             Kind::Rw { fs, .. } => {
-                let rw = self.ensure_rw(&mut st, id, *fs)?;
-                (self.stack(&mut st, id, false)?, Some((rw.join("upper"), rw.join("work"))))
+                let rw = self.ensure_rw(id, *fs)?;
+                (self.mount_sources(&srcs)?, Some((rw.join("upper"), rw.join("work"))))
             }
-            Kind::Image { .. } => (self.stack(&mut st, id, true)?, None),
+            Kind::Image { .. } => (self.mount_sources(&srcs)?, None),
         };
         match (&upper, lowers.len()) {
             (Some((u, _)), 0) => return Ok(vec![MountSpec::bind(u, true)]),
@@ -250,46 +302,54 @@ impl Driver {
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
         let upper_refs = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
         mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: upper_refs }, &target)?;
+        let overlay = Mounted::new(&target);
         tracing::debug!(layer = id, layers = lowers.len(), target = %target.display(), "overlay mounted for the engine");
-        st.gets.insert(id.to_owned(), GetRef { count: 1, dir: target.clone(), mounted: true, adopted: false });
+        self.state()?
+            .gets
+            .insert(id.to_owned(), GetRef { count: 1, dir: target.clone(), mounted: true, adopted: false });
+        overlay.keep();
         Ok(vec![MountSpec::bind(&target, upper.is_some())])
     }
 
     /// Bytes and inodes of writable layer `id`'s own changes.
     pub fn rw_usage(&self, id: &str) -> Result<(u64, u64)> {
-        let upper = {
-            let mut st = self.lock();
+        let view = Flight::View(id.to_owned());
+        let (_lease, fs) = {
+            let mut st = self.wait_while(self.lock(), |st| st.flights.contains(&view));
             let l = st.layers.get(id).cloned().ok_or_else(|| Error::NotFound(format!("layer {id}")))?;
             let Kind::Rw { fs, .. } = l.kind else {
                 return Err(Error::Invalid(format!("layer {id} is not writable")));
             };
-            self.ensure_rw(&mut st, id, fs)?.join("upper")
+            (self.lease(&mut st, id, self.rw_mnt(id)), fs)
         };
+        let upper = self.ensure_rw(id, fs)?.join("upper");
         Ok((export::tree_size(&upper)?, export::tree_counts(&upper)?.inodes.saturating_sub(1)))
     }
 
     /// Bytes of content and entries of published layer `id`, as recorded
     /// in the store.
     pub fn image_usage(&self, id: &str) -> Result<(u64, u64)> {
-        let st = self.lock();
-        match st.layers.get(id).map(|l| &l.kind) {
-            Some(Kind::Image { chain: Some(c), size }) => {
-                let entries = st
-                    .ro
-                    .get(c)
-                    .map(|m| m.info.meta.entries)
-                    .or_else(|| self.store.locate(c).map(|i| i.meta.entries))
-                    .unwrap_or(0);
-                Ok((*size, entries))
+        let (chain, size, known) = {
+            let st = self.lock();
+            match st.layers.get(id).map(|l| &l.kind) {
+                Some(Kind::Image { chain: Some(c), size }) => {
+                    (c.clone(), *size, st.ro.get(c).map(|m| m.info.meta.entries))
+                }
+                Some(_) => return Ok((0, 0)),
+                None => return Err(Error::NotFound(format!("layer {id}"))),
             }
-            Some(_) => Ok((0, 0)),
-            None => Err(Error::NotFound(format!("layer {id}"))),
-        }
+        };
+        // Not mounted here: the store says, read without the lock.
+        let entries = known.or_else(|| self.store.locate(&chain).map(|i| i.meta.entries)).unwrap_or(0);
+        Ok((size, entries))
     }
 
     /// Releases one `get`. Releasing what is not held is not an error.
+    /// The last one unmounts the overlay outside the state lock, with the
+    /// layer's view in flight.
     pub fn put(&self, id: &str) -> Result<()> {
-        let mut st = self.lock();
+        let view = Flight::View(id.to_owned());
+        let mut st = self.wait_while(self.lock(), |st| st.flights.contains(&view));
         let Some(g) = st.gets.get_mut(id) else {
             tracing::debug!(layer = id, "put of a layer that is not mounted");
             return Ok(());
@@ -299,13 +359,16 @@ impl Driver {
             return Ok(());
         }
         let g = st.gets.remove(id).expect("present");
-        if g.mounted {
-            if let Err(e) = mount::unmount_path(&g.dir) {
-                st.gets.insert(id.to_owned(), GetRef { count: 1, ..g });
-                return Err(e);
-            }
-            let _ = fs::remove_dir(&g.dir);
+        if !g.mounted {
+            return Ok(());
         }
+        let _flight = self.take_off(&mut st, view);
+        drop(st);
+        if let Err(e) = mount::unmount_path(&g.dir) {
+            self.lock().gets.insert(id.to_owned(), GetRef { count: 1, ..g });
+            return Err(e);
+        }
+        let _ = fs::remove_dir(&g.dir);
         Ok(())
     }
 }

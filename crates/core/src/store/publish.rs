@@ -5,8 +5,9 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
 
-use super::{fsync_dir, no_links, remove_tree, LayerInfo, LayerMeta, Location, Store, IMAGE_FILE, META_FILE};
+use super::{fsync_dir, no_links, LayerInfo, LayerMeta, Location, Store, IMAGE_FILE, META_FILE};
 use crate::error::{Context, Error, Result};
+use crate::guard::Staged;
 use crate::ids::{random_token, ChainId};
 use crate::imagefile::{ImageFile, ImageStamp, Opened};
 
@@ -112,8 +113,9 @@ impl Store {
             },
         };
         let started = std::time::Instant::now();
-        let tmp = tmp_base.join(format!("{}-{}", self.host_id, random_token()));
-        fs::create_dir(&tmp).ctx("mkdir", &tmp)?;
+        // The temporary build goes again unless it is renamed into place.
+        let build_dir = Staged::mkdir(tmp_base.join(format!("{}-{}", self.host_id, random_token())))?;
+        let tmp = build_dir.path().to_owned();
         let r = (|| {
             crate::fault::point("publish", "temp dir made");
             let mut meta = build(&tmp)?;
@@ -151,16 +153,17 @@ impl Store {
                 Err(e) => match Self::read_meta(base, &dest) {
                     Ok(meta) if meta.chain_id == *chain => {
                         tracing::info!(layer = %chain, "another host published this layer first; using theirs");
-                        remove_tree(&tmp);
                         Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta, built: None }))
                     }
                     _ => Err(Error::sys("rename", dest, e)),
                 },
             }
         })();
-        if r.is_err() {
-            remove_tree(&tmp);
-        } else {
+        match &r {
+            Ok(Published::Created(_)) => build_dir.keep(),
+            _ => drop(build_dir), // ours is not the published one: it goes
+        }
+        if r.is_ok() {
             // In place (ours, or another host's that won the rename):
             // waiters may stop waiting. On an error the claim is dropped,
             // which removes it, and a waiter takes over at once.
