@@ -98,7 +98,9 @@ fn waits_on_futex(tid: u32) -> bool {
 }
 
 /// Lets a held step go however the test ends, so that scoped threads end.
+#[cfg(feature = "fault-injection")]
 struct LetGo<'a>(&'a Path);
+#[cfg(feature = "fault-injection")]
 impl Drop for LetGo<'_> {
     fn drop(&mut self) {
         let _ = fs::write(self.0, "");
