@@ -16,6 +16,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::kernel::Kernel;
 use crate::mount;
 
 /// A path made by this request, removed on drop unless kept.
@@ -73,18 +74,20 @@ impl Drop for Staged {
     }
 }
 
-/// A mount made by this request, unmounted on drop unless kept.
+/// A mount made by this request through `kernel`, unmounted on drop
+/// unless kept.
 #[must_use = "dropping it unmounts"]
 #[derive(Debug)]
-pub struct Mounted {
+pub struct Mounted<'k> {
+    kernel: &'k dyn Kernel,
     target: PathBuf,
     keep: bool,
 }
 
-impl Mounted {
+impl<'k> Mounted<'k> {
     /// Owns the mount at `target` (already mounted).
-    pub fn new(target: impl Into<PathBuf>) -> Mounted {
-        Mounted { target: target.into(), keep: false }
+    pub fn new(kernel: &'k dyn Kernel, target: impl Into<PathBuf>) -> Mounted<'k> {
+        Mounted { kernel, target: target.into(), keep: false }
     }
 
     pub fn target(&self) -> &Path {
@@ -100,18 +103,18 @@ impl Mounted {
     /// left (a caller may then keep what is under it).
     pub fn unmount(mut self) -> crate::Result<()> {
         self.keep = true;
-        mount::unmount_path(&self.target)?;
+        self.kernel.unmount(&self.target)?;
         let _ = fs::remove_dir(&self.target);
         Ok(())
     }
 }
 
-impl Drop for Mounted {
+impl Drop for Mounted<'_> {
     fn drop(&mut self) {
         if self.keep {
             return;
         }
-        match mount::unmount_path(&self.target) {
+        match self.kernel.unmount(&self.target) {
             Ok(()) => {
                 let _ = fs::remove_dir(&self.target);
             }

@@ -45,7 +45,7 @@ use crate::error::{Context, Error, Result};
 use crate::guard::Staged;
 use crate::ids::ChainId;
 use crate::imagefile::{FileId, ImageFile, ImageStamp};
-use crate::mount;
+use crate::kernel::Kernel;
 use crate::options::{DirectIo, VerifyMode};
 use crate::store::{write_atomic, LayerInfo, DIGEST_ALWAYS_FORMAT};
 use crate::sys::loopdev;
@@ -75,6 +75,7 @@ struct Checked {
 
 #[derive(Debug)]
 pub struct LayerMounts {
+    kernel: Arc<dyn Kernel>,
     dir: PathBuf,
     verified: PathBuf,
     /// Shared between drivers: leftovers are swept by the owner of the
@@ -121,12 +122,17 @@ impl LayerMounts {
     /// adopts the layer mounts already there.
     /// Records of checked images go to `verified`.
     pub fn open(dir: &Path, verified: &Path, shared: bool) -> Result<Arc<LayerMounts>> {
+        Self::open_on(crate::kernel::Host::shared(), dir, verified, shared)
+    }
+
+    /// [`Self::open`] on `kernel`.
+    pub fn open_on(kernel: Arc<dyn Kernel>, dir: &Path, verified: &Path, shared: bool) -> Result<Arc<LayerMounts>> {
         crate::perms::private_dir(dir)?;
         crate::perms::private_dir(verified)?;
-        mount::make_private(dir)?;
+        kernel.make_private(dir)?;
         let mut table = HashMap::new();
         let mut strays = Vec::new();
-        for m in mount::mounts_under(dir)? {
+        for m in kernel.mounts_under(dir)? {
             let Ok(rel) = m.mount_point.strip_prefix(dir) else { continue };
             let mut comps = rel.iter();
             let (Some(name), None) = (comps.next(), comps.next()) else {
@@ -144,9 +150,10 @@ impl LayerMounts {
         }
         for p in strays {
             tracing::info!(target = %p.display(), "unmounting a stray mount in the layer mount directory");
-            let _ = mount::unmount_path(&p);
+            let _ = kernel.unmount(&p);
         }
         Ok(Arc::new(LayerMounts {
+            kernel,
             dir: dir.to_owned(),
             verified: verified.to_owned(),
             shared,
@@ -258,7 +265,9 @@ impl LayerMounts {
         // The mount point goes again unless the layer is mounted on it.
         let mount_point = Staged::new(&target);
         let direct_io = direct_io.for_file(image);
-        let dev = loopdev::attach_file(img.file(), image, loopdev::AttachOptions { read_only: true, direct_io })
+        let dev = self
+            .kernel
+            .attach(img.file(), image, loopdev::AttachOptions { read_only: true, direct_io })
             .ctx("attach loop device", image)?;
         if verify != VerifyMode::Off {
             // A writer changing the inode in place while it was checked:
@@ -277,7 +286,7 @@ impl LayerMounts {
                 });
             }
         }
-        mount::mount_layer_ro(dev.path(), &target, fs_type)?;
+        self.kernel.mount_image(dev.path(), &target, fs_type, false)?;
         mount_point.keep();
         if let Some(rec) = record {
             let path = self.verified.join(chain.dir_name());
@@ -399,7 +408,7 @@ impl LayerMounts {
             }
         }
         if want_fsck {
-            if let Some(out) = crate::admin::fsck(&img.proc_path(), info.meta.fs.expect("an image has a fs"))? {
+            if let Some(out) = self.kernel.fsck(&img.proc_path(), info.meta.fs.expect("an image has a fs"))? {
                 return Err(Error::Corrupt {
                     path: image.to_owned(),
                     reason: format!("the filesystem check failed; refusing to mount it: {out}"),
@@ -449,7 +458,7 @@ impl LayerMounts {
 
     fn unmount(&self, chain: &ChainId) -> Result<()> {
         let p = self.path(chain);
-        mount::unmount_path(&p)?;
+        self.kernel.unmount(&p)?;
         let _ = fs::remove_dir(&p);
         Ok(())
     }

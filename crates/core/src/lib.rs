@@ -14,6 +14,7 @@ pub mod guard;
 pub mod ids;
 pub mod image;
 pub(crate) mod imagefile;
+pub mod kernel;
 pub mod layermounts;
 pub mod metrics;
 pub mod mount;

@@ -140,7 +140,7 @@ impl Driver {
         fs::create_dir_all(dir).ctx("mkdir", dir)?;
         let made = Staged::new(dir);
         crate::fault::point("create", "directory made");
-        image::create_rw_image(&img, fs_type, size, &self.home.join("templates"))?;
+        self.kernel.create_rw_image(&img, fs_type, size, &self.home.join("templates"))?;
         crate::fault::point("create", "image made");
         Ok(made)
     }
@@ -298,7 +298,8 @@ impl Driver {
             let image_bytes = if empty {
                 0
             } else {
-                image::build_layer_image(staging, &tmp.join(IMAGE_FILE), counts, fs_type)
+                self.kernel
+                    .build_layer_image(staging, &tmp.join(IMAGE_FILE), counts, fs_type)
                     .map_err(|e| Error::Build {
                         layer: chain.to_string(),
                         fs: fs_type.name().into(),

@@ -2,7 +2,6 @@
 //! read-only layer.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::records::{Kind, LocalLayer, TreeFacts};
@@ -81,11 +80,9 @@ impl Driver {
         let staging = Staged::mkdir(self.home.join("tmp").join(format!("commit-{}", random_token())))?;
         let fs_dir = staging.path().join(image::LAYER_ROOT);
         fs::create_dir(&fs_dir).ctx("mkdir", &fs_dir)?;
-        rustix::mount::mount_bind(&upper, &fs_dir).ctx("bind", &fs_dir)?;
-        let bind = Mounted::new(&fs_dir);
         // Read-only, so that no cleanup can delete through it.
-        rustix::mount::mount_remount(&fs_dir, rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY, c"")
-            .ctx("bind", &fs_dir)?;
+        self.kernel.bind(&upper, &fs_dir, false)?;
+        let bind = Mounted::new(&*self.kernel, &fs_dir);
         crate::fault::point("commit", "staging made");
         let r = self.commit_staged(staging.path(), &upper, chain, parent_chain.as_ref());
         if let Err(e) = bind.unmount() {
@@ -106,11 +103,7 @@ impl Driver {
         // The staging must still show the upper (a bind of it): a tree
         // gone from under it would publish an empty layer under the real
         // content's name.
-        let same = |a: &Path, b: &Path| -> Result<bool> {
-            let (x, y) = (fs::metadata(a).ctx("stat", a)?, fs::metadata(b).ctx("stat", b)?);
-            Ok((x.dev(), x.ino()) == (y.dev(), y.ino()))
-        };
-        if !same(&staging.join(image::LAYER_ROOT), upper)? {
+        if !self.kernel.shows(&staging.join(image::LAYER_ROOT), upper)? {
             return Err(Error::Invalid(format!(
                 "the staging of {} no longer shows the writable layer; not publishing it",
                 upper.display()

@@ -57,9 +57,8 @@ use std::sync::Arc;
 use crate::error::{Context, Error, Result};
 use crate::guard::Staged;
 use crate::ids::{random_token, Bytes, ChainId};
-use crate::image;
+use crate::kernel::{Host, Kernel};
 use crate::layermounts::LayerMounts;
-use crate::mount;
 use crate::options::Config;
 use crate::store::{write_atomic, Store};
 use crate::sys::loopdev;
@@ -137,6 +136,7 @@ impl MountSpec {
 }
 
 pub struct Driver {
+    kernel: Arc<dyn Kernel>,
     home: PathBuf,
     cfg: Config,
     store: Store,
@@ -188,33 +188,26 @@ fn can_stage_in(dir: &Path) -> bool {
 /// itself where the home filesystem can hold whiteouts, otherwise (NFS,
 /// sshfs, ...) a loop-mounted sparse ext4 scratch image kept in the home
 /// directory, which can hold anything a layer has.
-fn prepare_staging(home: &Path) -> Result<()> {
+fn prepare_staging(kernel: &dyn Kernel, home: &Path) -> Result<()> {
     let tmp = home.join("tmp");
-    if mount::is_mountpoint(&tmp) {
+    if kernel.is_mountpoint(&tmp) {
         return Ok(()); // from before a restart
     }
     if can_stage_in(&tmp) {
-        return mount::make_inert(&tmp);
+        return kernel.make_inert(&tmp);
     }
     let img = home.join("scratch.img");
     if !img.exists() {
         tracing::info!(home = %home.display(), "the home filesystem cannot hold whiteouts; staging in a scratch image");
         // Gone again unless renamed into place.
         let part = Staged::new(home.join(format!(".scratch-{}", random_token())));
-        image::create_scratch_image(part.path(), SCRATCH_SIZE)?;
+        kernel.create_scratch_image(part.path(), SCRATCH_SIZE)?;
         fs::rename(part.path(), &img).ctx("rename", &img)?;
     }
-    let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io: false })
+    let dev = kernel
+        .attach_path(&img, loopdev::AttachOptions { read_only: false, direct_io: false })
         .ctx("attach loop device", &img)?;
-    // discard: freed staging blocks are punched out of the sparse file.
-    rustix::mount::mount(
-        dev.path(),
-        &tmp,
-        "ext4",
-        rustix::mount::MountFlags::NODEV | rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NOEXEC,
-        c"discard",
-    )
-    .ctx("mount scratch image", &tmp)?;
+    kernel.mount_scratch(dev.path(), &tmp)?;
     let lf = tmp.join("lost+found");
     let _ = fs::remove_dir(&lf);
     Ok(())
@@ -241,17 +234,26 @@ impl Driver {
     /// Opens (creating) the driver state in `home`, checks the kernel and
     /// reconciles with what is mounted.
     pub fn open(home: &Path, cfg: Config) -> Result<Driver> {
-        Self::open_with(home, cfg, None)
+        Self::open_on(Host::shared(), home, cfg, None)
     }
 
     /// Opens a driver whose layer mounts live in `mounts`, shared with the
     /// process's other drivers.
     pub fn open_shared(home: &Path, cfg: Config, mounts: Arc<LayerMounts>) -> Result<Driver> {
-        Self::open_with(home, cfg, Some(mounts))
+        Self::open_on(Host::shared(), home, cfg, Some(mounts))
     }
 
-    fn open_with(home: &Path, cfg: Config, mounts: Option<Arc<LayerMounts>>) -> Result<Driver> {
-        cfg.check_kernel()?;
+    /// Opens a driver that asks `kernel` for its mounts, loop devices and
+    /// image builds (a [`crate::kernel::fake::FakeKernel`] in tests); its
+    /// layer mounts live in `mounts` when given (opened on the same
+    /// kernel), otherwise in `<home>/mnt`.
+    pub fn open_on(
+        kernel: Arc<dyn Kernel>,
+        home: &Path,
+        cfg: Config,
+        mounts: Option<Arc<LayerMounts>>,
+    ) -> Result<Driver> {
+        kernel.check(&cfg)?;
         // Root's alone (see crate::perms). `empty` keeps the usual mode:
         // it is a lower layer, whose root directory a stack may show.
         for d in ["", "layers", "rw", "mnt", "rwmnt", "merged", "tmp"] {
@@ -276,8 +278,8 @@ impl Driver {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        mount::make_private(home)?;
-        prepare_staging(home)?;
+        kernel.make_private(home)?;
+        prepare_staging(&*kernel, home)?;
         let host_file = home.join("host-id");
         let host_id = match fs::read_to_string(&host_file) {
             Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
@@ -291,12 +293,20 @@ impl Driver {
         };
         let mounts = match mounts {
             Some(m) => m,
-            None => LayerMounts::open(&home.join("mnt"), &home.join("verified"), false)?,
+            None => LayerMounts::open_on(kernel.clone(), &home.join("mnt"), &home.join("verified"), false)?,
         };
         let store = Store::new(&cfg, &host_id);
         let hb = spawn_heartbeat(store.clone(), cfg.heartbeat_secs);
-        let d =
-            Driver { home: home.to_owned(), cfg, store, mounts, shared: Shared::new(), _lock: lock, _heartbeat: hb };
+        let d = Driver {
+            kernel,
+            home: home.to_owned(),
+            cfg,
+            store,
+            mounts,
+            shared: Shared::new(),
+            _lock: lock,
+            _heartbeat: hb,
+        };
         d.reconcile()?;
         Ok(d)
     }

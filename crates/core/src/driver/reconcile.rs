@@ -10,8 +10,6 @@ use super::records::{GetRef, Kind, RoMount};
 use super::{Driver, State};
 use crate::error::{Context, Result};
 use crate::ids::ChainId;
-use crate::mount;
-use crate::sys::loopdev;
 
 impl Driver {
     /// Loads local layers, adopts mounts left by a previous run, removes
@@ -58,7 +56,7 @@ impl Driver {
     /// that are leftovers.
     fn adopt_mounts(&self, st: &mut State) -> Result<Vec<PathBuf>> {
         let own_mnt = self.mounts.dir() == self.home.join("mnt");
-        let mounts = mount::mounts_under(&self.home)?;
+        let mounts = self.kernel.mounts_under(&self.home)?;
         let mut orphans = Vec::new();
         for m in &mounts {
             let Ok(rel) = m.mount_point.strip_prefix(&self.home) else {
@@ -96,7 +94,7 @@ impl Driver {
         orphans.sort_by_key(|p| !p.starts_with(self.home.join("merged")));
         for p in orphans {
             tracing::info!(target = %p.display(), "unmounting a leftover mount");
-            if let Err(e) = mount::unmount_path(&p) {
+            if let Err(e) = self.kernel.unmount(&p) {
                 tracing::warn!(target = %p.display(), error = %e, "cannot unmount leftover");
             }
         }
@@ -111,7 +109,7 @@ impl Driver {
             if name.starts_with(".rm-") || !st.layers.contains_key(&name) {
                 tracing::info!(path = %e.path().display(), "removing a leftover writable image");
                 let mnt = if name.starts_with(".rm-") { e.path().join("mnt") } else { self.rw_mnt(&name) };
-                if mount::unmount_path(&mnt).or_else(|_| mount::detach_path(&mnt)).is_err() {
+                if self.kernel.unmount(&mnt).or_else(|_| self.kernel.detach(&mnt)).is_err() {
                     tracing::warn!(target = %mnt.display(), "cannot unmount a leftover writable layer; left in place");
                     continue;
                 }
@@ -125,7 +123,7 @@ impl Driver {
     /// here, so that mounting a writable layer never scans devices.
     fn find_attached_rw(&self, st: &mut State) {
         let rw_dir = self.home.join("rw");
-        for (dev, backing) in loopdev::list() {
+        for (dev, backing) in self.kernel.loop_devices() {
             let Ok(rel) = backing.strip_prefix(&rw_dir) else { continue };
             let mut comps = rel.iter().map(|c| c.to_string_lossy().into_owned());
             if let (Some(id), Some(file), None) = (comps.next(), comps.next(), comps.next()) {
@@ -142,7 +140,7 @@ impl Driver {
     /// Then this host's leftover builds in the store.
     fn sweep_staging(&self) -> Result<()> {
         let tmp = self.home.join("tmp");
-        let still: Vec<PathBuf> = mount::mountinfo()?.into_iter().map(|m| m.mount_point).collect();
+        let still: Vec<PathBuf> = self.kernel.mountinfo()?.into_iter().map(|m| m.mount_point).collect();
         for e in fs::read_dir(&tmp).ctx("read dir", &tmp)?.flatten() {
             if still.iter().any(|m| m.starts_with(e.path())) {
                 tracing::warn!(path = %e.path().display(), "staging still has a mount; left in place");

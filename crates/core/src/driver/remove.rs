@@ -11,7 +11,6 @@ use super::{Driver, State};
 use crate::error::{Context, Error, Result};
 use crate::guard::Staged;
 use crate::ids::{random_token, ChainId};
-use crate::mount;
 use crate::store::LayerInfo;
 
 /// How long a removal waits for a request working on the same id.
@@ -77,7 +76,7 @@ impl Driver {
         let adopted = st.gets.remove(id);
         drop(st);
         if let Some(g) = adopted.filter(|g| g.mounted) {
-            if let Err(e) = mount::unmount_path(&g.dir) {
+            if let Err(e) = self.kernel.unmount(&g.dir) {
                 self.lock().gets.insert(id.to_owned(), g);
                 return Err(e);
             }
@@ -130,16 +129,14 @@ impl Driver {
             // The mount moves into the grave (both are on private mounts of
             // the home), so rwmnt/<id> is free at once.
             let to = grave.path().join("mnt");
-            let r = fs::create_dir(&to)
-                .ctx("mkdir", &to)
-                .and_then(|_| rustix::mount::mount_move(&m, &to).ctx("move mount", &m));
+            let r = fs::create_dir(&to).ctx("mkdir", &to).and_then(|_| self.kernel.move_mount(&m, &to));
             match r {
                 Ok(()) => moved = Some(to),
                 Err(e) => {
                     tracing::info!(target = %m.display(), error = %e, "cannot move the writable mount; detaching it");
                     // Nothing moved yet on an error: the layer stays as it
                     // was (the grave goes with its guard).
-                    mount::detach_path(&m)?;
+                    self.kernel.detach(&m)?;
                 }
             }
             self.lock().rw_mounted.remove(id);
@@ -157,14 +154,15 @@ impl Driver {
         // The worker owns the grave from here.
         let grave_path = grave.path().to_owned();
         grave.keep();
+        let kernel = self.kernel.clone();
         std::thread::spawn(move || {
             if let Some(to) = moved {
-                if let Err(e) = mount::unmount_path(&to) {
+                if let Err(e) = kernel.unmount(&to) {
                     // Still under an engine's overlay (containerd commits
                     // while its mount is up): detach; the filesystem and loop
                     // device go with the last user.
                     tracing::info!(target = %to.display(), error = %e, "writable layer busy; detaching it");
-                    if let Err(e) = mount::detach_path(&to) {
+                    if let Err(e) = kernel.detach(&to) {
                         tracing::warn!(target = %to.display(), error = %e, "cannot unmount a removed writable layer");
                         return;
                     }
@@ -271,7 +269,7 @@ impl Driver {
                 tracing::warn!(layer = %id, holds = g.count, "layer still mounted (Get without Put) at cleanup; unmounting it");
             }
             if g.mounted {
-                match mount::unmount_path(&g.dir) {
+                match self.kernel.unmount(&g.dir) {
                     Ok(()) => {
                         let _ = fs::remove_dir(&g.dir);
                     }
@@ -291,7 +289,7 @@ impl Driver {
         };
         for id in rw_mounted {
             let m = self.rw_mnt(&id);
-            match mount::unmount_path(&m) {
+            match self.kernel.unmount(&m) {
                 Ok(()) => {
                     let _ = fs::remove_dir(&m);
                 }
@@ -310,7 +308,7 @@ impl Driver {
         // home. The layer mount directory, when it is the driver's own
         // (`<home>/mnt`), goes too: nothing is mounted in it any more.
         let mut rest: Vec<PathBuf> =
-            mount::mountinfo()?.into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(&self.home)).collect();
+            self.kernel.mountinfo()?.into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(&self.home)).collect();
         rest.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         rest.dedup();
         for p in rest {
@@ -320,14 +318,14 @@ impl Driver {
             // A mount may be stacked on itself (a bind of a bind): unmount
             // until it is gone, a bounded number of times.
             for _ in 0..4 {
-                if !mount::is_mountpoint(&p) {
+                if !self.kernel.is_mountpoint(&p) {
                     break;
                 }
                 // The home's bind of itself may be pinned by this driver's
                 // own open lock file: once nothing is mounted below it,
                 // detaching it is harmless.
-                let r = match mount::unmount_path(&p) {
-                    Err(_) if p == self.home && failed.is_empty() => mount::detach_path(&p),
+                let r = match self.kernel.unmount(&p) {
+                    Err(_) if p == self.home && failed.is_empty() => self.kernel.detach(&p),
                     r => r,
                 };
                 if let Err(e) = r {

@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 use crate::export::{self, Change};
 use crate::fsmagic;
 use crate::ids::{Bytes, ChainId};
-use crate::mount;
 use crate::options::{DirectIo, FsType};
 use crate::placement::RootPlacement;
 use crate::store::Location;
@@ -110,7 +109,7 @@ impl Driver {
                 .collect();
             (l, srcs, known, self.stack_paths(&st, id, false))
         };
-        let mounts = mount::mountinfo().unwrap_or_default();
+        let mounts = self.kernel.mountinfo().unwrap_or_default();
         // Every layer of the stack, topmost first.
         let mut stack = Vec::new();
         for src in srcs {

@@ -12,7 +12,7 @@ use crate::export;
 use crate::guard::Mounted;
 use crate::ids::ChainId;
 use crate::image;
-use crate::mount::{self, OverlaySpec};
+use crate::mount::OverlaySpec;
 use crate::options::FsType;
 use crate::sys::loopdev;
 
@@ -67,10 +67,12 @@ impl Driver {
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
         let direct_io = self.cfg.direct_io.for_file(&img);
         // Autoclear: the device goes with this handle unless the mount keeps it.
-        let dev = loopdev::attach(&img, loopdev::AttachOptions { read_only: false, direct_io })
+        let dev = self
+            .kernel
+            .attach_path(&img, loopdev::AttachOptions { read_only: false, direct_io })
             .ctx("attach loop device", &img)?;
-        mount::mount_layer_rw(dev.path(), &target, fs_type)?;
-        let mounted = Mounted::new(&target);
+        self.kernel.mount_image(dev.path(), &target, fs_type, true)?;
+        let mounted = Mounted::new(&*self.kernel, &target);
         for d in ["upper", "work"] {
             let p = target.join(d);
             match fs::create_dir(&p) {
@@ -234,8 +236,8 @@ impl Driver {
                 }
                 fs::create_dir_all(&target).ctx("mkdir", &target)?;
                 let (u, w) = (rw.join("upper"), rw.join("work"));
-                mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: Some((&u, &w)) }, &target)?;
-                (target.clone(), Some(Mounted::new(target)))
+                self.kernel.mount_overlay(&OverlaySpec { lowers: &lowers, upper: Some((&u, &w)) }, &target)?;
+                (target.clone(), Some(Mounted::new(&*self.kernel, target)))
             }
             Kind::Image { .. } => {
                 let srcs = self.sources(&self.lock(), id, true)?;
@@ -245,8 +247,8 @@ impl Driver {
                     1 => (lowers[0].clone(), None),
                     _ => {
                         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-                        mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: None }, &target)?;
-                        (target.clone(), Some(Mounted::new(target)))
+                        self.kernel.mount_overlay(&OverlaySpec { lowers: &lowers, upper: None }, &target)?;
+                        (target.clone(), Some(Mounted::new(&*self.kernel, target)))
                     }
                 }
             }
@@ -301,8 +303,8 @@ impl Driver {
         let target = self.merged(id);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
         let upper_refs = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
-        mount::mount_overlay(&OverlaySpec { lowers: &lowers, upper: upper_refs }, &target)?;
-        let overlay = Mounted::new(&target);
+        self.kernel.mount_overlay(&OverlaySpec { lowers: &lowers, upper: upper_refs }, &target)?;
+        let overlay = Mounted::new(&*self.kernel, &target);
         tracing::debug!(layer = id, layers = lowers.len(), target = %target.display(), "overlay mounted for the engine");
         self.state()?
             .gets
@@ -364,7 +366,7 @@ impl Driver {
         }
         let _flight = self.take_off(&mut st, view);
         drop(st);
-        if let Err(e) = mount::unmount_path(&g.dir) {
+        if let Err(e) = self.kernel.unmount(&g.dir) {
             self.lock().gets.insert(id.to_owned(), GetRef { count: 1, ..g });
             return Err(e);
         }

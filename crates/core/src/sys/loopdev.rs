@@ -65,10 +65,15 @@ pub struct AttachOptions {
 pub struct LoopDevice {
     path: PathBuf,
     direct_io: bool,
-    _fd: OwnedFd,
+    /// `None` for a device of [`crate::kernel::fake`].
+    _fd: Option<OwnedFd>,
 }
 
 impl LoopDevice {
+    /// A device that a kernel for tests made up: nothing is attached.
+    pub(crate) fn simulated(path: PathBuf) -> LoopDevice {
+        LoopDevice { path, direct_io: false, _fd: None }
+    }
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -161,7 +166,7 @@ pub fn attach_file(file: &File, name: &Path, opts: AttachOptions) -> io::Result<
                 reserved: [0; 8],
             };
             match configure(&dev, &cfg) {
-                Ok(()) => return Ok(LoopDevice { path, direct_io: direct, _fd: dev.into() }),
+                Ok(()) => return Ok(LoopDevice { path, direct_io: direct, _fd: Some(dev.into()) }),
                 // Direct I/O needs an aligned backing file on a filesystem
                 // that supports O_DIRECT; without it, buffered I/O.
                 Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => direct = false,
