@@ -7,104 +7,17 @@
 //! until the test lets it go, and waits are bounded only to fail a hung
 //! test.
 
-use std::collections::HashMap;
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
 
-use sharedloop_core::driver::LayerReportKind;
-use sharedloop_core::ids::ChainId;
-use sharedloop_core::options::Config;
-use sharedloop_core::{CreateKind, Driver};
-
-/// A temp dir whose mounts (and so loop devices) go with it.
-struct Rig {
-    dir: tempfile::TempDir,
-}
-
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect()
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for m in mounts_under(self.dir.path()).iter().rev() {
-            let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
-        }
-    }
-}
+#[cfg(feature = "fault-injection")]
+use common::LetGo;
+use common::{await_or_fail, gettid, layer, mounts_under, require, waits_on_futex, Rig};
 
 fn rig() -> Rig {
-    assert!(rustix::process::geteuid().is_root(), "this test needs root (loop devices, mounts)");
-    Rig { dir: tempfile::Builder::new().prefix("sl-driver-locks-").tempdir().unwrap() }
-}
-
-fn driver(rig: &Rig) -> Driver {
-    let p = rig.dir.path();
-    fs::create_dir_all(p.join("root")).unwrap();
-    let opts = [
-        format!("sharedloop.loopback_root={}", p.join("root").display()),
-        format!("sharedloop.loopback_fallback={}", p.join("fallback").display()),
-    ];
-    Driver::open(&p.join("home"), Config::from_opts(&opts).unwrap()).unwrap()
-}
-
-/// A layer tar with one file `name` holding `text`.
-fn tar_of(name: &str, text: &str) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(text.len() as u64);
-    h.set_mtime(1_700_000_000);
-    b.append_data(&mut h, name, text.as_bytes()).unwrap();
-    b.into_inner().unwrap()
-}
-
-/// Image layer `id` over `parent` with file `name` = `text`; its chain.
-fn layer(d: &Driver, id: &str, parent: Option<&str>, name: &str, text: &str) -> ChainId {
-    d.create(id, parent, CreateKind::ReadOnly, &HashMap::new()).unwrap();
-    d.apply_diff(id, parent, &mut &tar_of(name, text)[..]).unwrap();
-    match d.layer_report(id).unwrap().kind {
-        LayerReportKind::Image { chain: Some(c) } => c,
-        k => panic!("layer {id} has no chain: {k:?}"),
-    }
-}
-
-/// Waits, at most `LIVENESS` (a bound for a hung test, not a timing
-/// claim), for `done`; panics with `what` when it does not come.
-fn await_or_fail(what: &str, mut done: impl FnMut() -> bool) {
-    const LIVENESS: std::time::Duration = std::time::Duration::from_secs(60);
-    let t0 = std::time::Instant::now();
-    while !done() {
-        assert!(t0.elapsed() < LIVENESS, "{what} (waited {} s)", LIVENESS.as_secs());
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-fn gettid() -> u32 {
-    let link = fs::read_link("/proc/thread-self").unwrap();
-    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
-}
-
-/// Whether thread `tid` of this process sleeps on a futex (a lock or a
-/// condition variable), as a request waiting for another does.
-fn waits_on_futex(tid: u32) -> bool {
-    fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default().contains("futex")
-}
-
-/// Lets a held step go however the test ends, so that scoped threads end.
-#[cfg(feature = "fault-injection")]
-struct LetGo<'a>(&'a Path);
-#[cfg(feature = "fault-injection")]
-impl Drop for LetGo<'_> {
-    fn drop(&mut self) {
-        let _ = fs::write(self.0, "");
-    }
+    require(&[]);
+    Rig::new("sl-driver-locks-")
 }
 
 /// Item 4: with the first mount of layer A's image held (as a long digest
@@ -117,12 +30,12 @@ impl Drop for LetGo<'_> {
 #[test]
 fn real_a_get_goes_on_while_another_layers_first_mount_is_held_and_racing_gets_make_one_mount() {
     let rig = rig();
-    let d = driver(&rig);
+    let d = rig.driver();
     let a0 = layer(&d, "a0", None, "a0", "base of a\n");
     layer(&d, "a1", Some("a0"), "a1", "top of a\n");
     layer(&d, "b", None, "b", "b\n");
-    let release = rig.dir.path().join("release-a0");
-    let reached = rig.dir.path().join("release-a0.reached");
+    let release = rig.path().join("release-a0");
+    let reached = rig.path().join("release-a0.reached");
     std::env::set_var("SHAREDLOOP_FAULT_PAUSE", format!("layer-mount:{}:{}", &a0.as_str()[7..], release.display()));
     let merged = d.home().join("merged").join("a1");
     let (first, second) = std::thread::scope(|s| {
@@ -189,7 +102,7 @@ fn real_a_get_goes_on_while_another_layers_first_mount_is_held_and_racing_gets_m
 #[test]
 fn real_a_remove_waits_for_a_diff_lease_and_unmounts_after_it() {
     let rig = rig();
-    let d = driver(&rig);
+    let d = rig.driver();
     layer(&d, "l", None, "file", "content\n");
     let lease = d.diff_source("l", None).unwrap();
     let dir = lease.path().to_owned();
@@ -231,7 +144,7 @@ fn real_a_remove_waits_for_a_diff_lease_and_unmounts_after_it() {
 #[test]
 fn real_remove_refuses_a_held_get_and_removes_after_the_put() {
     let rig = rig();
-    let d = driver(&rig);
+    let d = rig.driver();
     layer(&d, "p", None, "p", "p\n");
     layer(&d, "c", Some("p"), "c", "c\n");
     let dir = d.get("c").unwrap();
