@@ -2,18 +2,23 @@
 //! no driver lock is held across a layer's first mount (a Get of another
 //! layer goes on while one is held), racing calls on one id still make one
 //! mount, and a lease on a layer's directory (a Diff streaming from it)
-//! keeps a Remove from unmounting it. Needs root, mkfs.ext4 and overlayfs.
-//! No timing is asserted: a held step is held by `SHAREDLOOP_FAULT_PAUSE`
-//! until the test lets it go, and waits are bounded only to fail a hung
-//! test.
+//! keeps a Remove from unmounting it, a bounded time; a Create racing a
+//! Remove of the same id ends with the layer whole or gone. Needs root,
+//! mkfs.ext4 and overlayfs. No timing is asserted: a held step is held by
+//! `SHAREDLOOP_FAULT_PAUSE` until the test lets it go, and waits are
+//! bounded only to fail a hung test.
 
 mod common;
 
+use std::collections::HashMap;
 use std::fs;
+use std::sync::Barrier;
+
+use sharedloop_core::{CreateKind, Error};
 
 #[cfg(feature = "fault-injection")]
 use common::LetGo;
-use common::{await_or_fail, gettid, layer, mounts_under, require, waits_on_futex, Rig};
+use common::{await_or_fail, gettid, layer, mounts_under, require, tar_of, waits_on_futex, Rig};
 
 fn rig() -> Rig {
     require(&[]);
@@ -157,4 +162,172 @@ fn real_remove_refuses_a_held_get_and_removes_after_the_put() {
     d.remove("p").unwrap();
     assert_eq!(d.report().layer_mounts, 0);
     d.cleanup().unwrap();
+}
+
+/// Item 5, the bound: a Remove waiting for a reader's lease gives up after
+/// its bound (60 s; shortened for this thread to 1 s) with an "in use"
+/// error, and leaves the layer as it was: recorded, mounted under the
+/// reader, which reads on. Afterwards the layer is usable (a Get shows its
+/// stack, a Diff streams it) and the failed Remove left no mark: a Remove
+/// once the lease is gone succeeds at once and unmounts it.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn real_a_remove_gives_up_on_a_lease_held_too_long_and_leaves_the_layer_whole() {
+    let rig = rig();
+    let d = rig.driver();
+    layer(&d, "p", None, "p", "p\n");
+    layer(&d, "l", Some("p"), "file", "content\n");
+    let lease = d.diff_source("l", Some("p")).unwrap();
+    let mount = lease.path().parent().unwrap().to_owned(); // <layer mount>/fs
+    sharedloop_core::fault::shorten_wait("remove", Some(std::time::Duration::from_secs(1)));
+    let refused = d.remove("l");
+    sharedloop_core::fault::shorten_wait("remove", None);
+    match refused {
+        Err(e @ Error::InUse { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("in use") && msg.contains("a reader"), "{msg}");
+        }
+        r => panic!("a Remove under a lease held past its bound: {r:?}"),
+    }
+    assert!(d.exists("l"), "the refused Remove took the layer away");
+    assert_eq!(mounts_under(&mount).len(), 1, "the refused Remove unmounted the layer under its reader");
+    assert_eq!(fs::read_to_string(lease.path().join("file")).unwrap(), "content\n");
+    drop(lease);
+
+    let dir = d.get("l").unwrap();
+    assert_eq!(fs::read_to_string(dir.join("p")).unwrap(), "p\n");
+    assert_eq!(fs::read_to_string(dir.join("file")).unwrap(), "content\n");
+    d.put("l").unwrap();
+    let lease = d.diff_source("l", Some("p")).unwrap();
+    let mut tar = Vec::new();
+    sharedloop_core::export::export_tar(lease.path(), &mut tar).unwrap();
+    let names: Vec<String> = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(names.contains(&"file".to_owned()) && !names.contains(&"p".to_owned()), "{names:?}");
+    drop(lease);
+
+    // With the normal bound: a mark left behind would hold this Remove
+    // for a minute and then refuse it.
+    let t0 = std::time::Instant::now();
+    d.remove("l").unwrap();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30), "the Remove waited for a mark nobody holds");
+    assert!(!d.exists("l"));
+    assert!(mounts_under(&mount).is_empty(), "the layer stayed mounted after its removal");
+    d.remove("p").unwrap();
+    assert_eq!(d.report().layer_mounts, 0);
+    d.cleanup().unwrap();
+}
+
+/// A Create and a Remove of one id racing, round after round (two threads
+/// let go together; read-only and writable layers; the id absent, or
+/// present with content, before): in whichever order they run, the end
+/// is whole. A Create refused as existing means the Remove came after it
+/// and the layer is gone; a Create that made the layer over a present one
+/// means the Remove came first and the new layer stands. Then the layer
+/// either exists (its record on disk, a writable one's image, and usable:
+/// a Get shows its parent and nothing of the layer removed, content
+/// lands) or does not (no record, no image, no mount). After all rounds
+/// nothing is mounted or attached but the parent, and a driver reopened
+/// on the home finds exactly the layers this one had.
+#[test]
+fn real_a_create_racing_a_remove_of_the_same_id_ends_whole() {
+    const ROUNDS: u64 = 32;
+    let rig = rig();
+    let d = rig.driver();
+    layer(&d, "base", None, "base", "base\n");
+    let home = d.home().to_owned();
+    let (record, rw_dir) = (home.join("layers/race.json"), home.join("rw/race"));
+    let (merged, rw_mnt) = (home.join("merged/race"), home.join("rwmnt/race"));
+    let none = HashMap::new();
+    for round in 0..ROUNDS {
+        let kind = if round % 2 == 0 { CreateKind::ReadWrite } else { CreateKind::ReadOnly };
+        let present = round % 4 >= 2;
+        if present {
+            match kind {
+                CreateKind::ReadWrite => {
+                    d.create("race", Some("base"), kind, &none).unwrap();
+                    let dir = d.get("race").unwrap();
+                    fs::write(dir.join("stale"), "stale\n").unwrap();
+                    d.put("race").unwrap();
+                }
+                CreateKind::ReadOnly => {
+                    layer(&d, "race", Some("base"), "stale", "stale\n");
+                }
+            }
+        }
+        let go = Barrier::new(2);
+        // Which side waits a moment after the start, and how long, varies
+        // by round (each kind and start sees both sides).
+        let (create_waits, pause) = (round / 4 % 2 == 0, std::time::Duration::from_micros(round % 3 * 300));
+        let (created, removed) = std::thread::scope(|s| {
+            let create = s.spawn(|| {
+                go.wait();
+                if create_waits {
+                    std::thread::sleep(pause);
+                }
+                d.create("race", Some("base"), kind, &none)
+            });
+            let remove = s.spawn(|| {
+                go.wait();
+                if !create_waits {
+                    std::thread::sleep(pause);
+                }
+                d.remove("race")
+            });
+            (create.join().unwrap(), remove.join().unwrap())
+        });
+        let what = format!("round {round} ({kind:?}, {})", if present { "present" } else { "absent" });
+        removed.unwrap_or_else(|e| panic!("{what}: the Remove failed: {e}"));
+        let exists = d.exists("race");
+        match created {
+            Ok(()) => {
+                assert!(exists || !present, "{what}: the Create made the layer over a present one, yet it is gone")
+            }
+            Err(Error::AlreadyExists(_)) => {
+                assert!(present, "{what}: the Create was refused as existing, with no layer there");
+                assert!(!exists, "{what}: the Create was refused as existing, yet the Remove left the layer");
+            }
+            Err(e) => panic!("{what}: the Create failed: {e}"),
+        }
+        assert_eq!(record.exists(), exists, "{what}: the record on disk says otherwise (exists: {exists})");
+        if !exists {
+            assert!(!rw_dir.exists(), "{what}: the layer is gone, its writable image is not");
+        } else {
+            assert_eq!(rw_dir.join("rw.img").exists(), kind == CreateKind::ReadWrite, "{what}: writable image");
+            if kind == CreateKind::ReadOnly {
+                d.apply_diff("race", Some("base"), &mut &tar_of("fresh", "fresh\n")[..]).unwrap();
+            }
+            let dir = d.get("race").unwrap();
+            assert_eq!(fs::read_to_string(dir.join("base")).unwrap(), "base\n", "{what}");
+            assert!(!dir.join("stale").exists(), "{what}: the new layer shows the removed one's content");
+            if kind == CreateKind::ReadWrite {
+                fs::write(dir.join("fresh"), "fresh\n").unwrap();
+            }
+            assert_eq!(fs::read_to_string(dir.join("fresh")).unwrap(), "fresh\n", "{what}");
+            d.put("race").unwrap();
+            d.remove("race").unwrap();
+            assert!(!d.exists("race") && !record.exists() && !rw_dir.exists(), "{what}: removal afterwards");
+        }
+        assert!(mounts_under(&merged).is_empty(), "{what}: an overlay stayed mounted");
+        assert!(mounts_under(&rw_mnt).is_empty(), "{what}: a writable image stayed mounted");
+    }
+    d.settle();
+    assert!(mounts_under(&home.join("merged")).is_empty(), "overlays left: {:?}", mounts_under(&home.join("merged")));
+    assert!(mounts_under(&home.join("rwmnt")).is_empty(), "writable mounts left");
+    let graves: Vec<_> = fs::read_dir(home.join("rw")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(graves.is_empty(), "writable images left: {graves:?}");
+    assert_eq!(d.report().layer_mounts, 1, "only the parent's layer stays mounted");
+    d.cleanup().unwrap();
+    drop(d);
+    let d = rig.driver();
+    assert_eq!(d.layer_ids(), ["base"], "a reopened driver finds other layers");
+    d.remove("base").unwrap();
+    assert_eq!(d.report().layer_mounts, 0);
+    d.cleanup().unwrap();
+    await_or_fail("loop devices stayed attached to the rig's images", || {
+        sharedloop_core::sys::loopdev::list().iter().all(|(_, f)| !f.starts_with(rig.path()))
+    });
 }
