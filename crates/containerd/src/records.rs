@@ -13,7 +13,9 @@
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::snapshots::SnapInfo;
+use sharedloop_core::{Error, Result};
+
+use crate::snapshots::{SnapInfo, SnapKind};
 
 #[derive(Default)]
 pub(crate) struct Records {
@@ -60,12 +62,37 @@ impl Table {
         r
     }
 
+    /// For a request making snapshot `key` over `parent` ("" for none):
+    /// once neither is pending, refuses a taken key and a parent that is
+    /// missing or not committed, and marks `key` pending; with the
+    /// parent's layer.
+    pub(crate) fn mark_new(&self, key: &str, parent: &str) -> Result<(Option<String>, Pending<'_>)> {
+        let mut r = self.settled(&[key, parent]);
+        if r.snaps.contains_key(key) {
+            return Err(Error::AlreadyExists(format!("snapshot {key}")));
+        }
+        let parent_layer = parent_layer(&r.snaps, parent)?;
+        Ok((parent_layer, self.mark(&mut r, key, parent)))
+    }
+
     /// Marks `key` (naming `parent`) pending; the caller has waited for it.
     pub(crate) fn mark(&self, r: &mut Records, key: &str, parent: &str) -> Pending<'_> {
         debug_assert!(!r.pending.contains_key(key));
         r.pending.insert(key.to_owned(), parent.to_owned());
         Pending { table: self, key: key.to_owned() }
     }
+}
+
+/// The layer of committed snapshot `parent` ("" for none).
+fn parent_layer(snaps: &HashMap<String, SnapInfo>, parent: &str) -> Result<Option<String>> {
+    if parent.is_empty() {
+        return Ok(None);
+    }
+    let p = snaps.get(parent).ok_or_else(|| Error::NotFound(format!("parent snapshot {parent}")))?;
+    if p.kind != SnapKind::Committed {
+        return Err(Error::Invalid(format!("parent {parent} is not a committed snapshot")));
+    }
+    Ok(Some(p.layer.clone()))
 }
 
 #[cfg(test)]
@@ -96,5 +123,24 @@ mod tests {
         }));
         assert!(r.is_err());
         assert!(t.lock().pending.is_empty(), "the mark outlived its request");
+    }
+
+    /// A new key: refused when taken, over a missing or uncommitted
+    /// parent; otherwise marked, with the parent's layer.
+    #[test]
+    fn a_new_key_needs_a_free_name_and_a_committed_parent() {
+        use crate::snapshots::tests::snap;
+        let snaps = [snap("c", SnapKind::Committed, "", &[]), snap("a", SnapKind::Active, "c", &[])];
+        let t = Table::new(snaps.into_iter().map(|s| (s.name.clone(), s)).collect());
+        assert!(matches!(t.mark_new("a", ""), Err(Error::AlreadyExists(_))));
+        assert!(matches!(t.mark_new("n", "gone"), Err(Error::NotFound(_))));
+        assert!(matches!(t.mark_new("n", "a"), Err(Error::Invalid(_))));
+        assert!(t.lock().pending.is_empty(), "a refused request left a mark");
+        let (layer, mark) = t.mark_new("n", "c").unwrap();
+        assert_eq!(layer.as_deref(), Some("x"));
+        assert_eq!(t.lock().pending.get("n").map(String::as_str), Some("c"));
+        drop(mark);
+        let (layer, _mark) = t.mark_new("n", "").unwrap();
+        assert_eq!(layer, None);
     }
 }

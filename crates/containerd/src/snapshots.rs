@@ -199,18 +199,6 @@ impl Snapshotter {
         }
     }
 
-    /// The layer of committed snapshot `parent` ("" for none).
-    fn parent_layer(snaps: &HashMap<String, SnapInfo>, parent: &str) -> Result<Option<String>> {
-        if parent.is_empty() {
-            return Ok(None);
-        }
-        let p = snaps.get(parent).ok_or_else(|| Error::NotFound(format!("parent snapshot {parent}")))?;
-        if p.kind != SnapKind::Committed {
-            return Err(Error::Invalid(format!("parent {parent} is not a committed snapshot")));
-        }
-        Ok(Some(p.layer.clone()))
-    }
-
     /// Records snapshot `rec` (whose driver layer exists, and whose key the
     /// caller marked pending); when the record cannot be written, the
     /// layer goes again.
@@ -249,14 +237,7 @@ impl Snapshotter {
     /// answers `AlreadyExists`: the engine then skips fetching and
     /// unpacking the layer.
     pub fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<MountSpec>> {
-        let (parent_layer, _pending) = {
-            let mut r = self.table.settled(&[key, parent]);
-            if r.snaps.contains_key(key) {
-                return Err(Error::AlreadyExists(format!("snapshot {key}")));
-            }
-            let parent_layer = Self::parent_layer(&r.snaps, parent)?;
-            (parent_layer, self.table.mark(&mut r, key, parent))
-        };
+        let (parent_layer, _pending) = self.table.mark_new(key, parent)?;
         if let Some(target) = labels.get(REF_LABEL) {
             if self.use_published(key, target, parent, parent_layer.as_deref(), &labels)? {
                 return Err(Error::AlreadyExists(format!("snapshot {target}")));
@@ -305,14 +286,7 @@ impl Snapshotter {
 
     /// Creates view snapshot `key`: read-only, over `parent`.
     pub fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<MountSpec>> {
-        let (parent_layer, _pending) = {
-            let mut r = self.table.settled(&[key, parent]);
-            if r.snaps.contains_key(key) {
-                return Err(Error::AlreadyExists(format!("snapshot {key}")));
-            }
-            let parent_layer = Self::parent_layer(&r.snaps, parent)?;
-            (parent_layer, self.table.mark(&mut r, key, parent))
-        };
+        let (parent_layer, _pending) = self.table.mark_new(key, parent)?;
         let layer = format!("v-{}", random_token());
         self.driver.create(&layer, parent_layer.as_deref(), CreateKind::ReadOnly, &HashMap::new())?;
         self.record(Self::new_record(key, SnapKind::View, parent, labels, layer.clone()))?;

@@ -20,6 +20,12 @@
 //! this host, before its image is opened and checked; MATCH: the chain
 //! id) and `layer-build` (a layer's image about to be built for
 //! publishing; MATCH: the chain id).
+//!
+//! [`wait`] (same feature): a test may shorten, for the requests its own
+//! thread makes, a bounded wait that would otherwise take a minute (a
+//! removal waiting for a reader's lease), with `shorten_wait`. Per
+//! thread, so tests running side by side in one process keep the normal
+//! waits of each other's requests.
 
 #[cfg(feature = "fault-injection")]
 mod enabled {
@@ -54,6 +60,22 @@ mod enabled {
         }
     }
 
+    thread_local! {
+        static WAITS: std::cell::RefCell<HashMap<&'static str, std::time::Duration>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+
+    pub fn wait(op: &'static str, normal: std::time::Duration) -> std::time::Duration {
+        WAITS.with(|w| w.borrow().get(op).copied()).unwrap_or(normal)
+    }
+
+    pub fn shorten_wait(op: &'static str, to: Option<std::time::Duration>) {
+        WAITS.with(|w| match to {
+            Some(d) => w.borrow_mut().insert(op, d),
+            None => w.borrow_mut().remove(op),
+        });
+    }
+
     /// Read at each pause point (they are rare: a layer's first mount), so
     /// a test may set the variable after the process started.
     pub fn pause(op: &'static str, what: &str) {
@@ -84,6 +106,27 @@ pub fn pause(op: &'static str, what: &str) {
     let _ = (op, what);
 }
 
+/// How long a bounded wait of operation `op` lasts: `normal`, unless a
+/// test shortened it for the calling thread (`shorten_wait`, with the
+/// `fault-injection` feature).
+#[inline(always)]
+pub fn wait(op: &'static str, normal: std::time::Duration) -> std::time::Duration {
+    #[cfg(feature = "fault-injection")]
+    let normal = enabled::wait(op, normal);
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = op;
+    normal
+}
+
+/// Makes the bounded waits of operation `op` ([`wait`]) in requests of the
+/// calling thread last `to`; `None` restores the normal wait. The waits
+/// that exist: `remove` (a removal waiting for the requests and readers
+/// of its layer, 60 s).
+#[cfg(feature = "fault-injection")]
+pub fn shorten_wait(op: &'static str, to: Option<std::time::Duration>) {
+    enabled::shorten_wait(op, to);
+}
+
 /// A point between two steps of operation `op`.
 #[inline(always)]
 pub fn point(op: &'static str, what: &str) {
@@ -105,6 +148,22 @@ mod tests {
         super::point("fault-unit-test", "first point");
         super::point("fault-unit-test", "second point");
         std::env::remove_var("SHAREDLOOP_FAULT");
+    }
+
+    /// With the feature, a wait shortened on one thread is shortened there
+    /// only, until restored.
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn a_shortened_wait_is_the_calling_threads_own() {
+        use std::time::Duration;
+        let normal = Duration::from_secs(60);
+        super::shorten_wait("fault-unit-test-wait", Some(Duration::from_millis(5)));
+        assert_eq!(super::wait("fault-unit-test-wait", normal), Duration::from_millis(5));
+        assert_eq!(super::wait("fault-unit-test-other", normal), normal);
+        let elsewhere = std::thread::spawn(move || super::wait("fault-unit-test-wait", normal)).join().unwrap();
+        assert_eq!(elsewhere, normal, "another thread's wait was shortened too");
+        super::shorten_wait("fault-unit-test-wait", None);
+        assert_eq!(super::wait("fault-unit-test-wait", normal), normal);
     }
 
     /// With the feature, points of other operations pass.

@@ -2,109 +2,27 @@
 //! no driver lock is held across a layer's first mount (a Get of another
 //! layer goes on while one is held), racing calls on one id still make one
 //! mount, and a lease on a layer's directory (a Diff streaming from it)
-//! keeps a Remove from unmounting it. Needs root, mkfs.ext4 and overlayfs.
-//! No timing is asserted: a held step is held by `SHAREDLOOP_FAULT_PAUSE`
-//! until the test lets it go, and waits are bounded only to fail a hung
-//! test.
+//! keeps a Remove from unmounting it, a bounded time; a Create racing a
+//! Remove of the same id ends with the layer whole or gone. Needs root,
+//! mkfs.ext4 and overlayfs. No timing is asserted: a held step is held by
+//! `SHAREDLOOP_FAULT_PAUSE` until the test lets it go, and waits are
+//! bounded only to fail a hung test.
+
+mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::sync::Barrier;
 
-use sharedloop_core::driver::LayerReportKind;
-use sharedloop_core::ids::ChainId;
-use sharedloop_core::options::Config;
-use sharedloop_core::{CreateKind, Driver};
+use sharedloop_core::{CreateKind, Error};
 
-/// A temp dir whose mounts (and so loop devices) go with it.
-struct Rig {
-    dir: tempfile::TempDir,
-}
-
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect()
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for m in mounts_under(self.dir.path()).iter().rev() {
-            let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
-        }
-    }
-}
+#[cfg(feature = "fault-injection")]
+use common::LetGo;
+use common::{await_or_fail, gettid, layer, mounts_under, require, tar_of, waits_on_futex, Rig};
 
 fn rig() -> Rig {
-    assert!(rustix::process::geteuid().is_root(), "this test needs root (loop devices, mounts)");
-    Rig { dir: tempfile::Builder::new().prefix("sl-driver-locks-").tempdir().unwrap() }
-}
-
-fn driver(rig: &Rig) -> Driver {
-    let p = rig.dir.path();
-    fs::create_dir_all(p.join("root")).unwrap();
-    let opts = [
-        format!("sharedloop.loopback_root={}", p.join("root").display()),
-        format!("sharedloop.loopback_fallback={}", p.join("fallback").display()),
-    ];
-    Driver::open(&p.join("home"), Config::from_opts(&opts).unwrap()).unwrap()
-}
-
-/// A layer tar with one file `name` holding `text`.
-fn tar_of(name: &str, text: &str) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(text.len() as u64);
-    h.set_mtime(1_700_000_000);
-    b.append_data(&mut h, name, text.as_bytes()).unwrap();
-    b.into_inner().unwrap()
-}
-
-/// Image layer `id` over `parent` with file `name` = `text`; its chain.
-fn layer(d: &Driver, id: &str, parent: Option<&str>, name: &str, text: &str) -> ChainId {
-    d.create(id, parent, CreateKind::ReadOnly, &HashMap::new()).unwrap();
-    d.apply_diff(id, parent, &mut &tar_of(name, text)[..]).unwrap();
-    match d.layer_report(id).unwrap().kind {
-        LayerReportKind::Image { chain: Some(c) } => c,
-        k => panic!("layer {id} has no chain: {k:?}"),
-    }
-}
-
-/// Waits, at most `LIVENESS` (a bound for a hung test, not a timing
-/// claim), for `done`; panics with `what` when it does not come.
-fn await_or_fail(what: &str, mut done: impl FnMut() -> bool) {
-    const LIVENESS: std::time::Duration = std::time::Duration::from_secs(60);
-    let t0 = std::time::Instant::now();
-    while !done() {
-        assert!(t0.elapsed() < LIVENESS, "{what} (waited {} s)", LIVENESS.as_secs());
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-fn gettid() -> u32 {
-    let link = fs::read_link("/proc/thread-self").unwrap();
-    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
-}
-
-/// Whether thread `tid` of this process sleeps on a futex (a lock or a
-/// condition variable), as a request waiting for another does.
-fn waits_on_futex(tid: u32) -> bool {
-    fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default().contains("futex")
-}
-
-/// Lets a held step go however the test ends, so that scoped threads end.
-#[cfg(feature = "fault-injection")]
-struct LetGo<'a>(&'a Path);
-#[cfg(feature = "fault-injection")]
-impl Drop for LetGo<'_> {
-    fn drop(&mut self) {
-        let _ = fs::write(self.0, "");
-    }
+    require(&[]);
+    Rig::new("sl-driver-locks-")
 }
 
 /// Item 4: with the first mount of layer A's image held (as a long digest
@@ -117,12 +35,12 @@ impl Drop for LetGo<'_> {
 #[test]
 fn real_a_get_goes_on_while_another_layers_first_mount_is_held_and_racing_gets_make_one_mount() {
     let rig = rig();
-    let d = driver(&rig);
+    let d = rig.driver();
     let a0 = layer(&d, "a0", None, "a0", "base of a\n");
     layer(&d, "a1", Some("a0"), "a1", "top of a\n");
     layer(&d, "b", None, "b", "b\n");
-    let release = rig.dir.path().join("release-a0");
-    let reached = rig.dir.path().join("release-a0.reached");
+    let release = rig.path().join("release-a0");
+    let reached = rig.path().join("release-a0.reached");
     std::env::set_var("SHAREDLOOP_FAULT_PAUSE", format!("layer-mount:{}:{}", &a0.as_str()[7..], release.display()));
     let merged = d.home().join("merged").join("a1");
     let (first, second) = std::thread::scope(|s| {
@@ -189,7 +107,7 @@ fn real_a_get_goes_on_while_another_layers_first_mount_is_held_and_racing_gets_m
 #[test]
 fn real_a_remove_waits_for_a_diff_lease_and_unmounts_after_it() {
     let rig = rig();
-    let d = driver(&rig);
+    let d = rig.driver();
     layer(&d, "l", None, "file", "content\n");
     let lease = d.diff_source("l", None).unwrap();
     let dir = lease.path().to_owned();
@@ -231,7 +149,7 @@ fn real_a_remove_waits_for_a_diff_lease_and_unmounts_after_it() {
 #[test]
 fn real_remove_refuses_a_held_get_and_removes_after_the_put() {
     let rig = rig();
-    let d = driver(&rig);
+    let d = rig.driver();
     layer(&d, "p", None, "p", "p\n");
     layer(&d, "c", Some("p"), "c", "c\n");
     let dir = d.get("c").unwrap();
@@ -244,4 +162,172 @@ fn real_remove_refuses_a_held_get_and_removes_after_the_put() {
     d.remove("p").unwrap();
     assert_eq!(d.report().layer_mounts, 0);
     d.cleanup().unwrap();
+}
+
+/// Item 5, the bound: a Remove waiting for a reader's lease gives up after
+/// its bound (60 s; shortened for this thread to 1 s) with an "in use"
+/// error, and leaves the layer as it was: recorded, mounted under the
+/// reader, which reads on. Afterwards the layer is usable (a Get shows its
+/// stack, a Diff streams it) and the failed Remove left no mark: a Remove
+/// once the lease is gone succeeds at once and unmounts it.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn real_a_remove_gives_up_on_a_lease_held_too_long_and_leaves_the_layer_whole() {
+    let rig = rig();
+    let d = rig.driver();
+    layer(&d, "p", None, "p", "p\n");
+    layer(&d, "l", Some("p"), "file", "content\n");
+    let lease = d.diff_source("l", Some("p")).unwrap();
+    let mount = lease.path().parent().unwrap().to_owned(); // <layer mount>/fs
+    sharedloop_core::fault::shorten_wait("remove", Some(std::time::Duration::from_secs(1)));
+    let refused = d.remove("l");
+    sharedloop_core::fault::shorten_wait("remove", None);
+    match refused {
+        Err(e @ Error::InUse { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("in use") && msg.contains("a reader"), "{msg}");
+        }
+        r => panic!("a Remove under a lease held past its bound: {r:?}"),
+    }
+    assert!(d.exists("l"), "the refused Remove took the layer away");
+    assert_eq!(mounts_under(&mount).len(), 1, "the refused Remove unmounted the layer under its reader");
+    assert_eq!(fs::read_to_string(lease.path().join("file")).unwrap(), "content\n");
+    drop(lease);
+
+    let dir = d.get("l").unwrap();
+    assert_eq!(fs::read_to_string(dir.join("p")).unwrap(), "p\n");
+    assert_eq!(fs::read_to_string(dir.join("file")).unwrap(), "content\n");
+    d.put("l").unwrap();
+    let lease = d.diff_source("l", Some("p")).unwrap();
+    let mut tar = Vec::new();
+    sharedloop_core::export::export_tar(lease.path(), &mut tar).unwrap();
+    let names: Vec<String> = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(names.contains(&"file".to_owned()) && !names.contains(&"p".to_owned()), "{names:?}");
+    drop(lease);
+
+    // With the normal bound: a mark left behind would hold this Remove
+    // for a minute and then refuse it.
+    let t0 = std::time::Instant::now();
+    d.remove("l").unwrap();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30), "the Remove waited for a mark nobody holds");
+    assert!(!d.exists("l"));
+    assert!(mounts_under(&mount).is_empty(), "the layer stayed mounted after its removal");
+    d.remove("p").unwrap();
+    assert_eq!(d.report().layer_mounts, 0);
+    d.cleanup().unwrap();
+}
+
+/// A Create and a Remove of one id racing, round after round (two threads
+/// let go together; read-only and writable layers; the id absent, or
+/// present with content, before): in whichever order they run, the end
+/// is whole. A Create refused as existing means the Remove came after it
+/// and the layer is gone; a Create that made the layer over a present one
+/// means the Remove came first and the new layer stands. Then the layer
+/// either exists (its record on disk, a writable one's image, and usable:
+/// a Get shows its parent and nothing of the layer removed, content
+/// lands) or does not (no record, no image, no mount). After all rounds
+/// nothing is mounted or attached but the parent, and a driver reopened
+/// on the home finds exactly the layers this one had.
+#[test]
+fn real_a_create_racing_a_remove_of_the_same_id_ends_whole() {
+    const ROUNDS: u64 = 32;
+    let rig = rig();
+    let d = rig.driver();
+    layer(&d, "base", None, "base", "base\n");
+    let home = d.home().to_owned();
+    let (record, rw_dir) = (home.join("layers/race.json"), home.join("rw/race"));
+    let (merged, rw_mnt) = (home.join("merged/race"), home.join("rwmnt/race"));
+    let none = HashMap::new();
+    for round in 0..ROUNDS {
+        let kind = if round % 2 == 0 { CreateKind::ReadWrite } else { CreateKind::ReadOnly };
+        let present = round % 4 >= 2;
+        if present {
+            match kind {
+                CreateKind::ReadWrite => {
+                    d.create("race", Some("base"), kind, &none).unwrap();
+                    let dir = d.get("race").unwrap();
+                    fs::write(dir.join("stale"), "stale\n").unwrap();
+                    d.put("race").unwrap();
+                }
+                CreateKind::ReadOnly => {
+                    layer(&d, "race", Some("base"), "stale", "stale\n");
+                }
+            }
+        }
+        let go = Barrier::new(2);
+        // Which side waits a moment after the start, and how long, varies
+        // by round (each kind and start sees both sides).
+        let (create_waits, pause) = (round / 4 % 2 == 0, std::time::Duration::from_micros(round % 3 * 300));
+        let (created, removed) = std::thread::scope(|s| {
+            let create = s.spawn(|| {
+                go.wait();
+                if create_waits {
+                    std::thread::sleep(pause);
+                }
+                d.create("race", Some("base"), kind, &none)
+            });
+            let remove = s.spawn(|| {
+                go.wait();
+                if !create_waits {
+                    std::thread::sleep(pause);
+                }
+                d.remove("race")
+            });
+            (create.join().unwrap(), remove.join().unwrap())
+        });
+        let what = format!("round {round} ({kind:?}, {})", if present { "present" } else { "absent" });
+        removed.unwrap_or_else(|e| panic!("{what}: the Remove failed: {e}"));
+        let exists = d.exists("race");
+        match created {
+            Ok(()) => {
+                assert!(exists || !present, "{what}: the Create made the layer over a present one, yet it is gone")
+            }
+            Err(Error::AlreadyExists(_)) => {
+                assert!(present, "{what}: the Create was refused as existing, with no layer there");
+                assert!(!exists, "{what}: the Create was refused as existing, yet the Remove left the layer");
+            }
+            Err(e) => panic!("{what}: the Create failed: {e}"),
+        }
+        assert_eq!(record.exists(), exists, "{what}: the record on disk says otherwise (exists: {exists})");
+        if !exists {
+            assert!(!rw_dir.exists(), "{what}: the layer is gone, its writable image is not");
+        } else {
+            assert_eq!(rw_dir.join("rw.img").exists(), kind == CreateKind::ReadWrite, "{what}: writable image");
+            if kind == CreateKind::ReadOnly {
+                d.apply_diff("race", Some("base"), &mut &tar_of("fresh", "fresh\n")[..]).unwrap();
+            }
+            let dir = d.get("race").unwrap();
+            assert_eq!(fs::read_to_string(dir.join("base")).unwrap(), "base\n", "{what}");
+            assert!(!dir.join("stale").exists(), "{what}: the new layer shows the removed one's content");
+            if kind == CreateKind::ReadWrite {
+                fs::write(dir.join("fresh"), "fresh\n").unwrap();
+            }
+            assert_eq!(fs::read_to_string(dir.join("fresh")).unwrap(), "fresh\n", "{what}");
+            d.put("race").unwrap();
+            d.remove("race").unwrap();
+            assert!(!d.exists("race") && !record.exists() && !rw_dir.exists(), "{what}: removal afterwards");
+        }
+        assert!(mounts_under(&merged).is_empty(), "{what}: an overlay stayed mounted");
+        assert!(mounts_under(&rw_mnt).is_empty(), "{what}: a writable image stayed mounted");
+    }
+    d.settle();
+    assert!(mounts_under(&home.join("merged")).is_empty(), "overlays left: {:?}", mounts_under(&home.join("merged")));
+    assert!(mounts_under(&home.join("rwmnt")).is_empty(), "writable mounts left");
+    let graves: Vec<_> = fs::read_dir(home.join("rw")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(graves.is_empty(), "writable images left: {graves:?}");
+    assert_eq!(d.report().layer_mounts, 1, "only the parent's layer stays mounted");
+    d.cleanup().unwrap();
+    drop(d);
+    let d = rig.driver();
+    assert_eq!(d.layer_ids(), ["base"], "a reopened driver finds other layers");
+    d.remove("base").unwrap();
+    assert_eq!(d.report().layer_mounts, 0);
+    d.cleanup().unwrap();
+    await_or_fail("loop devices stayed attached to the rig's images", || {
+        sharedloop_core::sys::loopdev::list().iter().all(|(_, f)| !f.starts_with(rig.path()))
+    });
 }

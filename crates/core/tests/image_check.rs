@@ -6,6 +6,8 @@
 //! what a peer's process would do to the files): renaming another image
 //! over `layer.img`, editing `meta.json`.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -22,49 +24,13 @@ use sharedloop_core::store::{LayerInfo, LayerMeta, Store, FORMAT_VERSION, IMAGE_
 use sharedloop_core::sys::loopdev;
 use sharedloop_core::Error;
 
-fn require(tools: &[&str]) {
-    assert!(rustix::process::geteuid().is_root(), "this test needs root (loop devices, mounts)");
-    for t in tools {
-        let ok = Command::new("sh").args(["-c", &format!("command -v {t}")]).output().is_ok_and(|o| o.status.success());
-        assert!(ok, "this test needs {t}; install it (scripts/install-deps does)");
-    }
-}
+#[cfg(feature = "fault-injection")]
+use common::{await_or_fail, mounts_under, wchan, LetGo};
+use common::{gettid, require, Rig};
 
 fn run_ok(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A temp dir whose mounts (and so loop devices, which autoclear) go with
-/// it, also when the test fails.
-struct Rig {
-    dir: tempfile::TempDir,
-}
-
-impl Rig {
-    fn new() -> Rig {
-        Rig { dir: tempfile::Builder::new().prefix("sl-image-check-").tempdir().unwrap() }
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect()
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for m in mounts_under(self.dir.path()).iter().rev() {
-            let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
-        }
-    }
 }
 
 /// A sparse ext4 image of `mb` MiB whose tree is `fs/marker` = `marker`.
@@ -136,7 +102,7 @@ fn fd_open_on(path: &Path) -> bool {
 #[test]
 fn real_an_image_renamed_over_layer_img_during_the_check_is_never_mounted() {
     require(&["mkfs.ext4"]);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-image-check-");
     let store = store_in(&rig);
     // Big enough (apparent size; sparse) that hashing takes a while.
     let genuine = make_image(rig.path(), "genuine", "genuine\n", 768);
@@ -249,7 +215,7 @@ fn peer_edits_meta(info: &LayerInfo, edit: impl Fn(&mut serde_json::Map<String, 
 #[test]
 fn real_a_removed_digest_does_not_lower_the_check() {
     require(&["mkfs.ext4", "e2fsck", "debugfs"]);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-image-check-");
     let store = store_in(&rig);
     let broken = make_fsck_refused_image(rig.path());
     let good = make_image(rig.path(), "good", "good\n", 16);
@@ -305,12 +271,6 @@ fn real_a_removed_digest_does_not_lower_the_check() {
     assert_eq!(mounts.count(), 0);
 }
 
-/// The kernel thread id of the calling thread.
-fn gettid() -> u32 {
-    let link = fs::read_link("/proc/thread-self").unwrap();
-    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
-}
-
 /// Bytes `tid` of this process has read so far.
 fn rchar(tid: u32) -> u64 {
     let io = fs::read_to_string(format!("/proc/self/task/{tid}/io")).unwrap();
@@ -324,7 +284,7 @@ fn rchar(tid: u32) -> u64 {
 #[test]
 fn real_an_image_written_in_place_during_the_check_is_refused() {
     require(&["mkfs.ext4"]);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-image-check-");
     let store = store_in(&rig);
     let genuine = make_image(rig.path(), "genuine", "genuine\n", 768);
     let c = chain('d');
@@ -397,7 +357,7 @@ fn touch_mtime(path: &Path, mtime_ns: i128) {
 fn real_identity_mounts_an_untouched_image_without_reading_it() {
     require(&["mkfs.ext4"]);
     assert_eq!(Config::default().verify, VerifyMode::Identity);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-image-check-");
     let store = store_in(&rig);
     let genuine = make_image(rig.path(), "genuine", "genuine\n", 256);
     let c = chain('5');
@@ -427,7 +387,7 @@ fn real_identity_mounts_an_untouched_image_without_reading_it() {
 #[test]
 fn real_identity_checks_the_digest_of_an_image_changed_after_publish() {
     require(&["mkfs.ext4"]);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-image-check-");
     let store = store_in(&rig);
     let genuine = make_image(rig.path(), "genuine", "genuine\n", 16);
     let mounts = LayerMounts::open(&rig.path().join("mnt"), &rig.path().join("verified"), false).unwrap();
@@ -474,7 +434,7 @@ fn real_identity_checks_the_digest_of_an_image_changed_after_publish() {
 #[test]
 fn real_identity_checks_the_digest_of_a_layer_without_a_stamp() {
     require(&["mkfs.ext4"]);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-image-check-");
     let store = store_in(&rig);
     let genuine = make_image(rig.path(), "genuine", "genuine\n", 16);
     let mounts = LayerMounts::open(&rig.path().join("mnt"), &rig.path().join("verified"), false).unwrap();
@@ -512,18 +472,6 @@ fn pause_first_mount_of(chain: &ChainId, release: &Path) {
     std::env::set_var("SHAREDLOOP_FAULT_PAUSE", format!("layer-mount:{}:{}", &chain.as_str()[7..], release.display()));
 }
 
-/// Waits, at most `LIVENESS` (a bound for a hung test, not a timing
-/// claim), for `done`; panics with `what` when it does not come.
-#[cfg(feature = "fault-injection")]
-fn await_or_fail(what: &str, mut done: impl FnMut() -> bool) {
-    const LIVENESS: std::time::Duration = std::time::Duration::from_secs(60);
-    let t0 = std::time::Instant::now();
-    while !done() {
-        assert!(t0.elapsed() < LIVENESS, "{what} (waited {} s)", LIVENESS.as_secs());
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 /// Issue 12, item 3: the check and mount of one layer run without the
 /// layer mount table's lock. Layer A's first mount is held (as a long
 /// digest check of a big image on a busy file server would hold it);
@@ -534,7 +482,7 @@ fn await_or_fail(what: &str, mut done: impl FnMut() -> bool) {
 fn real_first_mounts_of_two_layers_proceed_in_parallel() {
     require(&["mkfs.ext4"]);
     let _turn = PAUSE.lock().unwrap_or_else(|p| p.into_inner());
-    let rig = Rig::new();
+    let rig = Rig::new("sl-image-check-");
     let store = store_in(&rig);
     let img = make_image(rig.path(), "genuine", "genuine\n", 16);
     let (ca, cb) = (chain('1'), chain('2'));
@@ -546,12 +494,6 @@ fn real_first_mounts_of_two_layers_proceed_in_parallel() {
     let user = Path::new("/test-user");
     std::thread::scope(|s| {
         // Let A go however the test ends, so the scope can end.
-        struct LetGo<'a>(&'a Path);
-        impl Drop for LetGo<'_> {
-            fn drop(&mut self) {
-                let _ = fs::write(self.0, "");
-            }
-        }
         let _let_go = LetGo(&release);
         let a = s.spawn(|| mounts.acquire(&info_a, user, VerifyMode::Digest, DirectIo::Off));
         await_or_fail("layer A's first mount never reached its pause point", || reached.exists());
@@ -579,12 +521,6 @@ fn real_first_mounts_of_two_layers_proceed_in_parallel() {
     assert_eq!(mounts.count(), 0);
 }
 
-/// What thread `tid` of this process is blocked in (kernel function).
-#[cfg(feature = "fault-injection")]
-fn wchan(tid: u32) -> String {
-    fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
-}
-
 /// Two threads first-mounting the same layer at once: the second waits for
 /// the first (blocked on the table, not in a mount of its own), and both
 /// get the one mount and its device; the layer is attached once.
@@ -593,7 +529,7 @@ fn wchan(tid: u32) -> String {
 fn real_two_first_mounts_of_one_layer_make_one_mount() {
     require(&["mkfs.ext4"]);
     let _turn = PAUSE.lock().unwrap_or_else(|p| p.into_inner());
-    let rig = Rig::new();
+    let rig = Rig::new("sl-image-check-");
     let store = store_in(&rig);
     let img = make_image(rig.path(), "genuine", "genuine\n", 16);
     let c = chain('3');
@@ -604,12 +540,6 @@ fn real_two_first_mounts_of_one_layer_make_one_mount() {
     pause_first_mount_of(&c, &release);
     let (u1, u2) = (Path::new("/test-user-1"), Path::new("/test-user-2"));
     let (d1, d2) = std::thread::scope(|s| {
-        struct LetGo<'a>(&'a Path);
-        impl Drop for LetGo<'_> {
-            fn drop(&mut self) {
-                let _ = fs::write(self.0, "");
-            }
-        }
         let _let_go = LetGo(&release);
         let first = s.spawn(|| mounts.acquire(&info, u1, VerifyMode::Digest, DirectIo::Off));
         await_or_fail("the first mount never reached its pause point", || reached.exists());

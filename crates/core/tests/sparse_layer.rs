@@ -3,6 +3,8 @@
 //! the driver applies the tar, builds and publishes the ext4 image, mounts
 //! it on a loop device. Needs root and GNU tar; fails, never skips.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -14,48 +16,12 @@ use sharedloop_core::ids::Bytes;
 use sharedloop_core::options::Config;
 use sharedloop_core::{CreateKind, Driver};
 
+use common::{require, Rig};
+
 const GIB: u64 = 1 << 30;
 const SIZE: u64 = 10 * GIB;
 /// (offset, data) of the sparse file; the rest is holes.
 const PIECES: [(u64, &[u8]); 3] = [(0, b"head"), (5 * GIB + 12345, b"middle"), (SIZE - 4096, b"tail")];
-
-fn require(tools: &[&str]) {
-    assert!(rustix::process::geteuid().is_root(), "this test needs root (loop devices, mounts)");
-    for t in tools {
-        let ok = Command::new("sh").args(["-c", &format!("command -v {t}")]).output().is_ok_and(|o| o.status.success());
-        assert!(ok, "this test needs {t}; install it (scripts/install-deps does)");
-    }
-}
-
-/// A temp dir whose mounts go with it (loop devices autoclear), also when
-/// the test fails.
-struct Rig {
-    dir: tempfile::TempDir,
-}
-
-impl Rig {
-    fn new() -> Rig {
-        Rig { dir: tempfile::Builder::new().prefix("sl-sparse-").tempdir().unwrap() }
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mounts: Vec<PathBuf> = text
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .map(PathBuf::from)
-            .filter(|p| p.starts_with(self.dir.path()))
-            .collect();
-        for m in mounts.iter().rev() {
-            let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
-        }
-    }
-}
 
 /// Bytes a file occupies on disk.
 fn allocated(p: &Path) -> u64 {
@@ -123,7 +89,7 @@ fn driver(rig: &Rig, name: &str, opts: &[&str]) -> Driver {
 #[test]
 fn real_a_sparse_file_stays_sparse_from_tar_to_mounted_ext4_layer() {
     require(&["tar", "mkfs.ext4"]);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-sparse-");
     let tar = sparse_tar(rig.path());
 
     // Staging, as apply writes it.
@@ -143,7 +109,7 @@ fn real_a_sparse_file_stays_sparse_from_tar_to_mounted_ext4_layer() {
 #[test]
 fn real_a_sparse_file_stays_sparse_in_an_xfs_layer() {
     require(&["tar", "mkfs.xfs"]);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-sparse-");
     let tar = sparse_tar(rig.path());
     sparse_roundtrip(&rig, &tar, "xfs", 400 << 20, 80 << 20);
 }
@@ -174,7 +140,7 @@ fn sparse_roundtrip(rig: &Rig, tar: &[u8], fs_type: &str, max_apparent: u64, max
 #[test]
 fn real_max_layer_size_refuses_a_layer_that_expands_beyond_it() {
     require(&["tar", "mkfs.ext4"]);
-    let rig = Rig::new();
+    let rig = Rig::new("sl-sparse-");
     let tar = sparse_tar(rig.path());
     let d = driver(&rig, "b", &["sharedloop.max_layer_size=1G"]);
     assert_eq!(d.config().max_layer_size, Some(Bytes(GIB)));

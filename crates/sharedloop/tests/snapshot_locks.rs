@@ -7,68 +7,25 @@
 //! asserted.
 #![cfg(feature = "fault-injection")]
 
+// The core's test rig (a temp dir whose mounts go with it, bounded waits).
+#[path = "../../core/tests/common/mod.rs"]
+mod core_rig;
+
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sharedloop_containerd::snapshots::{SnapKind, Snapshotter};
-use sharedloop_core::options::Config;
-use sharedloop_core::{Driver, Error};
+use sharedloop_core::Error;
 
-struct Rig {
-    dir: tempfile::TempDir,
-}
-
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect()
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for m in mounts_under(self.dir.path()).iter().rev() {
-            let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
-        }
-    }
-}
-
-fn gettid() -> u32 {
-    let link = fs::read_link("/proc/thread-self").unwrap();
-    link.file_name().unwrap().to_str().unwrap().parse().unwrap()
-}
-
-fn await_or_fail(what: &str, mut done: impl FnMut() -> bool) {
-    const LIVENESS: std::time::Duration = std::time::Duration::from_secs(60);
-    let t0 = std::time::Instant::now();
-    while !done() {
-        assert!(t0.elapsed() < LIVENESS, "{what} (waited {} s)", LIVENESS.as_secs());
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-struct LetGo<'a>(&'a Path);
-impl Drop for LetGo<'_> {
-    fn drop(&mut self) {
-        let _ = fs::write(self.0, "");
-    }
-}
+use core_rig::{await_or_fail, gettid, require, waits_on_futex, LetGo, Rig};
 
 #[test]
 fn real_a_commits_image_build_holds_up_no_other_snapshot() {
-    assert!(rustix::process::geteuid().is_root(), "this test needs root (loop devices, mounts)");
-    let rig = Rig { dir: tempfile::Builder::new().prefix("sl-snapshot-locks-").tempdir().unwrap() };
-    let p = rig.dir.path();
-    fs::create_dir_all(p.join("root")).unwrap();
-    let opts = [
-        format!("sharedloop.loopback_root={}", p.join("root").display()),
-        format!("sharedloop.loopback_fallback={}", p.join("fallback").display()),
-    ];
-    let d = Driver::open(&p.join("home"), Config::from_opts(&opts).unwrap()).unwrap();
-    let sn = Snapshotter::open(d).unwrap();
+    require(&[]);
+    let rig = Rig::new("sl-snapshot-locks-");
+    let p = rig.path();
+    let sn = Snapshotter::open(rig.driver()).unwrap();
     let m = sn.prepare("k1", "", BTreeMap::new()).unwrap();
     // No parent: the mount is a bind of the writable layer's upper.
     assert_eq!(m[0].fs_type, "bind");
@@ -111,9 +68,7 @@ fn real_a_commits_image_build_holds_up_no_other_snapshot() {
             sn.remove("k1")
         });
         let tid = rx.recv().unwrap();
-        await_or_fail("the removal of the key being committed never waited", || {
-            fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default().contains("futex")
-        });
+        await_or_fail("the removal of the key being committed never waited", || waits_on_futex(tid));
         assert!(!remove.is_finished());
         fs::write(&release, "").unwrap();
         commit.join().unwrap().unwrap();

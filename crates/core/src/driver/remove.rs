@@ -13,7 +13,8 @@ use crate::guard::Staged;
 use crate::ids::{random_token, ChainId};
 use crate::store::LayerInfo;
 
-/// How long a removal waits for a request working on the same id.
+/// How long a removal waits for a request working on the same id (tests
+/// shorten it: `fault::shorten_wait("remove", ..)`).
 const REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Driver {
@@ -39,7 +40,8 @@ impl Driver {
                 || st.flights.contains(&view)
                 || st.flights.contains(&rw)
         };
-        let (st, idle) = self.wait_bounded(self.state()?, std::time::Instant::now() + REMOVE_WAIT, working);
+        let wait = crate::fault::wait("remove", REMOVE_WAIT);
+        let (st, idle) = self.wait_bounded(self.state()?, std::time::Instant::now() + wait, working);
         if st.closed {
             drop(st);
             return self.state().map(|_| ());
@@ -49,10 +51,10 @@ impl Driver {
             let why = if st.leases.contains_key(id) {
                 format!(
                     "a reader has been using its directory (a diff streaming from it) for over {} s",
-                    REMOVE_WAIT.as_secs()
+                    wait.as_secs()
                 )
             } else {
-                format!("another request has been working on it or on a child for over {} s", REMOVE_WAIT.as_secs())
+                format!("another request has been working on it or on a child for over {} s", wait.as_secs())
             };
             return Err(Error::InUse { id: id.into(), why });
         }
