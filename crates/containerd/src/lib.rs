@@ -16,6 +16,7 @@ use containerd_snapshots::{Info, Kind, Usage};
 use sharedloop_core::{Error, MountSpec};
 
 pub mod filter;
+mod local;
 mod records;
 pub mod snapshots;
 
@@ -127,6 +128,7 @@ fn from_info(i: &Info) -> SnapInfo {
         updated_ns: ns(i.updated_at),
         layer: String::new(),
         from_layer: None,
+        local: false,
     }
 }
 

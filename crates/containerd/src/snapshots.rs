@@ -85,6 +85,10 @@ pub struct SnapInfo {
     /// back its own record of a commit that failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_layer: Option<String>,
+    /// A committed snapshot kept on this host (its layer is the writable
+    /// layer it was committed from; see `local.rs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 impl SnapInfo {
@@ -144,7 +148,13 @@ impl Snapshotter {
             .filter(|s| s.from_layer.as_ref().is_some_and(|l| actives.contains(l)))
             .map(|s| s.name.clone())
             .collect();
+        let finished = crate::local::finished_local_commits(&snaps);
         let sn = Snapshotter { driver, dir, table: Table::new(snaps) };
+        for key in finished {
+            tracing::info!(snapshot = %key, "dropping the active record of a commit a crash interrupted after it was recorded");
+            sn.forget(&key)?;
+            sn.lock().snaps.remove(&key);
+        }
         for name in unfinished {
             tracing::info!(snapshot = %name, "rolling back a commit a crash interrupted");
             sn.forget(&name)?;
@@ -178,7 +188,7 @@ impl Snapshotter {
         &self.driver
     }
 
-    fn lock(&self) -> MutexGuard<'_, Records> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Records> {
         self.table.lock()
     }
 
@@ -186,11 +196,11 @@ impl Snapshotter {
         self.dir.join(format!("{}.json", hex::encode(Sha256::digest(key.as_bytes()))))
     }
 
-    fn save(&self, s: &SnapInfo) -> Result<()> {
+    pub(crate) fn save(&self, s: &SnapInfo) -> Result<()> {
         write_atomic(&self.record_path(&s.name), &serde_json::to_vec(s).expect("serialises"))
     }
 
-    fn forget(&self, key: &str) -> Result<()> {
+    pub(crate) fn forget(&self, key: &str) -> Result<()> {
         let p = self.record_path(key);
         match fs::remove_file(&p) {
             Ok(()) => fsync_dir(&self.dir),
@@ -211,7 +221,7 @@ impl Snapshotter {
         Ok(())
     }
 
-    fn new_record(
+    pub(crate) fn new_record(
         key: &str,
         kind: SnapKind,
         parent: &str,
@@ -228,6 +238,7 @@ impl Snapshotter {
             updated_ns: t,
             layer,
             from_layer: None,
+            local: false,
         }
     }
 
@@ -335,6 +346,9 @@ impl Snapshotter {
             let marks = (self.table.mark(&mut r, name, &active.parent), self.table.mark(&mut r, key, &active.parent));
             (active, marks.0, marks.1)
         };
+        if crate::local::stays_local(name, key, &labels) {
+            return self.commit_local(name, key, active, labels);
+        }
         let hint = Self::chain_hint(name, &active, &labels);
         let layer = format!("c-{}", random_token());
         // The layer, then its record, then the active record goes (the
@@ -419,6 +433,7 @@ impl Snapshotter {
         let s = self.stat(key)?;
         let (bytes, inodes) = match s.kind {
             SnapKind::Active => self.driver.rw_usage(&s.layer)?,
+            SnapKind::Committed if s.local => self.driver.rw_usage(&s.layer)?,
             SnapKind::Committed => self.driver.image_usage(&s.layer)?,
             SnapKind::View => (0, 0),
         };
@@ -460,6 +475,7 @@ pub(crate) mod tests {
             updated_ns: 0,
             layer: "x".into(),
             from_layer: None,
+            local: false,
         }
     }
 

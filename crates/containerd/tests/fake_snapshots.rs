@@ -189,7 +189,53 @@ fn a_restart_keeps_the_snapshots_and_drops_a_stray_layer() {
     assert_eq!(find(&lowers_of(&m), "f0").as_deref(), Some("layer 0"));
 }
 
+/// Docker's init layer (`<id>-init` committed from `<id>-init-prepare`)
+/// stays on this host: no image built, nothing published; the container's
+/// snapshot stacks on it, it survives a restart, and it goes with its
+/// removal.
+#[test]
+fn dockers_init_layer_is_committed_on_this_host_only() {
+    let rig = rig();
+    let sn = rig.open();
+    let names = unpack(&sn, 1);
+    let builds = rig.kernel.count(Op::BuildImage);
+    let m = sn.prepare("moby/7/c1-init-prepare", &names[0], none()).unwrap();
+    write(&upper_of(&m), ".dockerenv", "");
+    write(&upper_of(&m), "hostname", "c1\n");
+    sn.commit("moby/8/c1-init", "moby/7/c1-init-prepare", none()).unwrap();
+    assert_eq!(rig.kernel.count(Op::BuildImage), builds, "no image built for the init layer");
+    assert_eq!(rig.published(), 1, "nothing published for it");
+    let init = sn.stat("moby/8/c1-init").unwrap();
+    assert_eq!((init.kind, init.local), (SnapKind::Committed, true));
+    assert!(matches!(sn.stat("moby/7/c1-init-prepare"), Err(Error::NotFound(_))));
+    assert!(sn.usage("moby/8/c1-init").unwrap().bytes > 0);
+    let c = sn.prepare("moby/9/c1", "moby/8/c1-init", none()).unwrap();
+    write(&upper_of(&c), "own", "x");
+    let lowers = lowers_of(&c);
+    assert_eq!(find(&lowers, "hostname").as_deref(), Some("c1\n"), "{lowers:?}");
+    assert_eq!(find(&lowers, "f0").as_deref(), Some("layer 0"));
+    // `docker commit` of the container: Docker applies the diff in a
+    // snapshot over the init layer and commits it; the init layer is then
+    // frozen into the store under the new layer.
+    let e = sn.prepare("moby/10/extract-1-img", "moby/8/c1-init", none()).unwrap();
+    write(&upper_of(&e), "own", "x");
+    sn.commit("moby/11/img", "moby/10/extract-1-img", none()).unwrap();
+    assert_eq!(rig.published(), 3, "the image layer, the init layer's snapshot, the new layer");
+    sn.remove("moby/11/img").unwrap();
+    assert_eq!(rig.published(), 1);
+    drop(sn);
+    let sn = rig.open();
+    assert!(sn.stat("moby/8/c1-init").unwrap().local);
+    assert_eq!(find(&lowers_of(&sn.mounts("moby/9/c1").unwrap()), "hostname").as_deref(), Some("c1\n"));
+    assert!(sn.remove("moby/8/c1-init").is_err(), "the container stands on it");
+    sn.remove("moby/9/c1").unwrap();
+    sn.remove("moby/8/c1-init").unwrap();
+    sn.driver().settle();
+    assert_eq!(sn.driver().layer_ids().len(), 1, "only the image layer is left: {:?}", sn.driver().layer_ids());
+    assert_eq!(rig.published(), 1);
+}
+
 #[test]
 fn every_test_here_passes_as_a_non_root_user() {
-    rootless::run_the_others_as_nobody("every_test_here_passes_as_a_non_root_user", 4);
+    rootless::run_the_others_as_nobody("every_test_here_passes_as_a_non_root_user", 5);
 }

@@ -303,6 +303,39 @@ fn a_commit_whose_build_fails_is_rolled_back() {
     assert_eq!(rig.published(), 0, "{c} and base released");
 }
 
+/// A writable layer over a writable parent (a container over Docker's
+/// init layer) commits: the parent is frozen into a snapshot first, and
+/// the committed layer shows its own changes over the parent's and the
+/// image's. Removing it lets go of both published layers.
+#[test]
+fn a_writable_layer_over_a_writable_parent_commits_over_a_snapshot_of_it() {
+    let rig = rig();
+    let home = rig.home("a");
+    let d = rig.open("a", &[]);
+    layer(&d, "base", None, &[("f", "image")]);
+    writable(&d, "init", Some("base"));
+    d.get("init").unwrap();
+    fs::write(home.join("rwmnt/init/upper/hostname"), "c1").unwrap();
+    d.put("init").unwrap();
+    writable(&d, "ctr", Some("init"));
+    let m = d.get("ctr").unwrap();
+    assert_eq!((read(&m, "f"), read(&m, "hostname")), ("image".into(), "c1".into()));
+    fs::write(home.join("rwmnt/ctr/upper/own"), "changed").unwrap();
+    d.commit("ctr", "frozen", None).unwrap();
+    assert_eq!(rig.published(), 3, "the image, the parent's snapshot, the committed layer");
+    let v = d.get("frozen").unwrap();
+    assert_eq!((read(&v, "f"), read(&v, "hostname"), read(&v, "own")), ("image".into(), "c1".into(), "changed".into()));
+    d.put("frozen").unwrap();
+    d.remove("frozen").unwrap();
+    assert_eq!(rig.published(), 1, "both let go");
+    d.put("ctr").unwrap();
+    for id in ["ctr", "init", "base"] {
+        d.remove(id).unwrap();
+    }
+    d.settle();
+    assert_eq!(rig.published(), 0);
+}
+
 /// The root refusing a build for want of space (ENOSPC from the image
 /// build in the root's `tmp/`) sends the layer to the fallback directory,
 /// as the spec has it; the layer works from there.

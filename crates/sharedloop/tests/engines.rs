@@ -261,6 +261,23 @@ fn docker_matrix(engine: DockerEngine, tag: &str) {
     assert_same_manifest(&want, &a.manifest("multi:1"), &format!("{tag}: docker run"));
     assert_runs_on_sharedloop(&a, "multi:1", &multi);
 
+    // A container's init layer stays on its host (Docker 28 commits it
+    // through containerd as `<id>-init` from `<id>-init-key`): nothing is added to the shared
+    // root, nothing built.
+    let built_before = a.plugin_log().matches("image built").count();
+    a.docker_ok(&["create", "--name", "kept", "--network", "none", "multi:1", "true"]);
+    assert_eq!(
+        layer_names(&root),
+        dir_names(&multi),
+        "a container added a layer to the shared root: {}",
+        a.plugin_log().lines().filter(|l| l.contains("commit") || l.contains("built")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(a.plugin_log().matches("image built").count(), built_before, "a container built an image");
+    if engine == DockerEngine::ContainerdStore28 {
+        assert!(a.plugin_log().contains("committed on this host only"), "{}", tail(&a.plugin_log(), 40));
+    }
+    a.docker_ok(&["rm", "kept"]);
+
     // Build FROM the loaded image: a RUN and a COPY.
     a.build("built:1", &ctx);
     let built_ids = a.diff_ids("built:1");

@@ -81,7 +81,7 @@ impl Driver {
         // is written to the parent later does not show through.
         let (base, mut base_hold) = match &writable_parent {
             Some(p) => {
-                let (info, hold) = self.publish_upper(p, None)?;
+                let (info, hold) = self.publish_upper(p, None, None)?;
                 (Some(info.meta.chain_id), Some(hold))
             }
             None => (None, None),

@@ -30,22 +30,57 @@ impl Driver {
             let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
             (self.reserve(&mut st, &[new_id], Some(rw_id))?, l)
         };
-        let (info, hold) = self.publish_upper(rw_id, chain)?;
+        // A writable layer over a writable parent (a container over
+        // Docker's init layer, kept on this host): the parent is frozen
+        // first, as a read-only layer over it would freeze it, and the new
+        // layer stands on that snapshot.
+        let writable_parent = {
+            let st = self.lock();
+            let parent = rw.parent.as_deref().and_then(|p| st.layers.get(p));
+            (rw.base.is_none() && parent.is_some_and(|p| matches!(p.kind, Kind::Rw { .. })))
+                .then(|| rw.parent.clone().expect("seen"))
+        };
+        let (base, base_hold) = match &writable_parent {
+            Some(p) => {
+                let (info, hold) = self.publish_upper(p, None, None)?;
+                (Some(info.meta.chain_id), Some(hold))
+            }
+            None => (rw.base.clone(), None),
+        };
+        // The snapshot this commit made, to let go of should it fail.
+        let frozen = writable_parent.as_ref().and(base.clone());
+        let release_base = |hold| {
+            drop(hold);
+            if let Some(c) = &frozen {
+                if let Err(e) = self.release_chain(c, new_id) {
+                    tracing::warn!(layer = %c, error = %e, "cannot release a parent snapshot");
+                }
+            }
+        };
+        let (info, hold) = match self.publish_upper(rw_id, chain, base.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                release_base(base_hold);
+                return Err(e);
+            }
+        };
         crate::fault::point("commit", "published and referenced");
         let chain = info.meta.chain_id.clone();
         let l = LocalLayer {
             id: new_id.into(),
             parent: rw.parent,
-            base: rw.base,
+            base,
             kind: Kind::Image { chain: Some(chain.clone()), size: info.meta.content_bytes },
         };
         if let Err(e) = self.save(&l) {
             drop(hold);
             let _ = self.release_chain(&chain, new_id);
+            release_base(base_hold);
             return Err(e);
         }
         self.lock().layers.insert(new_id.into(), l);
         drop(hold);
+        drop(base_hold);
         crate::fault::point("commit", "committed layer recorded");
         tracing::info!(layer = %chain, from = rw_id, location = info.location.name(), "writable layer committed");
         Ok(chain)
@@ -53,16 +88,25 @@ impl Driver {
 
     /// Publishes writable layer `rw_id`'s upper directory as it is now, as
     /// the layer `chain` (or, without one, named by the digest of its
-    /// content as a tar) over what the writable layer stands on; takes a
-    /// reference.
-    pub(super) fn publish_upper(&self, rw_id: &str, chain: Option<ChainId>) -> Result<(LayerInfo, ChainHold<'_>)> {
+    /// content as a tar) over what the writable layer stands on (or over
+    /// `over`, a snapshot of its writable parent); takes a reference.
+    pub(super) fn publish_upper(
+        &self,
+        rw_id: &str,
+        chain: Option<ChainId>,
+        over: Option<ChainId>,
+    ) -> Result<(LayerInfo, ChainHold<'_>)> {
         let (parent_chain, fs, _lease) = {
             let mut st = self.state()?;
             let l = st.layers.get(rw_id).cloned().ok_or_else(|| Error::NotFound(format!("layer {rw_id}")))?;
             let Kind::Rw { fs, .. } = l.kind else {
                 return Err(Error::Conflict(format!("layer {rw_id} is not writable")));
             };
-            let parent_chain = match Self::lower_chain(&st, &l) {
+            let lower = match over {
+                Some(c) => Ok(Some(c)),
+                None => Self::lower_chain(&st, &l),
+            };
+            let parent_chain = match lower {
                 Err(Error::Invalid(_)) => {
                     return Err(Error::Conflict(format!(
                         "layer {rw_id} stands on a writable layer ({}): only a writable layer over published \
