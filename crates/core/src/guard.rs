@@ -90,10 +90,6 @@ impl<'k> Mounted<'k> {
         Mounted { kernel, target: target.into(), keep: false }
     }
 
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
     /// Lets the mount stand.
     pub fn keep(mut self) {
         self.keep = true;
