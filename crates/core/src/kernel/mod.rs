@@ -12,7 +12,7 @@
 //!
 //! What is not behind the seam: reading and writing files (the store, the
 //! tar extraction, digests), `flock`, and the read-only look at
-//! `/proc/self/mountinfo` that [`crate::guard::Staged`] takes before it
+//! `/proc/self/mountinfo` that the staging guard (`guard::Staged`) takes before it
 //! deletes a directory (a fake mount is a plain directory, so deleting
 //! through it deletes nothing that matters).
 
