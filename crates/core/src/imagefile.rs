@@ -16,7 +16,7 @@
 //! followed when it is a symlink (as everywhere in the store).
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -162,8 +162,14 @@ impl ImageFile {
     pub fn open(path: &Path) -> Result<Opened> {
         let (base, rel) = split(path);
         let dir: OwnedFd = File::open(base).ctx("open", base)?.into();
+        Self::open_beneath(dir.as_fd(), rel, path)
+    }
+
+    /// Opens `rel` below directory `dir` for reading if it is a regular
+    /// file, following no symlink; `path` names it in messages.
+    pub(crate) fn open_beneath(dir: BorrowedFd<'_>, rel: &Path, path: &Path) -> Result<Opened> {
         let pfd = match openat2(
-            &dir,
+            dir,
             rel,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
