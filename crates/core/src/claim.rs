@@ -263,7 +263,7 @@ pub fn claim_or_wait<T>(
     timeout: Duration,
     locate: &dyn Fn() -> Result<Option<T>>,
 ) -> Result<Outcome<T>> {
-    let dir = claims_dir(base, true).ctx("open", base.join(CLAIMS_DIR))?;
+    claims_dir(base, true).ctx("open", base.join(CLAIMS_DIR))?;
     let started = Instant::now();
     let mut pause = FIRST_PAUSE;
     let mut seen: Option<Seen> = None;
@@ -273,6 +273,9 @@ pub fn claim_or_wait<T>(
             return Ok(Outcome::Published(t));
         }
         crate::fault::point("claim", "looked for the layer");
+        // Opened again for each look: a root unmounted (or remounted) while
+        // this host waits is seen as such, not read through an old handle.
+        let dir = claims_dir(base, false).ctx("open", base.join(CLAIMS_DIR))?;
         let gens = generations(&dir, chain).ctx("read", dir.path())?;
         let next = match gens.last() {
             None => Some(0),

@@ -11,7 +11,10 @@
 //! and it may be a symlink. A handle is opened per operation
 //! ([`super::Store::dir`]), not kept for the daemon's life: a root the
 //! operator mounts (or remounts) after the daemon started must be the one
-//! used, not the directory it covers.
+//! used, not the directory it covers; and a long operation (a build, a
+//! claim wait, promote's copy) opens the base again for its last step, so
+//! a root unmounted meanwhile fails it over to fallback instead of
+//! publishing into a detached filesystem.
 //!
 //! Paths (`Dir::join`) are still made, for messages and for what the
 //! kernel only takes by name (mkfs, the loop device by name); they come
@@ -70,7 +73,10 @@ impl Dir {
     /// Opens base directory `base`, following it if it is a symlink (the
     /// operator's choice).
     pub fn open(base: &Path) -> io::Result<Dir> {
-        let fd = rustix::fs::open(base, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let open = |how: OFlags| rustix::fs::open(base, how | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty());
+        // A directory this user may search and write but not list (NFS
+        // with root_squash) still takes names: O_PATH is enough for that.
+        let fd = open(OFlags::RDONLY).or_else(|e| if e == Errno::ACCESS { open(OFlags::PATH) } else { Err(e) })?;
         Ok(Dir { path: base.to_owned(), fd })
     }
 
@@ -106,7 +112,13 @@ impl Dir {
         let rel = rel.as_ref();
         // No O_NOFOLLOW: RESOLVE_NO_SYMLINKS refuses a final symlink with
         // ELOOP (O_NOFOLLOW | O_DIRECTORY would say ENOTDIR).
-        let fd = self.beneath(rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+        let fd = match self.beneath(rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) {
+            // Searchable and writable but not listable: see Dir::open.
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                self.beneath(rel, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?
+            }
+            r => r?,
+        };
         Ok(Dir { path: self.join(rel), fd })
     }
 
@@ -278,7 +290,7 @@ impl Dir {
     /// symlink inside is removed, never followed.
     pub fn remove_tree(&self, rel: impl AsRef<Path>) -> io::Result<()> {
         let (parent, name) = split(rel.as_ref())?;
-        let p = self.beneath(parent, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
+        let p = self.beneath(parent, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
         remove_at(p.as_fd(), name)
     }
 

@@ -32,7 +32,7 @@ impl Store {
         let chain = &layer.meta.chain_id;
         let root = self.dir(Location::Root).ctx("open", &self.root)?;
         let fb = self.dir(Location::Fallback).ctx("open", &self.fallback)?;
-        let layers = root.sub_made(layout::LAYERS).ctx("mkdir", root.join(layout::LAYERS))?;
+        root.sub_made(layout::LAYERS).ctx("mkdir", root.join(layout::LAYERS))?;
         let done = if root.exists(layout::meta(chain)) {
             Promotion::Deduplicated
         } else {
@@ -69,6 +69,10 @@ impl Store {
                 f.sync_all().ctx("fsync", &mp)?;
             }
             dir.fsync()?;
+            // Root looked up again after the copy: one unmounted or
+            // remounted meanwhile is not written through the old handle.
+            let root = self.dir(Location::Root).ctx("open", &self.root)?;
+            let layers = root.sub(layout::LAYERS).ctx("open", root.join(layout::LAYERS))?;
             let name = chain.dir_name();
             match rustix::fs::renameat(building.tmp.fd(), building.name.as_str(), layers.fd(), name.as_str()) {
                 Ok(()) => building.keep(),
@@ -78,6 +82,7 @@ impl Store {
             layers.fsync()?;
             Promotion::Moved(bytes)
         };
+        let root = self.dir(Location::Root).ctx("open", &self.root)?;
         // References follow the layer.
         for h in self.refs(layer) {
             Self::put_ref(&root, chain, &h).ctx("create", root.join(layout::reference(chain, &h)))?;

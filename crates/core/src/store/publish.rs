@@ -89,7 +89,7 @@ impl Store {
         }
         let base = self.dir(loc).ctx("open", path)?;
         let tmp = base.sub_made(layout::TMP).ctx("open", base.join(layout::TMP))?;
-        let layers = base.sub_made(layout::LAYERS).ctx("open", base.join(layout::LAYERS))?;
+        base.sub_made(layout::LAYERS).ctx("open", base.join(layout::LAYERS))?;
         // One build per layer across hosts: claim it, or wait for the host
         // that has (crate::claim).
         let claim = match held {
@@ -134,6 +134,12 @@ impl Store {
             }
             dir.fsync()?;
             crate::fault::point("publish", "meta written and synced");
+            // The base is looked up again for the rename: a root unmounted
+            // or remounted during the build is not published into through
+            // the old handle (the rename fails, EXDEV or ENOENT, and the
+            // layer goes to fallback as before).
+            let base = self.dir(loc).ctx("open", path)?;
+            let layers = base.sub(layout::LAYERS).ctx("open", base.join(layout::LAYERS))?;
             let name = chain.dir_name();
             let dest = layers.join(&name);
             match rustix::fs::renameat(building.tmp.fd(), building.name.as_str(), layers.fd(), name.as_str()) {
