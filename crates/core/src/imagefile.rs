@@ -145,12 +145,13 @@ fn kind_name(ft: FileType) -> &'static str {
 
 /// Splits `<base>/layers/<dir>/<file>` into the store base (followed: the
 /// operator chose it) and the part below it (never followed). Other paths
-/// are split at their parent.
+/// are split at their parent. (For callers holding only a path; the store
+/// opens a layer's image below its base itself: `LayerInfo::open_image`.)
 fn split(path: &Path) -> (&Path, &Path) {
     let store_base = path
         .parent()
         .and_then(Path::parent)
-        .filter(|layers| layers.file_name().is_some_and(|n| n == "layers"))
+        .filter(|layers| layers.file_name().is_some_and(|n| n == crate::store::layout::LAYERS))
         .and_then(Path::parent);
     let base = store_base.or(path.parent()).filter(|b| !b.as_os_str().is_empty()).unwrap_or(Path::new("."));
     (base, path.strip_prefix(base).unwrap_or(path))
