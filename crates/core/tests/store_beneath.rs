@@ -133,8 +133,9 @@ fn a_planted_reference_directory_is_refused_by_add_ref_gc_and_promote() {
     r.store.add_ref(&info);
     assert!(r.store.refs(&info).is_empty(), "references read through the link");
     assert!(r.store.held_by("precious").is_empty());
-    r.store.drop_refs(&info, &["precious".to_owned()]);
-    assert_eq!(r.outside_now(), before, "add_ref, refs, held_by, drop_refs");
+    let _ = r.store.release(&info);
+    r.gc_all();
+    assert_eq!(r.outside_now(), before, "add_ref, refs, held_by, release, gc");
 
     // promote: the fallback layer's references go to root, where
     // refs/<chain> is a link: refused, nothing made outside.

@@ -65,7 +65,7 @@ impl Store {
     }
 
     /// Removes the record of host `id` in `loc`.
-    pub fn remove_host(&self, loc: Location, id: &str) {
+    pub(crate) fn remove_host(&self, loc: Location, id: &str) {
         if let Ok(base) = self.dir(loc) {
             let _ = base.remove_file(layout::host(id));
         }

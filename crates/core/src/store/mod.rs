@@ -47,10 +47,10 @@ use crate::ids::{ChainId, DiffId};
 use crate::imagefile::{FileId, ImageStamp};
 use crate::options::{Config, FsType};
 
-pub use dir::{Dir, Entry};
+pub(crate) use dir::Dir;
 pub use files::{fsync_dir, is_fallback_errno, write_atomic};
 pub use hosts::HostRecord;
-pub use promote::Promotion;
+pub(crate) use promote::Promotion;
 pub use publish::Published;
 
 /// The `format` written into each new meta.json. Readers take every
@@ -233,7 +233,7 @@ impl Store {
     }
 
     /// The store directory `loc`, open (see [`Dir`]).
-    pub fn dir(&self, loc: Location) -> io::Result<Dir> {
+    pub(crate) fn dir(&self, loc: Location) -> io::Result<Dir> {
         Dir::open(self.base(loc))
     }
 

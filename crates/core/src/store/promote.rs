@@ -16,7 +16,7 @@ use crate::imagefile::{ImageFile, ImageStamp, Opened};
 
 /// What promoting one layer did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Promotion {
+pub(crate) enum Promotion {
     /// Copied into root: this many image bytes.
     Moved(u64),
     /// Root had it already: the fallback copy was dropped.
@@ -28,7 +28,7 @@ const META_MAX_BYTES: u64 = 1 << 20;
 
 impl Store {
     /// Moves fallback layer `layer` into root (see the module).
-    pub fn promote_layer(&self, layer: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Promotion> {
+    pub(crate) fn promote_layer(&self, layer: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Promotion> {
         let chain = &layer.meta.chain_id;
         let root = self.dir(Location::Root).ctx("open", &self.root)?;
         let fb = self.dir(Location::Fallback).ctx("open", &self.fallback)?;

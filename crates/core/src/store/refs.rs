@@ -110,7 +110,7 @@ impl Store {
     }
 
     /// Drops the references of `hosts` (dead ones) to the layer.
-    pub fn drop_refs(&self, info: &LayerInfo, hosts: &[String]) {
+    pub(crate) fn drop_refs(&self, info: &LayerInfo, hosts: &[String]) {
         let Ok(base) = self.base_of(info) else { return };
         for h in hosts {
             let _ = base.remove_file(layout::reference(&info.meta.chain_id, h));
@@ -119,7 +119,7 @@ impl Store {
 
     /// Seconds since `host` wrote its reference to the layer (`u64::MAX`
     /// when there is none).
-    pub fn ref_age_secs(&self, info: &LayerInfo, host: &str, now: u64) -> u64 {
+    pub(crate) fn ref_age_secs(&self, info: &LayerInfo, host: &str, now: u64) -> u64 {
         let Ok(base) = self.base_of(info) else { return u64::MAX };
         base.age_secs(layout::reference(&info.meta.chain_id, host), now)
     }

@@ -18,12 +18,18 @@ impl Store {
     /// Removes the entries of `tmp/` in `loc` for which `stale(name, age in
     /// seconds)` holds (or only lists them, with `dry_run`); returns their
     /// paths.
-    pub fn sweep_tmp(&self, loc: Location, now: u64, dry_run: bool, stale: &dyn Fn(&str, u64) -> bool) -> Vec<PathBuf> {
+    pub(crate) fn sweep_tmp(
+        &self,
+        loc: Location,
+        now: u64,
+        dry_run: bool,
+        stale: &dyn Fn(&str, u64) -> bool,
+    ) -> Vec<PathBuf> {
         self.sweep(loc, layout::TMP, now, dry_run, stale)
     }
 
     /// [`Self::sweep_tmp`] for the build claims (`claims/`).
-    pub fn sweep_claims(
+    pub(crate) fn sweep_claims(
         &self,
         loc: Location,
         now: u64,
@@ -59,7 +65,7 @@ impl Store {
 
     /// The hosts that hold any reference in `loc`; `None` when that cannot
     /// be told (the references are unreadable, or `refs` is a symlink).
-    pub fn hosts_with_refs(&self, loc: Location) -> Option<HashSet<String>> {
+    pub(crate) fn hosts_with_refs(&self, loc: Location) -> Option<HashSet<String>> {
         let base = self.dir(loc).ok()?;
         let chains = match base.entries(layout::REFS) {
             Ok(v) => v,
@@ -77,7 +83,7 @@ impl Store {
     /// Entries of `layers/` in `loc` named like a layer (`sha256-<hex>`)
     /// that cannot be used as one, with the reason; [`Store::layers`]
     /// skips them. Nothing is followed or opened but regular files.
-    pub fn unusable_layers(&self, loc: Location) -> Vec<(ChainId, PathBuf, String)> {
+    pub(crate) fn unusable_layers(&self, loc: Location) -> Vec<(ChainId, PathBuf, String)> {
         let mut out = Vec::new();
         let Ok(base) = self.dir(loc) else { return out };
         match base.lstat(layout::LAYERS) {
