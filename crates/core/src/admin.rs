@@ -3,19 +3,16 @@
 //! docs/multi-host.md for the rules.
 
 use std::collections::HashSet;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::Serialize;
 
-use crate::error::{Context, Error, Result};
-use crate::ids::{random_token, ChainId};
-use crate::imagefile::{ImageFile, Opened};
+use crate::error::{Error, Result};
+use crate::ids::ChainId;
+use crate::imagefile::Opened;
 use crate::options::FsType;
-use crate::store::{
-    fsync_dir, no_links, now_unix, LayerInfo, Location, Store, DIGEST_ALWAYS_FORMAT, IMAGE_FILE, META_FILE,
-};
+use crate::store::{now_unix, LayerInfo, Location, Promotion, Store, DIGEST_ALWAYS_FORMAT};
 
 /// When hosts count as dead and unreferenced layers may go.
 #[derive(Debug, Clone, Copy)]
@@ -52,31 +49,18 @@ pub struct DroppedRef {
     pub host_id: String,
 }
 
-fn age_secs(p: &Path, now: u64) -> u64 {
-    fs::symlink_metadata(p)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| now.saturating_sub(d.as_secs()))
-        .unwrap_or(u64::MAX)
-}
-
-/// Hosts whose references still count in `loc`: a fresh heartbeat, or a
-/// reference file written within the timeout (a host that just started).
+/// Whether `host`'s reference to `layer` still counts: a fresh heartbeat,
+/// or a reference file written within the timeout (a host that just
+/// started).
 fn live_ref(
     store: &Store,
-    loc: Location,
-    chain: &ChainId,
+    layer: &LayerInfo,
     host: &str,
     live_hosts: &HashSet<String>,
     p: &GcPolicy,
     now: u64,
 ) -> bool {
-    if live_hosts.contains(host) {
-        return true;
-    }
-    let f = store.base(loc).join("refs").join(chain.dir_name()).join(host);
-    age_secs(&f, now) <= p.host_timeout_secs
+    live_hosts.contains(host) || store.ref_age_secs(layer, host, now) <= p.host_timeout_secs
 }
 
 /// Collects garbage in root and fallback.
@@ -84,8 +68,7 @@ pub fn gc(store: &Store, p: &GcPolicy) -> Result<GcReport> {
     let now = now_unix();
     let mut rep = GcReport { dry_run: p.dry_run, ..Default::default() };
     for loc in [Location::Root, Location::Fallback] {
-        let base = store.base(loc);
-        if !base.is_dir() {
+        if store.dir(loc).is_err() {
             continue;
         }
         let hosts = store.hosts(loc);
@@ -103,7 +86,7 @@ pub fn gc(store: &Store, p: &GcPolicy) -> Result<GcReport> {
             let chain = layer.meta.chain_id.clone();
             let refs = store.refs(&layer);
             let (alive, dead): (Vec<String>, Vec<String>) =
-                refs.into_iter().partition(|h| live_ref(store, loc, &chain, h, &live, p, now));
+                refs.into_iter().partition(|h| live_ref(store, &layer, h, &live, p, now));
             let old = now.saturating_sub(layer.meta.created_unix) > p.grace_secs;
             if alive.is_empty() && old {
                 let removed = if p.dry_run { true } else { store.delete_unreferenced(&layer, &dead)? };
@@ -118,55 +101,30 @@ pub fn gc(store: &Store, p: &GcPolicy) -> Result<GcReport> {
                 }
             }
             rep.kept_layers += 1;
-            let refs_dir = base.join("refs").join(chain.dir_name());
+            if !p.dry_run {
+                store.drop_refs(&layer, &dead);
+            }
             for h in dead {
-                if !p.dry_run && no_links(base, &refs_dir).is_ok() {
-                    let _ = fs::remove_file(refs_dir.join(&h));
-                }
                 rep.dropped_refs.push(DroppedRef { chain_id: chain.clone(), host_id: h });
             }
         }
+        let max_age = p.grace_secs.min(p.host_timeout_secs);
         // Builds and removals left by hosts that died (or by ourselves).
-        let tmp = base.join("tmp");
-        if let Ok(rd) = no_links(base, &tmp).and_then(|_| fs::read_dir(&tmp)) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let owner_live = live.iter().any(|h| name.starts_with(&format!("{h}-")));
-                if !owner_live && age_secs(&e.path(), now) > p.grace_secs.min(p.host_timeout_secs) {
-                    if !p.dry_run {
-                        let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
-                    }
-                    rep.swept_tmp.push(e.path());
-                }
-            }
-        }
+        let stale_tmp = |name: &str, age: u64| {
+            let owner_live = live.iter().any(|h| name.starts_with(&format!("{h}-")));
+            !owner_live && age > max_age
+        };
+        rep.swept_tmp.extend(store.sweep_tmp(loc, now, p.dry_run, &stale_tmp));
         // Build claims: a live one is rewritten every quarter of the claim
         // timeout; a published or abandoned one is only needed for a
         // minute or so (crate::claim). Old ones go.
-        let claims = base.join(crate::claim::CLAIMS_DIR);
-        if let Ok(rd) = no_links(base, &claims).and_then(|_| fs::read_dir(&claims)) {
-            for e in rd.flatten() {
-                if age_secs(&e.path(), now) > p.grace_secs.min(p.host_timeout_secs) {
-                    if !p.dry_run {
-                        let _ = fs::remove_file(e.path());
-                    }
-                    rep.swept_tmp.push(e.path());
-                }
-            }
-        }
+        rep.swept_tmp.extend(store.sweep_claims(loc, now, p.dry_run, &|_, age| age > max_age));
         // Records of dead hosts that pin nothing any more.
-        if !p.dry_run && no_links(base, &base.join("refs")).is_ok() && no_links(base, &base.join("hosts")).is_ok() {
-            let refs_dir = base.join("refs");
-            let still: HashSet<String> = fs::read_dir(&refs_dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
-                .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().flatten())
-                .map(|r| r.file_name().to_string_lossy().into_owned())
-                .collect();
-            for h in hosts.iter().filter(|h| !live.contains(&h.host_id) && !still.contains(&h.host_id)) {
-                let _ = fs::remove_file(base.join("hosts").join(&h.host_id));
+        if !p.dry_run {
+            if let Some(still) = store.hosts_with_refs(loc) {
+                for h in hosts.iter().filter(|h| !live.contains(&h.host_id) && !still.contains(&h.host_id)) {
+                    store.remove_host(loc, &h.host_id);
+                }
             }
         }
     }
@@ -237,7 +195,7 @@ pub fn verify(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict
     // removal interrupted.
     match r {
         Ok(Verdict::Ok | Verdict::Empty | Verdict::NoDigest) => r,
-        _ if !info.dir.join(META_FILE).exists() => Ok(Verdict::Removed),
+        _ if !info.present() => Ok(Verdict::Removed),
         Err(e) => Ok(Verdict::Unreadable { error: e.to_string() }),
         _ => r,
     }
@@ -270,7 +228,8 @@ impl RateLimit {
 
 fn check_image(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdict> {
     let (Some(img), Some(fs_type)) = (info.image(), info.meta.fs) else { return Ok(Verdict::Empty) };
-    let f = match ImageFile::open(&img)? {
+    let Some(opened) = info.open_image()? else { return Ok(Verdict::Empty) };
+    let f = match opened {
         Opened::File(f) => f,
         Opened::Missing => return Ok(Verdict::Missing { path: img }),
         Opened::NotRegular(kind) => return Ok(Verdict::NotRegular { path: img, kind: kind.to_owned() }),
@@ -298,43 +257,7 @@ fn check_image(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdic
 /// cannot be used as one, with the reason; [`Store::layers`] skips them.
 /// Nothing is followed or opened but regular files.
 pub fn unusable_layer_dirs(store: &Store, loc: Location) -> Vec<(ChainId, PathBuf, String)> {
-    let base = store.base(loc);
-    let dir = base.join("layers");
-    let mut out = Vec::new();
-    match fs::symlink_metadata(&dir) {
-        Ok(m) if m.file_type().is_symlink() || !m.is_dir() => {
-            tracing::warn!(path = %dir.display(), "the layers directory is not a directory; not followed");
-            return out;
-        }
-        Ok(_) => {}
-        Err(_) => return out,
-    }
-    let Ok(rd) = fs::read_dir(&dir) else { return out };
-    for e in rd.flatten() {
-        let Some(chain) = ChainId::from_dir_name(&e.file_name().to_string_lossy()) else { continue };
-        let p = e.path();
-        let Ok(md) = fs::symlink_metadata(&p) else { continue }; // removed meanwhile
-        let reason = if md.file_type().is_symlink() {
-            Some("a symbolic link, not followed".to_owned())
-        } else if !md.is_dir() {
-            Some("not a directory".to_owned())
-        } else {
-            match Store::read_meta(base, &p) {
-                Ok(m) if m.chain_id == chain => None,
-                Ok(m) => Some(format!("meta.json names another layer, {}", m.chain_id)),
-                Err(_) if !p.exists() => None, // removed meanwhile
-                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                    Some("meta.json is a symbolic link, not followed".to_owned())
-                }
-                Err(e) => Some(format!("meta.json cannot be used: {e}")),
-            }
-        };
-        if let Some(r) = reason {
-            out.push((chain, p, r));
-        }
-    }
-    out.sort();
-    out
+    store.unusable_layers(loc)
 }
 
 /// A read-only fsck of a layer image: `None` when clean, else the first
@@ -351,23 +274,6 @@ pub fn fsck(img: &Path, fs_type: FsType) -> Result<Option<String>> {
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         Ok(Some(text.lines().take(8).collect::<Vec<_>>().join("\n")))
     }
-}
-
-/// The meta.json of a layer promoted into root: the fallback's, with the
-/// identity of the copy `img` (a new file, with its own times) in place of
-/// the fallback file's. A layer without an image keeps its text as it is.
-fn promoted_meta(layer: &LayerInfo, img: &Path) -> Result<Vec<u8>> {
-    let meta_path = layer.dir.join(META_FILE);
-    let text = fs::read(&meta_path).ctx("read", &meta_path)?;
-    if layer.meta.fs.is_none() {
-        return Ok(text);
-    }
-    let mut meta: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
-        .map_err(|e| Error::Corrupt { path: meta_path.clone(), reason: format!("not a JSON object: {e}") })?;
-    let copy = ImageFile::open_for_mount(img)?;
-    let stamp = crate::imagefile::ImageStamp::of(copy.at_open());
-    meta.insert("image_file".into(), serde_json::to_value(stamp).expect("serialises"));
-    Ok(serde_json::to_vec_pretty(&meta).expect("serialises"))
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -388,50 +294,15 @@ pub fn promote(store: &Store, progress: &mut dyn FnMut(u64)) -> Result<PromoteRe
         return Err(Error::Invalid(format!("the root directory {} cannot take layers: {why}", store.root.display())));
     }
     let mut rep = PromoteReport::default();
-    let root_layers = store.root.join("layers");
-    fs::create_dir_all(&root_layers).ctx("mkdir", &root_layers)?;
     for layer in store.layers(Location::Fallback) {
         let chain = layer.meta.chain_id.clone();
-        let dest = root_layers.join(chain.dir_name());
-        if dest.join(META_FILE).exists() {
-            rep.deduplicated.push(chain.clone());
-        } else {
-            let tmp = store.root.join("tmp").join(format!("{}-{}", store.host_id, random_token()));
-            fs::create_dir_all(&tmp).ctx("mkdir", &tmp)?;
-            let r = (|| -> Result<()> {
-                if let Some(img) = layer.image() {
-                    crate::image::sparse_copy(&img, &tmp.join(IMAGE_FILE), crate::image::SHARED_IMAGE_MODE)?;
-                    fs::File::open(tmp.join(IMAGE_FILE))
-                        .ctx("open", tmp.join(IMAGE_FILE))?
-                        .sync_all()
-                        .ctx("fsync", &tmp)?;
-                    rep.bytes_copied += layer.meta.image_bytes;
-                    progress(layer.meta.image_bytes);
-                }
-                let text = promoted_meta(&layer, &tmp.join(IMAGE_FILE))?;
-                crate::store::write_atomic_shared(&tmp.join(META_FILE), &text)?;
-                fsync_dir(&tmp)?;
-                if fs::rename(&tmp, &dest).is_err() && !dest.join(META_FILE).exists() {
-                    return Err(Error::sys("rename", &dest, std::io::Error::last_os_error()));
-                }
-                fsync_dir(&root_layers)
-            })();
-            let _ = fs::remove_dir_all(&tmp);
-            r?;
-            rep.moved.push(chain.clone());
+        match store.promote_layer(&layer, progress)? {
+            Promotion::Moved(bytes) => {
+                rep.bytes_copied += bytes;
+                rep.moved.push(chain.clone());
+            }
+            Promotion::Deduplicated => rep.deduplicated.push(chain.clone()),
         }
-        // References follow the layer.
-        for h in store.refs(&layer) {
-            let to = store.root.join("refs").join(chain.dir_name());
-            fs::create_dir_all(&to).ctx("mkdir", &to)?;
-            fs::File::create(to.join(&h)).ctx("create", to.join(&h))?;
-        }
-        let fb = &store.fallback;
-        let grave = fb.join("tmp").join(format!("{}-rm-{}", store.host_id, random_token()));
-        let _ = fs::create_dir_all(fb.join("tmp"));
-        fs::rename(&layer.dir, &grave).ctx("rename", &layer.dir)?;
-        let _ = fs::remove_dir_all(&grave);
-        let _ = fs::remove_dir_all(fb.join("refs").join(chain.dir_name()));
         tracing::info!(layer = %chain, "promoted into root");
     }
     Ok(rep)

@@ -27,20 +27,20 @@
 //! A peer that renews a claim forever delays the others by at most
 //! [`MAX_WAIT_TIMEOUTS`] timeouts; then they build anyway.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read as _};
-use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::ids::{random_token, ChainId};
-use crate::store::no_links;
+use crate::store::Dir;
 
 /// The directory of claims below a store base.
-pub const CLAIMS_DIR: &str = "claims";
+pub const CLAIMS_DIR: &str = crate::store::layout::CLAIMS;
 /// A waiter builds anyway after this many timeouts of a live claim.
 pub const MAX_WAIT_TIMEOUTS: u32 = 20;
 /// Claim contents are padded to this width, so that a rewrite never
@@ -65,6 +65,8 @@ pub enum Outcome<T> {
 /// over at once instead of after the timeout.
 pub struct Claim {
     path: Option<PathBuf>,
+    /// The claims directory and the file's name in it, to remove it.
+    at: Option<(Dir, String)>,
     token: String,
     host: String,
     stop: Option<Sender<()>>,
@@ -85,10 +87,19 @@ impl Claim {
     /// A claim that holds nothing: the store had no room for one, or a
     /// waiter gave up waiting. The build goes ahead unclaimed.
     fn none() -> Claim {
-        Claim { path: None, token: String::new(), host: String::new(), stop: None, renewer: None, done: false }
+        Claim {
+            path: None,
+            at: None,
+            token: String::new(),
+            host: String::new(),
+            stop: None,
+            renewer: None,
+            done: false,
+        }
     }
 
-    fn held(path: PathBuf, file: File, host: &str, timeout: Duration) -> Claim {
+    fn held(dir: Dir, name: String, file: File, host: &str, timeout: Duration) -> Claim {
+        let path = dir.join(&name);
         let token = random_token();
         let (tx, rx) = mpsc::channel::<()>();
         let every = (timeout / 4).max(Duration::from_millis(100));
@@ -111,7 +122,15 @@ impl Claim {
                 }
             })
             .ok();
-        Claim { path: Some(path), token, host: host.to_owned(), stop: Some(tx), renewer, done: false }
+        Claim {
+            path: Some(path),
+            at: Some((dir, name)),
+            token,
+            host: host.to_owned(),
+            stop: Some(tx),
+            renewer,
+            done: false,
+        }
     }
 
     /// Whether this claim holds a file in the store.
@@ -145,11 +164,13 @@ impl Drop for Claim {
             return;
         }
         drop(f);
-        if let Some(p) = &self.path {
-            match fs::remove_file(p) {
+        if let Some((dir, name)) = &self.at {
+            match dir.remove_file(name) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(claim = %p.display(), error = %e, "cannot remove the build claim"),
+                Err(e) => {
+                    tracing::warn!(claim = %dir.join(name).display(), error = %e, "cannot remove the build claim")
+                }
             }
         }
     }
@@ -162,32 +183,32 @@ struct Seen {
     since: Instant,
 }
 
-/// The claims of `chain` under `dir`: (generation, file name), highest
+/// The claims of `chain` in `dir`: (generation, file name), highest
 /// generation last. Names that do not parse are ignored.
-fn generations(dir: &Path, chain: &ChainId) -> io::Result<Vec<(u32, String)>> {
+fn generations(dir: &Dir, chain: &ChainId) -> io::Result<Vec<(u32, String)>> {
     let prefix = format!("{}.", chain.dir_name());
     let mut v = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if let Some(g) = name.strip_prefix(&prefix).and_then(|g| g.parse::<u32>().ok()) {
-            v.push((g, name));
+    for e in dir.entries("")? {
+        if let Some(g) = e.name.strip_prefix(&prefix).and_then(|g| g.parse::<u32>().ok()) {
+            v.push((g, e.name));
         }
     }
     v.sort();
     Ok(v)
 }
 
-/// The contents of claim file `p`, bounded, never through a symlink and
-/// never of anything but a regular file; `None` when it is gone.
-fn read_claim(p: &Path) -> io::Result<Option<Vec<u8>>> {
-    let f = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(p) {
+/// The contents of claim file `name` in `dir`, bounded, never through a
+/// symlink and never of anything but a regular file; `None` when it is
+/// gone.
+fn read_claim(dir: &Dir, name: &str) -> io::Result<Option<Vec<u8>>> {
+    let f = match dir.open_regular(name) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "a claim that is not a regular file"))
+        }
         Err(e) => return Err(e),
     };
-    if !f.metadata()?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "a claim that is not a regular file"));
-    }
     let mut v = Vec::new();
     f.take(MAX_READ).read_to_end(&mut v)?;
     Ok(Some(v))
@@ -197,31 +218,32 @@ fn is_published(bytes: &[u8]) -> bool {
     String::from_utf8_lossy(bytes).contains(" state=published ")
 }
 
-/// Creates claim file `dir/name` exclusively; `None` when it exists.
-fn create(dir: &Path, name: &str) -> io::Result<Option<File>> {
-    match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o644)
-        .open(dir.join(name))
-    {
+/// Creates claim file `name` in `dir` exclusively; `None` when it exists.
+fn create(dir: &Dir, name: &str) -> io::Result<Option<File>> {
+    match dir.create_new(name, 0o644) {
         Ok(f) => Ok(Some(f)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
         Err(e) => Err(e),
     }
 }
 
+/// The claims directory of store base `base`, open (made when `make`);
+/// never through a symlink below the base.
+fn claims_dir(base: &Path, make: bool) -> io::Result<Dir> {
+    let base = Dir::open(base)?;
+    if make {
+        base.sub_made(CLAIMS_DIR)
+    } else {
+        base.sub(CLAIMS_DIR)
+    }
+}
+
 /// Removes every claim of `chain` under `base` (its layer was removed, and
 /// a `published` claim would hold up a host about to rebuild it).
 pub fn forget(base: &Path, chain: &ChainId) {
-    let dir = base.join(CLAIMS_DIR);
-    if no_links(base, &dir).is_err() {
-        return;
-    }
+    let Ok(dir) = claims_dir(base, false) else { return };
     for (_, name) in generations(&dir, chain).unwrap_or_default() {
-        let _ = fs::remove_file(dir.join(name));
+        let _ = dir.remove_file(name);
     }
 }
 
@@ -241,13 +263,7 @@ pub fn claim_or_wait<T>(
     timeout: Duration,
     locate: &dyn Fn() -> Result<Option<T>>,
 ) -> Result<Outcome<T>> {
-    let dir = base.join(CLAIMS_DIR);
-    no_links(base, &dir).ctx("open", &dir)?;
-    match fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::sys("mkdir", &dir, e)),
-    }
+    claims_dir(base, true).ctx("open", base.join(CLAIMS_DIR))?;
     let started = Instant::now();
     let mut pause = FIRST_PAUSE;
     let mut seen: Option<Seen> = None;
@@ -257,12 +273,15 @@ pub fn claim_or_wait<T>(
             return Ok(Outcome::Published(t));
         }
         crate::fault::point("claim", "looked for the layer");
-        let gens = generations(&dir, chain).ctx("read", &dir)?;
+        // Opened again for each look: a root unmounted (or remounted) while
+        // this host waits is seen as such, not read through an old handle.
+        let dir = claims_dir(base, false).ctx("open", base.join(CLAIMS_DIR))?;
+        let gens = generations(&dir, chain).ctx("read", dir.path())?;
         let next = match gens.last() {
             None => Some(0),
             Some((g, name)) => {
                 let p = dir.join(name);
-                match read_claim(&p).ctx("read", &p)? {
+                match read_claim(&dir, name).ctx("read", &p)? {
                     // Given up (its holder failed and removed it): ours to take.
                     None => Some(g + 1),
                     Some(bytes) if is_published(&bytes) => {
@@ -303,14 +322,15 @@ pub fn claim_or_wait<T>(
             let name = format!("{}.{g}", chain.dir_name());
             if let Some(f) = create(&dir, &name).ctx("create", dir.join(&name))? {
                 crate::fault::point("claim", "claim made");
-                let claim = Claim::held(dir.join(&name), f, host, timeout);
+                let own = dir.sub("").ctx("open", dir.path())?;
+                let claim = Claim::held(own, name, f, host, timeout);
                 // Published between the look and the claim: use it.
                 if let Some(t) = locate()? {
                     drop(claim);
                     return Ok(Outcome::Published(t));
                 }
                 for (_, old) in gens.iter().filter(|(og, _)| *og < g) {
-                    let _ = fs::remove_file(dir.join(old));
+                    let _ = dir.remove_file(old);
                 }
                 return Ok(Outcome::Build(claim));
             }
@@ -331,6 +351,7 @@ pub fn claim_or_wait<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -402,7 +423,7 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(builders.load(Ordering::SeqCst), 1, "one waiter takes over, the others use its layer");
-        let gens = generations(&dir, &chain()).unwrap();
+        let gens = generations(&Dir::open(&dir).unwrap(), &chain()).unwrap();
         assert_eq!(gens.iter().map(|(g, _)| *g).collect::<Vec<_>>(), vec![1], "the dead claim is removed");
         fs::remove_dir_all(base).unwrap();
     }
@@ -427,9 +448,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1500));
         *stop.lock().unwrap() = true;
         assert!(waiter.join().unwrap().unwrap(), "the waiter must not have taken over a renewed claim");
-        assert_eq!(generations(&base.join(CLAIMS_DIR), &chain()).unwrap().len(), 1);
+        assert_eq!(generations(&Dir::open(&base.join(CLAIMS_DIR)).unwrap(), &chain()).unwrap().len(), 1);
         drop(c);
-        assert!(generations(&base.join(CLAIMS_DIR), &chain()).unwrap().is_empty(), "a dropped claim is removed");
+        assert!(
+            generations(&Dir::open(&base.join(CLAIMS_DIR)).unwrap(), &chain()).unwrap().is_empty(),
+            "a dropped claim is removed"
+        );
         fs::remove_dir_all(base).unwrap();
     }
 

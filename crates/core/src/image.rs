@@ -164,24 +164,31 @@ fn copy_range(from: &File, to: &File, start: u64, end: u64) -> std::io::Result<(
 /// Copies the data extents of sparse file `src` into new file `dst` (of
 /// `mode`), so a 10 GiB image with 4 MiB of metadata costs 4 MiB of I/O.
 pub fn sparse_copy(src: &Path, dst: &Path, mode: u32) -> Result<()> {
-    use rustix::fs::{copy_file_range, seek, SeekFrom};
     use std::os::unix::fs::OpenOptionsExt;
     let from = File::open(src).ctx("open", src)?;
-    let len = from.metadata().ctx("stat", src)?.len();
     let to = OpenOptions::new().write(true).create_new(true).mode(mode).open(dst).ctx("create", dst)?;
+    sparse_copy_file(&from, &to, src, dst)
+}
+
+/// [`sparse_copy`] between open files (`src` and `dst` name them in
+/// messages): `to` is made as long as `from` and its data copied, holes
+/// left holes.
+pub(crate) fn sparse_copy_file(from: &File, to: &File, src: &Path, dst: &Path) -> Result<()> {
+    use rustix::fs::{copy_file_range, seek, SeekFrom};
+    let len = from.metadata().ctx("stat", src)?.len();
     to.set_len(len).ctx("truncate", dst)?;
     let mut pos = 0u64;
     while pos < len {
-        let data = match seek(&from, SeekFrom::Data(pos)) {
+        let data = match seek(from, SeekFrom::Data(pos)) {
             Ok(d) => d,
             Err(rustix::io::Errno::NXIO) => break, // only a hole is left
             Err(e) => return Err(Error::sys("seek", src, e)),
         };
-        let hole = seek(&from, SeekFrom::Hole(data)).ctx("seek", src)?.min(len);
+        let hole = seek(from, SeekFrom::Hole(data)).ctx("seek", src)?.min(len);
         let (mut off_in, mut off_out) = (data, data);
         while off_in < hole {
             let want = (hole - off_in) as usize;
-            match copy_file_range(&from, Some(&mut off_in), &to, Some(&mut off_out), want) {
+            match copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
                 Ok(0) => break,
                 Ok(_) => {}
                 // Across filesystems (or where the kernel cannot): by hand.
@@ -191,7 +198,7 @@ pub fn sparse_copy(src: &Path, dst: &Path, mode: u32) -> Result<()> {
                     | rustix::io::Errno::NOSYS
                     | rustix::io::Errno::OPNOTSUPP,
                 ) => {
-                    copy_range(&from, &to, off_in, hole).ctx("copy", dst)?;
+                    copy_range(from, to, off_in, hole).ctx("copy", dst)?;
                     off_in = hole;
                 }
                 Err(e) => return Err(Error::sys("copy", dst, e)),

@@ -16,7 +16,7 @@
 //! followed when it is a symlink (as everywhere in the store).
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -145,12 +145,13 @@ fn kind_name(ft: FileType) -> &'static str {
 
 /// Splits `<base>/layers/<dir>/<file>` into the store base (followed: the
 /// operator chose it) and the part below it (never followed). Other paths
-/// are split at their parent.
+/// are split at their parent. (For callers holding only a path; the store
+/// opens a layer's image below its base itself: `LayerInfo::open_image`.)
 fn split(path: &Path) -> (&Path, &Path) {
     let store_base = path
         .parent()
         .and_then(Path::parent)
-        .filter(|layers| layers.file_name().is_some_and(|n| n == "layers"))
+        .filter(|layers| layers.file_name().is_some_and(|n| n == crate::store::layout::LAYERS))
         .and_then(Path::parent);
     let base = store_base.or(path.parent()).filter(|b| !b.as_os_str().is_empty()).unwrap_or(Path::new("."));
     (base, path.strip_prefix(base).unwrap_or(path))
@@ -162,8 +163,14 @@ impl ImageFile {
     pub fn open(path: &Path) -> Result<Opened> {
         let (base, rel) = split(path);
         let dir: OwnedFd = File::open(base).ctx("open", base)?.into();
+        Self::open_beneath(dir.as_fd(), rel, path)
+    }
+
+    /// Opens `rel` below directory `dir` for reading if it is a regular
+    /// file, following no symlink; `path` names it in messages.
+    pub(crate) fn open_beneath(dir: BorrowedFd<'_>, rel: &Path, path: &Path) -> Result<Opened> {
         let pfd = match openat2(
-            &dir,
+            dir,
             rel,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),

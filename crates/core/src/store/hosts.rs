@@ -2,12 +2,11 @@
 //! probes there: its own leftover builds, whether root takes new layers,
 //! how many layers each directory has.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use super::{no_links, now_unix, write_atomic_shared, Location, Store};
+use super::{layout, now_unix, Location, Store};
 use crate::error::Error;
 use crate::ids::random_token;
 
@@ -23,6 +22,9 @@ pub struct HostRecord {
     pub interval_secs: u64,
 }
 
+/// The largest host record read.
+const RECORD_MAX_BYTES: u64 = 64 * 1024;
+
 impl Store {
     /// Writes this host's heartbeat into every store directory that exists
     /// and is writable.
@@ -35,77 +37,78 @@ impl Store {
         };
         let text = serde_json::to_vec(&rec).expect("serialises");
         for loc in [Location::Root, Location::Fallback] {
-            let base = self.base(loc);
-            if !base.is_dir() {
-                continue;
-            }
-            let dir = base.join("hosts");
-            let r = match no_links(base, &dir).and_then(|_| fs::create_dir(&dir)) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-                Err(e) => Err(Error::sys("mkdir", &dir, e)),
-            }
-            .and_then(|_| write_atomic_shared(&dir.join(&self.host_id), &text));
+            let Ok(base) = self.dir(loc) else { continue };
+            let file = layout::host(&self.host_id);
+            let r = base
+                .sub_made(layout::HOSTS)
+                .map_err(|e| Error::sys("mkdir", base.join(layout::HOSTS), e))
+                .and_then(|_| base.write_atomic(&file, &text, 0o644));
             match r {
-                Ok(()) => crate::metrics::heartbeat_written(base),
-                Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "cannot write the heartbeat"),
+                Ok(()) => crate::metrics::heartbeat_written(base.path()),
+                Err(e) => tracing::debug!(path = %base.join(&file).display(), error = %e, "cannot write the heartbeat"),
             }
         }
     }
 
     /// The hosts registered in `loc`.
     pub fn hosts(&self, loc: Location) -> Vec<HostRecord> {
-        let dir = self.base(loc).join("hosts");
-        let Ok(rd) = fs::read_dir(&dir) else { return Vec::new() };
-        let mut v: Vec<HostRecord> = rd
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .filter_map(|e| fs::read(e.path()).ok().and_then(|t| serde_json::from_slice(&t).ok()))
+        let Ok(base) = self.dir(loc) else { return Vec::new() };
+        let Ok(entries) = base.entries(layout::HOSTS) else { return Vec::new() };
+        let mut v: Vec<HostRecord> = entries
+            .iter()
+            .filter(|e| !e.name.starts_with('.'))
+            .filter_map(|e| base.read(layout::host(&e.name), RECORD_MAX_BYTES).ok())
+            .filter_map(|t| serde_json::from_slice(&t).ok())
             .collect();
         v.sort_by(|a, b| a.host_id.cmp(&b.host_id));
         v
     }
 
+    /// Removes the record of host `id` in `loc`.
+    pub(crate) fn remove_host(&self, loc: Location, id: &str) {
+        if let Ok(base) = self.dir(loc) {
+            let _ = base.remove_file(layout::host(id));
+        }
+    }
+
     /// Removes this host's leftovers in `tmp/` (builds of a previous run).
     pub fn sweep_own_tmp(&self) {
+        let prefix = format!("{}-", self.host_id);
         for loc in [Location::Root, Location::Fallback] {
-            let tmp = self.base(loc).join("tmp");
-            if no_links(self.base(loc), &tmp).is_err() {
-                continue;
-            }
-            let Ok(rd) = fs::read_dir(&tmp) else { continue };
-            let prefix = format!("{}-", self.host_id);
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    tracing::info!(path = %e.path().display(), "removing leftover temporary build");
-                    let _ = fs::remove_dir_all(e.path());
-                }
+            let Ok(base) = self.dir(loc) else { continue };
+            let Ok(tmp) = base.sub(layout::TMP) else { continue };
+            let Ok(entries) = tmp.entries("") else { continue };
+            for e in entries.iter().filter(|e| e.name.starts_with(&prefix)) {
+                tracing::info!(path = %tmp.join(&e.name).display(), "removing leftover temporary build");
+                let _ = tmp.remove_tree(&e.name);
             }
         }
     }
 
     /// Counts published layers per location (for status output).
     pub fn count_layers(&self, loc: Location) -> Option<usize> {
-        fs::read_dir(self.base(loc).join("layers")).ok().map(|d| d.count())
+        self.dir(loc).and_then(|b| b.entries(layout::LAYERS)).ok().map(|v| v.len())
     }
 
     /// Why root cannot take new layers, if it cannot (probed with a
     /// temporary file).
     pub fn root_problem(&self) -> Option<String> {
-        let probe = self.root.join("tmp");
         // Never create root itself: a missing root is a reason to fall back.
-        let r = fs::create_dir(&probe).or_else(|e| if probe.is_dir() { Ok(()) } else { Err(e) }).and_then(|_| {
+        let r = self.dir(Location::Root).and_then(|root| {
+            let tmp = root.sub_made(layout::TMP)?;
             // Some data, not just a name: a full filesystem still takes
             // empty files.
-            let p = probe.join(format!(".probe-{}", random_token()));
-            let w = File::create(&p).and_then(|mut f| f.write_all(&[0u8; 65536]).and_then(|_| f.sync_all()));
-            let _ = fs::remove_file(&p);
-            w
+            let name = format!(".probe-{}", random_token());
+            let w =
+                tmp.create_new(&name, 0o644).and_then(|mut f| f.write_all(&[0u8; 65536]).and_then(|_| f.sync_all()));
+            let _ = tmp.remove_file(&name);
+            w.map(|_| root)
         });
-        if let Err(e) = r {
-            return Some(e.to_string());
-        }
-        match rustix::fs::statvfs(&self.root) {
+        let root = match r {
+            Ok(root) => root,
+            Err(e) => return Some(e.to_string()),
+        };
+        match rustix::fs::fstatvfs(root.fd()) {
             Ok(s) if s.f_bavail.saturating_mul(s.f_frsize) < MIN_FREE_BYTES => {
                 Some(format!("{} free, less than a layer needs", crate::ids::Bytes(s.f_bavail * s.f_frsize)))
             }

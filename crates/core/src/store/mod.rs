@@ -15,20 +15,29 @@
 //!
 //! Nothing below a base directory is followed when it is a symlink (the
 //! base itself may be one: the operator chose it): another host could
-//! plant `refs/<chain>` -> `/etc`, and this host would write there.
+//! plant `refs/<chain>` -> `/etc`, and this host would write there. So
+//! the store works behind a directory handle ([`Dir`]): every name below
+//! a base is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! and changed with `*at` calls on directories opened that way.
 //!
-//! The store's parts: this file has the records (`LayerMeta`,
-//! `LayerInfo`) and finding layers; `publish` writes new layers, `refs`
-//! holds the hosts' references and deletes what none holds, `hosts` has
-//! the heartbeats and the probes of the store directories, and `files`
-//! the crash-atomic file helpers everything else writes through.
+//! The store's parts: this file has the layout ([`layout`]), the records
+//! (`LayerMeta`, `LayerInfo`) and finding layers; `dir` the directory
+//! handle everything below a base goes through; `publish` writes new
+//! layers, `refs` holds the hosts' references and deletes what none holds,
+//! `hosts` has the heartbeats and the probes of the store directories,
+//! `sweep` what `gc` and `verify` look at, `promote` the move of a
+//! fallback layer into root, and `files` the crash-atomic file helpers
+//! for local state. The build claims (`crate::claim`) go through [`Dir`]
+//! too.
 
+mod dir;
 mod files;
 mod hosts;
+mod promote;
 mod publish;
 mod refs;
+mod sweep;
 
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -38,8 +47,10 @@ use crate::ids::{ChainId, DiffId};
 use crate::imagefile::{FileId, ImageStamp};
 use crate::options::{Config, FsType};
 
-pub use files::{fsync_dir, is_fallback_errno, no_links, remove_tree, write_atomic, write_atomic_shared};
+pub(crate) use dir::Dir;
+pub use files::{fsync_dir, is_fallback_errno, write_atomic};
 pub use hosts::HostRecord;
+pub(crate) use promote::Promotion;
 pub use publish::Published;
 
 /// The `format` written into each new meta.json. Readers take every
@@ -53,6 +64,50 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const DIGEST_ALWAYS_FORMAT: u32 = 2;
 pub const IMAGE_FILE: &str = "layer.img";
 pub const META_FILE: &str = "meta.json";
+
+/// The layout below a base directory, as names relative to it: the one
+/// place it is spelled out (docs/on-disk-format.md).
+pub(crate) mod layout {
+    use std::path::PathBuf;
+
+    use crate::ids::ChainId;
+
+    pub const LAYERS: &str = "layers";
+    pub const TMP: &str = "tmp";
+    pub const REFS: &str = "refs";
+    pub const HOSTS: &str = "hosts";
+    pub const CLAIMS: &str = "claims";
+
+    /// `layers/<sha256-HEX>`
+    pub fn layer(chain: &ChainId) -> PathBuf {
+        PathBuf::from(LAYERS).join(chain.dir_name())
+    }
+
+    /// `layers/<sha256-HEX>/meta.json`
+    pub fn meta(chain: &ChainId) -> PathBuf {
+        layer(chain).join(super::META_FILE)
+    }
+
+    /// `layers/<sha256-HEX>/layer.img`
+    pub fn image(chain: &ChainId) -> PathBuf {
+        layer(chain).join(super::IMAGE_FILE)
+    }
+
+    /// `refs/<sha256-HEX>`
+    pub fn refs(chain: &ChainId) -> PathBuf {
+        PathBuf::from(REFS).join(chain.dir_name())
+    }
+
+    /// `refs/<sha256-HEX>/<host-id>`
+    pub fn reference(chain: &ChainId, host: &str) -> PathBuf {
+        refs(chain).join(host)
+    }
+
+    /// `hosts/<host-id>`
+    pub fn host(id: &str) -> PathBuf {
+        PathBuf::from(HOSTS).join(id)
+    }
+}
 
 /// Where a layer lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +158,11 @@ pub struct LayerMeta {
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
     pub location: Location,
+    /// The layer's directory (for messages and for tools that take a
+    /// path; the store itself opens it below `base`).
     pub dir: PathBuf,
+    /// The store directory it is in.
+    pub(crate) base: PathBuf,
     pub meta: LayerMeta,
     /// For a layer this process just published: the identity of the image
     /// file it built, so that only that file is recorded as checked.
@@ -113,6 +172,30 @@ pub struct LayerInfo {
 impl LayerInfo {
     pub fn image(&self) -> Option<PathBuf> {
         self.meta.fs.map(|_| self.dir.join(IMAGE_FILE))
+    }
+
+    /// Opens the layer's image below its store directory (never through a
+    /// symlink, never anything but a regular file); `None` for an empty
+    /// layer.
+    pub(crate) fn open_image(&self) -> crate::Result<Option<crate::imagefile::Opened>> {
+        let Some(img) = self.image() else { return Ok(None) };
+        let base = Dir::open(&self.base).map_err(|e| crate::Error::sys("open", &self.base, e))?;
+        crate::imagefile::ImageFile::open_beneath(base.fd(), &layout::image(&self.meta.chain_id), &img).map(Some)
+    }
+
+    /// Whether the layer's meta.json is (still) there.
+    pub(crate) fn present(&self) -> bool {
+        Dir::open(&self.base).is_ok_and(|d| d.exists(layout::meta(&self.meta.chain_id)))
+    }
+
+    fn with_built(mut self, built: Option<FileId>) -> LayerInfo {
+        self.built = built;
+        self
+    }
+
+    fn found(loc: Location, base: &Dir, meta: LayerMeta) -> LayerInfo {
+        let dir = base.join(layout::layer(&meta.chain_id));
+        LayerInfo { location: loc, dir, base: base.path().to_owned(), meta, built: None }
     }
 }
 
@@ -149,46 +232,42 @@ impl Store {
         }
     }
 
-    /// Reads `dir/meta.json`: never through a symlink, and never anything
-    /// but a regular file (a FIFO planted there would block the reader).
-    pub(crate) fn read_meta(base: &Path, dir: &Path) -> io::Result<LayerMeta> {
+    /// The store directory `loc`, open (see [`Dir`]).
+    pub(crate) fn dir(&self, loc: Location) -> io::Result<Dir> {
+        Dir::open(self.base(loc))
+    }
+
+    /// Reads the meta.json of layer `chain` in `base`: never through a
+    /// symlink, never anything but a regular file (a FIFO planted there
+    /// would block the reader), never more than 1 MiB.
+    pub(crate) fn read_meta(base: &Dir, chain: &ChainId) -> io::Result<LayerMeta> {
         use std::io::Read as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let file = dir.join(META_FILE);
-        no_links(base, &file)?;
-        // O_PATH first: a device node a peer planted is never opened (its
-        // driver's open could act), a FIFO never blocks.
-        let pfd = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&file)?;
-        if !pfd.metadata()?.is_file() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "meta.json is not a regular file"));
-        }
-        use std::os::fd::AsRawFd as _;
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-            .open(format!("/proc/self/fd/{}", pfd.as_raw_fd()))?;
-        // A record is a few hundred bytes: a huge one is not read whole.
         let mut text = Vec::new();
-        f.take(META_MAX_BYTES + 1).read_to_end(&mut text)?;
+        base.open_regular(layout::meta(chain))?.take(META_MAX_BYTES + 1).read_to_end(&mut text)?;
         if text.len() as u64 > META_MAX_BYTES {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "meta.json is larger than 1 MiB"));
         }
         serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
+    /// Layer `chain` in `base`, when meta.json is readable and names it.
+    fn layer_in(loc: Location, base: &Dir, chain: &ChainId) -> io::Result<Option<LayerInfo>> {
+        let meta = Self::read_meta(base, chain)?;
+        if meta.chain_id != *chain {
+            return Ok(None);
+        }
+        Ok(Some(LayerInfo::found(loc, base, meta)))
+    }
+
     /// Finds a layer: root first, then fallback. A root that cannot be read
     /// is logged and skipped.
     pub fn locate(&self, chain: &ChainId) -> Option<LayerInfo> {
         for loc in [Location::Root, Location::Fallback] {
-            let dir = self.base(loc).join("layers").join(chain.dir_name());
-            match Self::read_meta(self.base(loc), &dir) {
-                Ok(meta) if meta.chain_id == *chain => {
-                    return Some(LayerInfo { location: loc, dir, meta, built: None })
-                }
-                Ok(_) => {
+            let Ok(base) = self.dir(loc) else { continue };
+            let dir = base.join(layout::layer(chain));
+            match Self::layer_in(loc, &base, chain) {
+                Ok(Some(info)) => return Some(info),
+                Ok(None) => {
                     tracing::warn!(layer = %chain, dir = %dir.display(), "meta.json names another layer; ignored")
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -202,20 +281,13 @@ impl Store {
 
     /// Every published layer in `loc`.
     pub fn layers(&self, loc: Location) -> Vec<LayerInfo> {
-        let dir = self.base(loc).join("layers");
-        if no_links(self.base(loc), &dir).is_err() {
-            return Vec::new();
-        }
-        let Ok(rd) = fs::read_dir(&dir) else { return Vec::new() };
-        let mut v: Vec<LayerInfo> = rd
-            .flatten()
-            .filter_map(|e| {
-                let chain = ChainId::from_dir_name(&e.file_name().to_string_lossy())?;
-                let meta = Self::read_meta(self.base(loc), &e.path()).ok().filter(|m| m.chain_id == chain)?;
-                Some(LayerInfo { location: loc, dir: e.path(), meta, built: None })
-            })
-            .collect();
-        v.sort_by(|a, b| a.meta.chain_id.cmp(&b.meta.chain_id));
-        v
+        let Ok(base) = self.dir(loc) else { return Vec::new() };
+        let Ok(entries) = base.entries(layout::LAYERS) else { return Vec::new() };
+        // Sorted by name, which is by chain id.
+        entries
+            .iter()
+            .filter_map(|e| ChainId::from_dir_name(&e.name))
+            .filter_map(|c| Self::layer_in(loc, &base, &c).ok().flatten())
+            .collect()
     }
 }

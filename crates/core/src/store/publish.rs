@@ -1,14 +1,14 @@
 //! Publishing a layer: built in `tmp/`, claimed so that one host builds
 //! it, and renamed into `layers/` whole.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io::Write;
 use std::path::Path;
 
-use super::{fsync_dir, no_links, LayerInfo, LayerMeta, Location, Store, IMAGE_FILE, META_FILE};
+use super::dir::Building;
+use super::{layout, LayerInfo, LayerMeta, Location, Store, IMAGE_FILE, META_FILE};
 use crate::error::{Context, Error, Result};
-use crate::guard::Staged;
-use crate::ids::{random_token, ChainId};
+use crate::ids::ChainId;
 use crate::imagefile::{ImageFile, ImageStamp, Opened};
 
 /// Result of publishing: ours, or the one another host published first.
@@ -41,7 +41,7 @@ impl Store {
     /// `None` when root takes no claims now (it is missing, read-only,
     /// failing; publishing then falls back as usual).
     pub fn claim_in_root(&self, chain: &ChainId) -> Option<crate::claim::Outcome<LayerInfo>> {
-        if !self.root.is_dir() {
+        if self.dir(Location::Root).is_err() {
             return None;
         }
         match crate::claim::claim_or_wait(&self.root, chain, &self.host_id, self.claim_timeout, &|| {
@@ -83,26 +83,18 @@ impl Store {
         held: Option<crate::claim::Claim>,
         build: &dyn Fn(&Path) -> Result<LayerMeta>,
     ) -> Result<Published> {
-        let base = self.base(loc);
+        let path = self.base(loc);
         if loc == Location::Fallback {
-            fs::create_dir_all(base).ctx("mkdir", base)?;
-        } else if !base.is_dir() {
-            return Err(Error::sys("open", base, io::Error::from_raw_os_error(libc::ENOENT)));
+            fs::create_dir_all(path).ctx("mkdir", path)?;
         }
-        let (tmp_base, layers) = (base.join("tmp"), base.join("layers"));
-        for d in [&tmp_base, &layers] {
-            no_links(base, d).ctx("open", d)?;
-            match fs::create_dir(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::sys("mkdir", d, e)),
-            }
-        }
+        let base = self.dir(loc).ctx("open", path)?;
+        let tmp = base.sub_made(layout::TMP).ctx("open", base.join(layout::TMP))?;
+        base.sub_made(layout::LAYERS).ctx("open", base.join(layout::LAYERS))?;
         // One build per layer across hosts: claim it, or wait for the host
         // that has (crate::claim).
         let claim = match held {
             Some(c) => c,
-            None => match crate::claim::claim_or_wait(base, chain, &self.host_id, self.claim_timeout, &|| {
+            None => match crate::claim::claim_or_wait(path, chain, &self.host_id, self.claim_timeout, &|| {
                 Ok(self.locate(chain))
             })? {
                 crate::claim::Outcome::Published(info) => {
@@ -114,15 +106,17 @@ impl Store {
         };
         let started = std::time::Instant::now();
         // The temporary build goes again unless it is renamed into place.
-        let build_dir = Staged::mkdir(tmp_base.join(format!("{}-{}", self.host_id, random_token())))?;
-        let tmp = build_dir.path().to_owned();
+        let building = Building::new(tmp, &self.host_id)?;
         let r = (|| {
+            let dir = &building.dir;
             crate::fault::point("publish", "temp dir made");
-            let mut meta = build(&tmp)?;
+            let mut meta = build(dir.path())?;
             crate::fault::point("publish", "image built");
             // What this host built and hashed, to vouch for exactly that file.
-            let built = match meta.fs.map(|_| ImageFile::open(&tmp.join(IMAGE_FILE))).transpose()? {
-                Some(Opened::File(f)) => Some(f.at_open()),
+            let img = dir.join(IMAGE_FILE);
+            let built = match meta.fs.map(|_| ImageFile::open_beneath(dir.fd(), Path::new(IMAGE_FILE), &img)) {
+                Some(Ok(Opened::File(f))) => Some(f.at_open()),
+                Some(Err(e)) => return Err(e),
                 _ => None,
             };
             // The finished image's identity, for hosts that check it by its
@@ -133,35 +127,43 @@ impl Store {
             {
                 // Closed before anything may remove the directory: a network
                 // filesystem keeps open, deleted files (.fuse_hidden*, .nfs*).
-                let mut f = File::create(tmp.join(META_FILE)).ctx("create", tmp.join(META_FILE))?;
-                f.write_all(&text).ctx("write", tmp.join(META_FILE))?;
-                f.sync_all().ctx("fsync", tmp.join(META_FILE))?;
+                let mp = dir.join(META_FILE);
+                let mut f = dir.create_new(META_FILE, 0o644).ctx("create", &mp)?;
+                f.write_all(&text).ctx("write", &mp)?;
+                f.sync_all().ctx("fsync", &mp)?;
             }
-            fsync_dir(&tmp)?;
+            dir.fsync()?;
             crate::fault::point("publish", "meta written and synced");
-            let dest = layers.join(chain.dir_name());
-            match rustix::fs::rename(&tmp, &dest) {
+            // The base is looked up again for the rename: a root unmounted
+            // or remounted during the build is not published into through
+            // the old handle (the rename fails, EXDEV or ENOENT, and the
+            // layer goes to fallback as before).
+            let base = self.dir(loc).ctx("open", path)?;
+            let layers = base.sub(layout::LAYERS).ctx("open", base.join(layout::LAYERS))?;
+            let name = chain.dir_name();
+            let dest = layers.join(&name);
+            match rustix::fs::renameat(building.tmp.fd(), building.name.as_str(), layers.fd(), name.as_str()) {
                 Ok(()) => {
                     crate::fault::point("publish", "renamed into place");
-                    fsync_dir(&layers)?;
+                    layers.fsync()?;
                     crate::metrics::observe_publish(started, loc, meta.image_bytes);
-                    Ok(Published::Created(LayerInfo { location: loc, dir: dest, meta, built }))
+                    Ok(Published::Created(LayerInfo::found(loc, &base, meta).with_built(built)))
                 }
                 // EEXIST/ENOTEMPTY locally; network filesystems may answer
                 // otherwise (EPERM, EIO): what counts is whether the name
                 // now holds a complete layer.
-                Err(e) => match Self::read_meta(base, &dest) {
-                    Ok(meta) if meta.chain_id == *chain => {
+                Err(e) => match Self::layer_in(loc, &base, chain) {
+                    Ok(Some(info)) => {
                         tracing::info!(layer = %chain, "another host published this layer first; using theirs");
-                        Ok(Published::Existing(LayerInfo { location: loc, dir: dest, meta, built: None }))
+                        Ok(Published::Existing(info))
                     }
                     _ => Err(Error::sys("rename", dest, e)),
                 },
             }
         })();
         match &r {
-            Ok(Published::Created(_)) => build_dir.keep(),
-            _ => drop(build_dir), // ours is not the published one: it goes
+            Ok(Published::Created(_)) => building.keep(),
+            _ => drop(building), // ours is not the published one: it goes
         }
         if r.is_ok() {
             // In place (ours, or another host's that won the rename):
