@@ -15,6 +15,8 @@ use sharedloop_core::ids::ChainId;
 use sharedloop_core::options::{Config, FsType};
 use sharedloop_core::store::{LayerInfo, LayerMeta, Location, Store, FORMAT_VERSION, IMAGE_FILE};
 
+mod rootless;
+
 fn chain(c: char) -> ChainId {
     ChainId::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
 }
@@ -301,4 +303,11 @@ fn promote_moves_a_layer_and_its_references_whole() {
     assert_eq!(r.store.refs(&info), ["me.1"]);
     assert!(r.store.layers(Location::Fallback).is_empty());
     assert!(fs::read_dir(r.fallback.join("tmp")).unwrap().next().is_none(), "the fallback copy is left in tmp");
+}
+
+/// Every other test of this file again, as `nobody` (see `rootless`): the
+/// store's defences hold for a daemon without privilege too.
+#[test]
+fn every_test_here_passes_as_a_non_root_user() {
+    rootless::run_the_others_as_nobody("every_test_here_passes_as_a_non_root_user", 6);
 }
