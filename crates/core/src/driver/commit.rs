@@ -109,8 +109,9 @@ impl Driver {
             let parent_chain = match lower {
                 Err(Error::Invalid(_)) => {
                     return Err(Error::Conflict(format!(
-                        "layer {rw_id} stands on a writable layer ({}): only a writable layer over published \
-                         layers can be frozen (a read-only layer over a Docker container's layer is not supported)",
+                        "layer {rw_id} stands on a writable layer ({}) that stands on another writable layer: \
+                         only a writable layer over published layers, or over one writable layer over them, can \
+                         be frozen",
                         l.parent.as_deref().unwrap_or("")
                     )))
                 }

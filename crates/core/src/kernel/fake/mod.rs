@@ -233,6 +233,22 @@ impl FakeKernel {
         Ok(())
     }
 
+    /// Mounts attached device `dev` at `target`: its image's tree unpacked
+    /// there.
+    fn mount_device(&self, op: Op, what: &'static str, dev: &Path, target: &Path, fs: &str, rw: bool) -> Result<()> {
+        self.enter(op, target).map_err(|e| Error::sys(what, target, e))?;
+        let mut st = self.lock();
+        Self::mount_point(&st, target).map_err(|e| Error::sys(what, target, e))?;
+        let file = match st.devs.get(dev) {
+            Some((_, f)) => f.try_clone().ctx("dup", dev)?,
+            None => return Err(Error::sys(what, dev, Errno::NXIO)),
+        };
+        read_tar(&file, target).ctx("unpack a fake image", target)?;
+        let source = dev.display().to_string();
+        self.add_mount(&mut st, target, fs, &source, Content::Image { file, rw });
+        Ok(())
+    }
+
     fn take_down(&self, target: &Path, lazy: bool) -> Result<()> {
         let mut st = self.lock();
         if !st.mounts.iter().any(|m| m.entry.mount_point == target) {
@@ -286,32 +302,11 @@ impl Kernel for FakeKernel {
     }
 
     fn mount_image(&self, dev: &Path, target: &Path, fs: FsType, rw: bool) -> Result<()> {
-        let op = Op::MountImage;
-        self.enter(op, target).map_err(|e| Error::sys("mount layer image", target, e))?;
-        let mut st = self.lock();
-        Self::mount_point(&st, target).map_err(|e| Error::sys("mount layer image", target, e))?;
-        let file = match st.devs.get(dev) {
-            Some((_, f)) => f.try_clone().ctx("dup", dev)?,
-            None => return Err(Error::sys("mount layer image", dev, Errno::NXIO)),
-        };
-        read_tar(&file, target).ctx("unpack a fake image", target)?;
-        let source = dev.display().to_string();
-        self.add_mount(&mut st, target, fs.name(), &source, Content::Image { file, rw });
-        Ok(())
+        self.mount_device(Op::MountImage, "mount layer image", dev, target, fs.name(), rw)
     }
 
     fn mount_scratch(&self, dev: &Path, target: &Path) -> Result<()> {
-        self.enter(Op::MountScratch, target).map_err(|e| Error::sys("mount scratch image", target, e))?;
-        let mut st = self.lock();
-        Self::mount_point(&st, target).map_err(|e| Error::sys("mount scratch image", target, e))?;
-        let file = match st.devs.get(dev) {
-            Some((_, f)) => f.try_clone().ctx("dup", dev)?,
-            None => return Err(Error::sys("mount scratch image", dev, Errno::NXIO)),
-        };
-        read_tar(&file, target).ctx("unpack a fake image", target)?;
-        let source = dev.display().to_string();
-        self.add_mount(&mut st, target, "ext4", &source, Content::Image { file, rw: true });
-        Ok(())
+        self.mount_device(Op::MountScratch, "mount scratch image", dev, target, "ext4", true)
     }
 
     fn mount_overlay(&self, spec: &OverlaySpec<'_>, target: &Path) -> Result<()> {
