@@ -4,7 +4,8 @@
 //! see the same file: a host that hashes `layer.img` by path and then lets
 //! the loop device open it by path again mounts whatever a peer renamed
 //! over the name in between. So the image is opened once, here, without
-//! following links ([`ImageFile::open`]); it is identified by `fstat` of
+//! following links (`ImageFile::open_beneath`, through
+//! `LayerInfo::open_image`); it is identified by `fstat` of
 //! that descriptor ([`FileId`]), hashed through it, given to fsck as
 //! `/proc/<pid>/fd/<n>`, and attached to the loop device by descriptor
 //! ([`crate::sys::loopdev::attach_file`]).
@@ -16,7 +17,7 @@
 //! followed when it is a symlink (as everywhere in the store).
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -143,29 +144,7 @@ fn kind_name(ft: FileType) -> &'static str {
     }
 }
 
-/// Splits `<base>/layers/<dir>/<file>` into the store base (followed: the
-/// operator chose it) and the part below it (never followed). Other paths
-/// are split at their parent. (For callers holding only a path; the store
-/// opens a layer's image below its base itself: `LayerInfo::open_image`.)
-fn split(path: &Path) -> (&Path, &Path) {
-    let store_base = path
-        .parent()
-        .and_then(Path::parent)
-        .filter(|layers| layers.file_name().is_some_and(|n| n == crate::store::layout::LAYERS))
-        .and_then(Path::parent);
-    let base = store_base.or(path.parent()).filter(|b| !b.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    (base, path.strip_prefix(base).unwrap_or(path))
-}
-
 impl ImageFile {
-    /// Opens `path` for reading if it is a regular file, following no
-    /// symlink below the store directory.
-    pub fn open(path: &Path) -> Result<Opened> {
-        let (base, rel) = split(path);
-        let dir: OwnedFd = File::open(base).ctx("open", base)?.into();
-        Self::open_beneath(dir.as_fd(), rel, path)
-    }
-
     /// Opens `rel` below directory `dir` for reading if it is a regular
     /// file, following no symlink; `path` names it in messages.
     pub(crate) fn open_beneath(dir: BorrowedFd<'_>, rel: &Path, path: &Path) -> Result<Opened> {
@@ -199,10 +178,10 @@ impl ImageFile {
         Ok(Opened::File(ImageFile { path: path.to_owned(), file, at_open }))
     }
 
-    /// [`ImageFile::open`] for a mount: anything but a regular file is an
-    /// error naming what it is.
-    pub fn open_for_mount(path: &Path) -> Result<ImageFile> {
-        match Self::open(path)? {
+    /// What [`Self::open_beneath`] found at `path`, as a file to mount: anything
+    /// but a regular file is an error naming what it is.
+    pub(crate) fn for_mount(opened: Opened, path: &Path) -> Result<ImageFile> {
+        match opened {
             Opened::File(f) => Ok(f),
             Opened::Missing => Err(Error::sys("open", path, std::io::Error::from_raw_os_error(libc::ENOENT))),
             Opened::NotRegular(kind) => Err(Error::Corrupt {
@@ -288,14 +267,5 @@ mod tests {
         let s = ImageStamp { size: 10, mtime_ns: 5 * NS, ctime_ns: 5 * NS };
         assert_eq!(s.differs(id(10, 5 * NS + 7, 5 * NS + 9)), None);
         assert!(s.differs(id(10, 5 * NS + 7, 8 * NS)).is_some());
-    }
-
-    #[test]
-    fn store_paths_split_at_the_store_base() {
-        let p = Path::new("/srv/root/layers/sha256-ab/layer.img");
-        assert_eq!(split(p), (Path::new("/srv/root"), Path::new("layers/sha256-ab/layer.img")));
-        let p = Path::new("/tmp/x/image.img");
-        assert_eq!(split(p), (Path::new("/tmp/x"), Path::new("image.img")));
-        assert_eq!(split(Path::new("a.img")), (Path::new("."), Path::new("a.img")));
     }
 }

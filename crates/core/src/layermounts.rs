@@ -258,7 +258,9 @@ impl LayerMounts {
         // One open file for the check and the loop device: a name that
         // changes meanwhile (a peer renaming another image over it) changes
         // nothing here.
-        let img = ImageFile::open_for_mount(image)?;
+        // Opened beneath its store directory, never through a symlink.
+        let opened = info.open_image()?.ok_or_else(|| Error::Invalid(format!("layer {chain} has no image")))?;
+        let img = ImageFile::for_mount(opened, image)?;
         let record = self.check(info, &img, verify)?;
         let target = self.path(chain);
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
@@ -307,7 +309,7 @@ impl LayerMounts {
         else {
             return;
         };
-        let Ok(crate::imagefile::Opened::File(img)) = ImageFile::open(&image) else { return };
+        let Ok(Some(crate::imagefile::Opened::File(img))) = info.open_image() else { return };
         if img.at_open() != built {
             tracing::info!(layer = %info.meta.chain_id, image = %image.display(),
                 "the published image is not the file this host built; it will be checked before its first mount");

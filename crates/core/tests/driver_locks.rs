@@ -18,7 +18,7 @@ use sharedloop_core::{CreateKind, Error};
 
 #[cfg(feature = "fault-injection")]
 use common::LetGo;
-use common::{await_or_fail, gettid, layer, mounts_under, require, tar_of, waits_on_futex, Rig};
+use common::{await_or_fail, exported_names, gettid, layer, mounts_under, require, tar_of, waits_on_futex, Rig};
 
 fn rig() -> Rig {
     require(&[]);
@@ -124,13 +124,7 @@ fn real_a_remove_waits_for_a_diff_lease_and_unmounts_after_it() {
         let tid = rx.recv().unwrap();
         await_or_fail("the Remove never waited", || waits_on_futex(tid));
         // The reader streams the whole layer while the Remove waits.
-        let mut tar = Vec::new();
-        sharedloop_core::export::export_tar(lease.path(), &mut tar).unwrap();
-        let names: Vec<String> = tar::Archive::new(&tar[..])
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().display().to_string())
-            .collect();
+        let names = exported_names(lease.path());
         assert!(names.contains(&"file".to_owned()), "{names:?}");
         assert!(!remove.is_finished(), "the Remove ended while a lease was out");
         assert!(d.exists("l"));
@@ -199,13 +193,7 @@ fn real_a_remove_gives_up_on_a_lease_held_too_long_and_leaves_the_layer_whole() 
     assert_eq!(fs::read_to_string(dir.join("file")).unwrap(), "content\n");
     d.put("l").unwrap();
     let lease = d.diff_source("l", Some("p")).unwrap();
-    let mut tar = Vec::new();
-    sharedloop_core::export::export_tar(lease.path(), &mut tar).unwrap();
-    let names: Vec<String> = tar::Archive::new(&tar[..])
-        .entries()
-        .unwrap()
-        .map(|e| e.unwrap().path().unwrap().display().to_string())
-        .collect();
+    let names = exported_names(lease.path());
     assert!(names.contains(&"file".to_owned()) && !names.contains(&"p".to_owned()), "{names:?}");
     drop(lease);
 

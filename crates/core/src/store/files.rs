@@ -33,7 +33,7 @@ pub fn is_fallback_errno(e: Errno) -> bool {
 /// fsync the directory. A state file is never rewritten in place. The
 /// file is root's alone (0600, see [`crate::perms`]): local state. Files
 /// of the shared store, which other hosts read, go through
-/// [`super::Dir::write_atomic`].
+/// `Dir::write_atomic`.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mode = crate::perms::PRIVATE_FILE;

@@ -16,18 +16,18 @@
 //! Nothing below a base directory is followed when it is a symlink (the
 //! base itself may be one: the operator chose it): another host could
 //! plant `refs/<chain>` -> `/etc`, and this host would write there. So
-//! the store works behind a directory handle ([`Dir`]): every name below
+//! the store works behind a directory handle (`Dir`): every name below
 //! a base is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
 //! and changed with `*at` calls on directories opened that way.
 //!
-//! The store's parts: this file has the layout ([`layout`]), the records
+//! The store's parts: this file has the layout (`layout`), the records
 //! (`LayerMeta`, `LayerInfo`) and finding layers; `dir` the directory
 //! handle everything below a base goes through; `publish` writes new
 //! layers, `refs` holds the hosts' references and deletes what none holds,
 //! `hosts` has the heartbeats and the probes of the store directories,
 //! `sweep` what `gc` and `verify` look at, `promote` the move of a
 //! fallback layer into root, and `files` the crash-atomic file helpers
-//! for local state. The build claims (`crate::claim`) go through [`Dir`]
+//! for local state. The build claims (`crate::claim`) go through `Dir`
 //! too.
 
 mod dir;

@@ -92,6 +92,13 @@ pub fn tar_of(name: &str, text: &str) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// The entry names of the tar that `export_tar` makes of `dir` (a Diff).
+pub fn exported_names(dir: &Path) -> Vec<String> {
+    let mut tar = Vec::new();
+    sharedloop_core::export::export_tar(dir, &mut tar).unwrap();
+    tar::Archive::new(&tar[..]).entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect()
+}
+
 /// Image layer `id` over `parent` with file `name` = `text`; its chain.
 pub fn layer(d: &Driver, id: &str, parent: Option<&str>, name: &str, text: &str) -> ChainId {
     d.create(id, parent, CreateKind::ReadOnly, &HashMap::new()).unwrap();

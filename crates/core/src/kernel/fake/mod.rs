@@ -249,6 +249,18 @@ impl FakeKernel {
         Ok(())
     }
 
+    /// Binds `dir` onto itself unless something is mounted there already
+    /// (`make_private`, `make_inert`).
+    fn bind_itself(&self, op: Op, what: &'static str, dir: &Path) -> Result<()> {
+        self.enter(op, dir).map_err(|e| Error::sys(what, dir, e))?;
+        let mut st = self.lock();
+        if !st.mounts.iter().any(|m| m.entry.mount_point == dir) {
+            Self::mount_point(&st, dir).map_err(|e| Error::sys("bind mount", dir, e))?;
+            self.add_mount(&mut st, dir, "none", &dir.display().to_string(), Content::Itself);
+        }
+        Ok(())
+    }
+
     fn take_down(&self, target: &Path, lazy: bool) -> Result<()> {
         let mut st = self.lock();
         if !st.mounts.iter().any(|m| m.entry.mount_point == target) {
@@ -386,23 +398,11 @@ impl Kernel for FakeKernel {
     }
 
     fn make_private(&self, dir: &Path) -> Result<()> {
-        self.enter(Op::MakePrivate, dir).map_err(|e| Error::sys("make mount private", dir, e))?;
-        let mut st = self.lock();
-        if !st.mounts.iter().any(|m| m.entry.mount_point == dir) {
-            Self::mount_point(&st, dir).map_err(|e| Error::sys("bind mount", dir, e))?;
-            self.add_mount(&mut st, dir, "none", &dir.display().to_string(), Content::Itself);
-        }
-        Ok(())
+        self.bind_itself(Op::MakePrivate, "make mount private", dir)
     }
 
     fn make_inert(&self, dir: &Path) -> Result<()> {
-        self.enter(Op::MakeInert, dir).map_err(|e| Error::sys("remount nodev,nosuid,noexec", dir, e))?;
-        let mut st = self.lock();
-        if !st.mounts.iter().any(|m| m.entry.mount_point == dir) {
-            Self::mount_point(&st, dir).map_err(|e| Error::sys("bind mount", dir, e))?;
-            self.add_mount(&mut st, dir, "none", &dir.display().to_string(), Content::Itself);
-        }
-        Ok(())
+        self.bind_itself(Op::MakeInert, "remount nodev,nosuid,noexec", dir)
     }
 
     fn mountinfo(&self) -> Result<Vec<MountEntry>> {
