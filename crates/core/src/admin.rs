@@ -168,6 +168,12 @@ pub enum Verdict {
     FsckFailed {
         output: String,
     },
+    /// The image is fine but the layer's prefetch record is not: hosts
+    /// ignore it (and the next to record the layer replaces it).
+    BadPrefetchRecord {
+        path: PathBuf,
+        reason: String,
+    },
     /// An entry of `layers/` named like a layer that cannot be one: a
     /// symlink (not followed), not a directory, or without a readable
     /// meta.json naming it. The store skips it; verify reports it.
@@ -249,6 +255,19 @@ fn check_image(info: &LayerInfo, progress: &mut dyn FnMut(u64)) -> Result<Verdic
     }
     if let Some(output) = fsck(&f.proc_path(), fs_type)? {
         return Ok(Verdict::FsckFailed { output });
+    }
+    let size = f.file().metadata().map_err(|e| crate::Error::sys("stat", &img, e))?.len();
+    match crate::prefetch::read_record(&info.base, &info.meta.chain_id, size) {
+        Ok(Some(Err(reason))) => {
+            return Ok(Verdict::BadPrefetchRecord { path: info.dir.join(crate::store::PREFETCH_FILE), reason })
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return Ok(Verdict::BadPrefetchRecord {
+                path: info.dir.join(crate::store::PREFETCH_FILE),
+                reason: format!("unreadable: {e}"),
+            })
+        }
     }
     Ok(if expected.is_some() { Verdict::Ok } else { Verdict::NoDigest })
 }

@@ -55,6 +55,38 @@ struct Entry {
     /// The loop device, as mountinfo names it.
     dev: String,
     users: HashSet<PathBuf>,
+    /// The layer's prefetch work (a recording or a replay), finished
+    /// before the unmount.
+    prefetch: Option<crate::prefetch::Job>,
+}
+
+impl Entry {
+    fn finish_prefetch(&mut self) {
+        if let Some(j) = self.prefetch.take() {
+            j.finish();
+        }
+    }
+}
+
+/// How a driver wants its layers mounted: its `sharedloop.verify`,
+/// `sharedloop.direct_io` and prefetch options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub verify: VerifyMode,
+    pub direct_io: DirectIo,
+    pub prefetch: crate::prefetch::Settings,
+}
+
+impl Policy {
+    /// `verify` and `direct_io`, without prefetch.
+    pub fn new(verify: VerifyMode, direct_io: DirectIo) -> Policy {
+        Policy { verify, direct_io, prefetch: crate::prefetch::Settings::OFF }
+    }
+
+    /// A driver's options.
+    pub fn of(cfg: &crate::Config) -> Policy {
+        Policy { verify: cfg.verify, direct_io: cfg.direct_io, prefetch: cfg.prefetch_settings() }
+    }
 }
 
 /// `<verified>/<sha256-HEX>`: what this host checked before it first
@@ -143,7 +175,7 @@ impl LayerMounts {
             };
             match ChainId::from_dir_name(&name.to_string_lossy()) {
                 Some(c) => {
-                    table.insert(c, Entry { dev: m.source.clone(), users: HashSet::new() });
+                    table.insert(c, Entry { dev: m.source.clone(), users: HashSet::new(), prefetch: None });
                 }
                 None => strays.push(m.mount_point.clone()),
             }
@@ -217,14 +249,15 @@ impl LayerMounts {
     }
 
     /// Mounts layer `info`'s image read-only unless it is mounted, and
-    /// records `user` as using it. The image is checked first (`verify`)
-    /// unless this host checked the same file before. Returns the loop
-    /// device.
+    /// records `user` as using it. The image is checked first
+    /// (`policy.verify`) unless this host checked the same file before,
+    /// and its prefetch (`crate::prefetch`) starts once it is attached.
+    /// Returns the loop device.
     ///
     /// The open, check, attach and mount run without the table lock (see
     /// "Locks" above): a thread mounting the same layer meanwhile is waited
     /// for, others are not.
-    pub fn acquire(&self, info: &LayerInfo, user: &Path, verify: VerifyMode, direct_io: DirectIo) -> Result<String> {
+    pub fn acquire(&self, info: &LayerInfo, user: &Path, policy: &Policy) -> Result<String> {
         let chain = &info.meta.chain_id;
         let (Some(image), Some(fs_type)) = (info.image(), info.meta.fs) else {
             return Err(Error::Invalid(format!("layer {chain} has no image to mount")));
@@ -237,9 +270,9 @@ impl LayerMounts {
         let mut flight = self.take_off(&mut t, chain);
         drop(t);
         let started = std::time::Instant::now();
-        let dev = self.mount(info, &image, fs_type, verify, direct_io)?;
+        let (dev, prefetch) = self.mount(info, &image, fs_type, policy)?;
         crate::metrics::observe_first_mount(started);
-        flight.entry = Some(Entry { dev: dev.clone(), users: HashSet::from([user.to_owned()]) });
+        flight.entry = Some(Entry { dev: dev.clone(), users: HashSet::from([user.to_owned()]), prefetch });
         Ok(dev)
     }
 
@@ -250,9 +283,9 @@ impl LayerMounts {
         info: &LayerInfo,
         image: &Path,
         fs_type: crate::options::FsType,
-        verify: VerifyMode,
-        direct_io: DirectIo,
-    ) -> Result<String> {
+        policy: &Policy,
+    ) -> Result<(String, Option<crate::prefetch::Job>)> {
+        let verify = policy.verify;
         let chain = &info.meta.chain_id;
         crate::fault::pause("layer-mount", chain.as_str());
         // One open file for the check and the loop device: a name that
@@ -266,7 +299,7 @@ impl LayerMounts {
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
         // The mount point goes again unless the layer is mounted on it.
         let mount_point = Staged::new(&target);
-        let direct_io = direct_io.for_file(image);
+        let direct_io = policy.direct_io.for_file(image);
         let dev = self
             .kernel
             .attach(img.file(), image, loopdev::AttachOptions { read_only: true, direct_io })
@@ -288,6 +321,9 @@ impl LayerMounts {
                 });
             }
         }
+        // Started before the mount, which reads the superblock; dropped
+        // (recording nothing) if the mount fails.
+        let prefetch = crate::prefetch::start(info, img.file(), &policy.prefetch, dev.direct_io());
         self.kernel.mount_image(dev.path(), &target, fs_type, false)?;
         mount_point.keep();
         if let Some(rec) = record {
@@ -296,8 +332,9 @@ impl LayerMounts {
                 tracing::warn!(path = %path.display(), error = %e, "cannot record the check; it will be repeated");
             }
         }
-        tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(), "layer mounted");
-        Ok(dev.path().display().to_string())
+        tracing::debug!(layer = %chain, r#loop = %dev.path().display(), direct_io = dev.direct_io(),
+            prefetch = prefetch.is_some(), "layer mounted");
+        Ok((dev.path().display().to_string(), prefetch))
     }
 
     /// Records `info`'s image as checked without reading it: for the host
@@ -448,9 +485,10 @@ impl LayerMounts {
         if !e.users.is_empty() {
             return Ok(());
         }
-        let e = t.mounted.remove(chain).expect("just seen");
+        let mut e = t.mounted.remove(chain).expect("just seen");
         let mut flight = self.take_off(&mut t, chain);
         drop(t);
+        e.finish_prefetch();
         if let Err(err) = self.unmount(chain) {
             flight.entry = Some(e); // still mounted; kept, without users
             return Err(err);
@@ -478,7 +516,8 @@ impl LayerMounts {
             }
         }
         drop(t);
-        for (mut flight, e) in flights {
+        for (mut flight, mut e) in flights {
+            e.finish_prefetch();
             let c = flight.chain.clone();
             tracing::info!(layer = %c, "unmounting a layer no driver uses");
             if let Err(err) = self.unmount(&c) {

@@ -37,6 +37,7 @@ pub mod mount;
 pub mod options;
 pub mod perms;
 pub mod placement;
+pub mod prefetch;
 pub mod probe;
 pub mod store;
 pub mod sys;

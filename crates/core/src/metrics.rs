@@ -61,6 +61,8 @@ struct Metrics {
     apply: Histogram,
     written: Family<LocationLabels, Counter>,
     check_read: Family<LocationLabels, Counter>,
+    prefetch_read: Counter,
+    prefetch_recorded: Counter,
 }
 
 fn metrics() -> &'static Metrics {
@@ -78,6 +80,8 @@ fn metrics() -> &'static Metrics {
             apply: duration_histogram(),
             written: Family::default(),
             check_read: Family::default(),
+            prefetch_read: Counter::default(),
+            prefetch_recorded: Counter::default(),
         };
         r.register("requests", "Requests served, per front end and method", m.requests.clone());
         r.register(
@@ -127,6 +131,17 @@ fn metrics() -> &'static Metrics {
             Unit::Bytes,
             m.check_read.clone(),
         );
+        r.register_with_unit(
+            "prefetch_read",
+            "Image bytes read ahead of the containers from layers' prefetch records",
+            Unit::Bytes,
+            m.prefetch_read.clone(),
+        );
+        r.register(
+            "prefetch_recorded",
+            "Prefetch records this process published (what it read of a layer at start)",
+            m.prefetch_recorded.clone(),
+        );
         r.register_collector(Box::new(StateCollector));
         Metrics { registry: r, ..m }
     })
@@ -160,6 +175,16 @@ pub fn observe_verify(started: Instant, loc: Location, bytes: u64) {
     let m = metrics();
     m.verify.observe(started.elapsed().as_secs_f64());
     m.check_read.get_or_create(&LocationLabels { location: loc.name() }).inc_by(bytes);
+}
+
+/// A prefetch replay read `bytes` of a layer image.
+pub fn observe_prefetch_read(bytes: u64) {
+    metrics().prefetch_read.inc_by(bytes);
+}
+
+/// This process published a prefetch record.
+pub fn observe_prefetch_recorded() {
+    metrics().prefetch_recorded.inc();
 }
 
 /// A layer's tar was unpacked.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use sharedloop_core::admin::{verify, Verdict};
 use sharedloop_core::ids::ChainId;
 use sharedloop_core::image::{sha256_file, sparse_copy};
-use sharedloop_core::layermounts::LayerMounts;
+use sharedloop_core::layermounts::{LayerMounts, Policy};
 use sharedloop_core::options::{Config, DirectIo, FsType, VerifyMode};
 use sharedloop_core::store::{LayerInfo, LayerMeta, Store, FORMAT_VERSION, IMAGE_FILE, META_FILE};
 use sharedloop_core::sys::loopdev;
@@ -146,7 +146,7 @@ fn real_an_image_renamed_over_layer_img_during_the_check_is_never_mounted() {
                 false
             })
         };
-        let r = mounts.acquire(&info, Path::new("/test-user"), mode, DirectIo::Off);
+        let r = mounts.acquire(&info, Path::new("/test-user"), &Policy::new(mode, DirectIo::Off));
         done.store(true, Ordering::SeqCst);
         let raced = peer.join().unwrap();
         assert!(raced, "round {round}: the peer did not rename during the check; the round proves nothing");
@@ -186,7 +186,8 @@ fn real_an_image_renamed_over_layer_img_during_the_check_is_never_mounted() {
     eprintln!("{mounted} rounds mounted the genuine image, {refused} refused it");
     // The crafted image, now in place, is refused by its digest.
     let mounts = LayerMounts::open(&rig.path().join("mnt-last"), &rig.path().join("verified-last"), false).unwrap();
-    let e = mounts.acquire(&info, Path::new("/test-user"), VerifyMode::Digest, DirectIo::Off).unwrap_err();
+    let e =
+        mounts.acquire(&info, Path::new("/test-user"), &Policy::new(VerifyMode::Digest, DirectIo::Off)).unwrap_err();
     assert!(e.to_string().contains("was recorded at publish"), "{e}");
 }
 
@@ -233,7 +234,7 @@ fn real_a_removed_digest_does_not_lower_the_check() {
     let info = store.locate(&cb).unwrap();
     assert_eq!(info.meta.image_sha256, None);
     for mode in [VerifyMode::Digest, VerifyMode::Full] {
-        let e = mounts.acquire(&info, user, mode, DirectIo::Off).unwrap_err();
+        let e = mounts.acquire(&info, user, &Policy::new(mode, DirectIo::Off)).unwrap_err();
         let text = e.to_string();
         assert!(matches!(e, Error::Corrupt { .. }), "{mode:?}: {text}");
         assert!(text.contains("image_sha256") && text.contains("refusing to mount"), "{mode:?}: {text}");
@@ -250,7 +251,7 @@ fn real_a_removed_digest_does_not_lower_the_check() {
     });
     let info = store.locate(&cb).unwrap();
     assert_eq!(info.meta.format, 1);
-    let e = mounts.acquire(&info, user, VerifyMode::Full, DirectIo::Off).unwrap_err();
+    let e = mounts.acquire(&info, user, &Policy::new(VerifyMode::Full, DirectIo::Off)).unwrap_err();
     assert!(e.to_string().contains("the filesystem check failed"), "{e}");
     assert_eq!(mounts.count(), 0);
     assert!(matches!(verify(&info, &mut |_| {}).unwrap(), Verdict::FsckFailed { .. }));
@@ -264,7 +265,7 @@ fn real_a_removed_digest_does_not_lower_the_check() {
     let good_info = store.locate(&cg).unwrap();
     assert_eq!(verify(&good_info, &mut |_| {}).unwrap(), Verdict::NoDigest);
     for mode in [VerifyMode::Full, VerifyMode::Digest] {
-        mounts.acquire(&good_info, user, mode, DirectIo::Off).unwrap();
+        mounts.acquire(&good_info, user, &Policy::new(mode, DirectIo::Off)).unwrap();
         assert_eq!(fs::read_to_string(mounts.path(&cg).join("fs/marker")).unwrap(), "good\n");
         mounts.release(&cg, user).unwrap();
     }
@@ -324,7 +325,7 @@ fn real_an_image_written_in_place_during_the_check_is_refused() {
                 !attached
             })
         };
-        let r = mounts.acquire(&info, Path::new("/test-user"), mode, DirectIo::Off);
+        let r = mounts.acquire(&info, Path::new("/test-user"), &Policy::new(mode, DirectIo::Off));
         done.store(true, Ordering::SeqCst);
         let raced = peer.join().unwrap();
         assert!(raced, "round {round}: the peer did not write during the check; the round proves nothing");
@@ -369,7 +370,7 @@ fn real_identity_mounts_an_untouched_image_without_reading_it() {
     let mounts = LayerMounts::open(&rig.path().join("mnt"), &rig.path().join("verified"), false).unwrap();
     let me = gettid();
     let before = rchar(me);
-    mounts.acquire(&info, Path::new("/test-user"), VerifyMode::Identity, DirectIo::Off).unwrap();
+    mounts.acquire(&info, Path::new("/test-user"), &Policy::new(VerifyMode::Identity, DirectIo::Off)).unwrap();
     let read = rchar(me) - before;
     assert!(read < stamp.size / 16, "the identity check read {read} bytes of a {} byte image", stamp.size);
     assert_eq!(fs::read_to_string(mounts.path(&c).join("fs/marker")).unwrap(), "genuine\n");
@@ -411,7 +412,7 @@ fn real_identity_checks_the_digest_of_an_image_changed_after_publish() {
         // ctime has a clock tick's resolution: let it move past the stamp.
         std::thread::sleep(std::time::Duration::from_millis(20));
         change(&img, stamp.mtime_ns);
-        let r = mounts.acquire(&info, Path::new("/test-user"), VerifyMode::Identity, DirectIo::Off);
+        let r = mounts.acquire(&info, Path::new("/test-user"), &Policy::new(VerifyMode::Identity, DirectIo::Off));
         if genuine_bytes {
             r.unwrap_or_else(|e| panic!("{what}: genuine bytes with new times refused: {e}"));
             assert!(rig.path().join("verified").join(c.dir_name()).exists(), "{what}: the digest check is recorded");
@@ -448,14 +449,14 @@ fn real_identity_checks_the_digest_of_a_layer_without_a_stamp() {
     }
     let info = store.locate(&good).unwrap();
     assert_eq!(info.meta.image_file, None);
-    mounts.acquire(&info, user, VerifyMode::Identity, DirectIo::Off).unwrap();
+    mounts.acquire(&info, user, &Policy::new(VerifyMode::Identity, DirectIo::Off)).unwrap();
     assert!(rig.path().join("verified").join(good.dir_name()).exists(), "the digest check was not recorded");
     mounts.release(&good, user).unwrap();
 
     let info = store.locate(&bad).unwrap();
     let f = fs::OpenOptions::new().write(true).open(info.image().unwrap()).unwrap();
     f.write_all_at(b"written in place", 0).unwrap();
-    let e = mounts.acquire(&info, user, VerifyMode::Identity, DirectIo::Off).unwrap_err();
+    let e = mounts.acquire(&info, user, &Policy::new(VerifyMode::Identity, DirectIo::Off)).unwrap_err();
     assert!(e.to_string().contains("sha256 is"), "{e}");
     assert_eq!(mounts.count(), 0);
 }
@@ -495,12 +496,12 @@ fn real_first_mounts_of_two_layers_proceed_in_parallel() {
     std::thread::scope(|s| {
         // Let A go however the test ends, so the scope can end.
         let _let_go = LetGo(&release);
-        let a = s.spawn(|| mounts.acquire(&info_a, user, VerifyMode::Digest, DirectIo::Off));
+        let a = s.spawn(|| mounts.acquire(&info_a, user, &Policy::new(VerifyMode::Digest, DirectIo::Off)));
         await_or_fail("layer A's first mount never reached its pause point", || reached.exists());
         let (tx, rx) = std::sync::mpsc::channel();
         let (m, info_b) = (&mounts, &info_b);
         s.spawn(move || {
-            let _ = tx.send(m.acquire(info_b, user, VerifyMode::Digest, DirectIo::Off));
+            let _ = tx.send(m.acquire(info_b, user, &Policy::new(VerifyMode::Digest, DirectIo::Off)));
         });
         let b = rx.recv_timeout(std::time::Duration::from_secs(60)).expect(
             "layer B's first mount did not complete in 60 s while layer A's was held: \
@@ -541,14 +542,14 @@ fn real_two_first_mounts_of_one_layer_make_one_mount() {
     let (u1, u2) = (Path::new("/test-user-1"), Path::new("/test-user-2"));
     let (d1, d2) = std::thread::scope(|s| {
         let _let_go = LetGo(&release);
-        let first = s.spawn(|| mounts.acquire(&info, u1, VerifyMode::Digest, DirectIo::Off));
+        let first = s.spawn(|| mounts.acquire(&info, u1, &Policy::new(VerifyMode::Digest, DirectIo::Off)));
         await_or_fail("the first mount never reached its pause point", || reached.exists());
         fs::remove_file(&reached).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let (m, i) = (&mounts, &info);
         let second = s.spawn(move || {
             tx.send(gettid()).unwrap();
-            m.acquire(i, u2, VerifyMode::Digest, DirectIo::Off)
+            m.acquire(i, u2, &Policy::new(VerifyMode::Digest, DirectIo::Off))
         });
         let tid = rx.recv().unwrap();
         // Held in the mount itself it would sleep at the pause point

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sharedloop_core::admin::{gc, GcPolicy};
 use sharedloop_core::ids::{ChainId, DiffId};
-use sharedloop_core::layermounts::LayerMounts;
+use sharedloop_core::layermounts::{LayerMounts, Policy};
 use sharedloop_core::options::{Config, DirectIo, FsType, VerifyMode};
 use sharedloop_core::store::{LayerMeta, Store, FORMAT_VERSION, IMAGE_FILE};
 
@@ -137,7 +137,7 @@ fn a_symlinked_layer_image_is_refused_before_the_kernel_sees_it() {
     let mnt = r._t.path().join("mnt");
     let mounts = LayerMounts::open(&mnt, &r._t.path().join("verified"), false).unwrap();
     for mode in [VerifyMode::Off, VerifyMode::Digest] {
-        let e = mounts.acquire(&info, Path::new("/test"), mode, DirectIo::Off).unwrap_err().to_string();
+        let e = mounts.acquire(&info, Path::new("/test"), &Policy::new(mode, DirectIo::Off)).unwrap_err().to_string();
         assert!(e.contains("not a regular file") && e.contains(IMAGE_FILE), "{mode:?}: {e}");
     }
     assert_eq!(mounts.count(), 0);

@@ -404,6 +404,11 @@ pub fn verify(args: &StoreArgs, max_rate: Option<&str>, which: &[String]) -> any
                     "UNVERIFIABLE: no digest was recorded at publish (format 1); fsck found no errors".to_owned()
                 }
                 Verdict::FsckFailed { output } => format!("CORRUPT: fsck found errors: {output}"),
+                Verdict::BadPrefetchRecord { path, reason } => format!(
+                    "BAD: the image is fine, but its prefetch record {} is not ({reason}); hosts ignore it, \
+                     and the next host to record the layer replaces it",
+                    path.display()
+                ),
                 Verdict::NotALayer { path, reason } => {
                     format!("BAD: {}: {reason}; not used as a layer", path.display())
                 }

@@ -31,7 +31,7 @@ impl Driver {
             .ok_or_else(|| Error::NotFound(format!("layer {chain} (not in root or fallback)")))?;
         let dev = match info.image() {
             None => None,
-            Some(_) => Some(self.mounts.acquire(&info, &self.home, self.cfg.verify, self.cfg.direct_io)?),
+            Some(_) => Some(self.mounts.acquire(&info, &self.home, &crate::layermounts::Policy::of(&self.cfg))?),
         };
         // Another request may have recorded it meanwhile: the same mount.
         Ok(self.lock().ro.entry(chain.clone()).or_insert(RoMount { info, dev }).clone())

@@ -39,7 +39,10 @@ impl FsType {
     pub fn ro_mount_data(self) -> &'static str {
         match self {
             FsType::Ext4 => "noload",
-            FsType::Xfs => "norecovery",
+            // `nouuid`: one kernel may mount a layer's image more than
+            // once (two sharedloop processes with tables of their own, each
+            // mounting it), and xfs refuses a second mount of a UUID.
+            FsType::Xfs => "norecovery,nouuid",
         }
     }
     /// The smallest image mkfs accepts (xfsprogs >= 5.19 refuses < 300 MiB).
@@ -97,6 +100,31 @@ pub struct Config {
     /// go unrenewed before a waiting host takes the build over.
     #[serde(default = "default_claim_timeout")]
     pub claim_timeout_secs: u64,
+    /// `sharedloop.prefetch`: record what a layer's first host reads of
+    /// it, and read that ahead on the others (see [`crate::prefetch`]).
+    #[serde(default)]
+    pub prefetch: crate::prefetch::Mode,
+    /// `sharedloop.prefetch_window`: seconds after a layer's first mount
+    /// during which its reads are recorded.
+    #[serde(default = "default_prefetch_window")]
+    pub prefetch_window_secs: u64,
+    /// `sharedloop.prefetch_max`: the most bytes of a layer recorded and
+    /// read ahead.
+    #[serde(default = "default_prefetch_max")]
+    pub prefetch_max: Bytes,
+}
+
+/// `sharedloop.prefetch_window`'s default: a container's start, with room.
+pub const DEFAULT_PREFETCH_WINDOW_SECS: u64 = 30;
+/// `sharedloop.prefetch_max`'s default.
+pub const DEFAULT_PREFETCH_MAX: Bytes = Bytes(256 << 20);
+
+fn default_prefetch_window() -> u64 {
+    DEFAULT_PREFETCH_WINDOW_SECS
+}
+
+fn default_prefetch_max() -> Bytes {
+    DEFAULT_PREFETCH_MAX
 }
 
 fn default_claim_timeout() -> u64 {
@@ -180,6 +208,9 @@ impl Default for Config {
             verify: VerifyMode::Identity,
             max_layer_size: None,
             require_shared_root: false,
+            prefetch: crate::prefetch::Mode::Auto,
+            prefetch_window_secs: DEFAULT_PREFETCH_WINDOW_SECS,
+            prefetch_max: DEFAULT_PREFETCH_MAX,
         }
     }
 }
@@ -332,6 +363,40 @@ pub static OPTIONS: &[OptionSpec] = &[
             Ok(())
         },
     },
+    OptionSpec {
+        name: "prefetch",
+        set: |c, k, v| {
+            use crate::prefetch::Mode;
+            c.prefetch = match v.map(str::to_ascii_lowercase).as_deref() {
+                Some("auto") => Mode::Auto,
+                v => {
+                    if parse_bool(k, v.unwrap_or(""))
+                        .map_err(|_| bad(k, format!("{:?} is not auto, true or false", v.unwrap_or(""))))?
+                    {
+                        Mode::On
+                    } else {
+                        Mode::Off
+                    }
+                }
+            };
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "prefetch_window",
+        set: |c, k, v| {
+            c.prefetch_window_secs = parse_positive_duration(k, need(k, v)?)?;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "prefetch_max",
+        set: |c, k, v| {
+            let v = need(k, v)?;
+            c.prefetch_max = if v == "0" { Bytes(0) } else { parse_size(k, v)? };
+            Ok(())
+        },
+    },
 ];
 
 /// The known options' full names, for errors: `sharedloop.loopback_root, ...`.
@@ -366,6 +431,15 @@ impl Config {
             .and_then(|name| OPTIONS.iter().find(|o| o.name == name))
             .ok_or_else(|| bad(&key, format!("unknown option; known: {}", known_options())))?;
         (spec.set)(self, &key, val.map(str::trim))
+    }
+
+    /// The prefetch options (`sharedloop.prefetch*`).
+    pub fn prefetch_settings(&self) -> crate::prefetch::Settings {
+        crate::prefetch::Settings {
+            mode: self.prefetch,
+            window: std::time::Duration::from_secs(self.prefetch_window_secs),
+            max_bytes: self.prefetch_max.0,
+        }
     }
 
     /// The checks across options, after every option is set.

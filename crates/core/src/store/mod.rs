@@ -5,6 +5,7 @@
 //! <root or fallback>/
 //!   layers/<sha256-HEX>/layer.img      the layer image (absent for an empty layer)
 //!   layers/<sha256-HEX>/meta.json      LayerMeta
+//!   layers/<sha256-HEX>/prefetch       what hosts read of it at start (optional)
 //!   tmp/<host>-<token>/                builds in progress, never read by others
 //!   refs/<sha256-HEX>/<host-id>        "this host uses the layer"
 //!   hosts/<host-id>                    HostRecord: the host's heartbeat
@@ -64,6 +65,9 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const DIGEST_ALWAYS_FORMAT: u32 = 2;
 pub const IMAGE_FILE: &str = "layer.img";
 pub const META_FILE: &str = "meta.json";
+/// What hosts read of the layer's image when they started it
+/// (`crate::prefetch`); optional, added after publish.
+pub const PREFETCH_FILE: &str = "prefetch";
 
 /// The layout below a base directory, as names relative to it: the one
 /// place it is spelled out (docs/on-disk-format.md).
@@ -91,6 +95,11 @@ pub(crate) mod layout {
     /// `layers/<sha256-HEX>/layer.img`
     pub fn image(chain: &ChainId) -> PathBuf {
         layer(chain).join(super::IMAGE_FILE)
+    }
+
+    /// `layers/<sha256-HEX>/prefetch`
+    pub fn prefetch(chain: &ChainId) -> PathBuf {
+        layer(chain).join(super::PREFETCH_FILE)
     }
 
     /// `refs/<sha256-HEX>`
