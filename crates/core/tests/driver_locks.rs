@@ -222,7 +222,7 @@ fn real_a_remove_gives_up_on_a_lease_held_too_long_and_leaves_the_layer_whole() 
 /// on the home finds exactly the layers this one had.
 #[test]
 fn real_a_create_racing_a_remove_of_the_same_id_ends_whole() {
-    const ROUNDS: u64 = 32;
+    const ROUNDS: u64 = 48;
     let rig = rig();
     let d = rig.driver();
     layer(&d, "base", None, "base", "base\n");
@@ -231,11 +231,15 @@ fn real_a_create_racing_a_remove_of_the_same_id_ends_whole() {
     let (merged, rw_mnt) = (home.join("merged/race"), home.join("rwmnt/race"));
     let none = HashMap::new();
     for round in 0..ROUNDS {
-        let kind = if round % 2 == 0 { CreateKind::ReadWrite } else { CreateKind::ReadOnly };
+        let kind = match round % 3 {
+            0 => CreateKind::ReadWrite,
+            1 => CreateKind::ReadOnly,
+            _ => CreateKind::ReadWriteDir,
+        };
         let present = round % 4 >= 2;
         if present {
             match kind {
-                CreateKind::ReadWrite => {
+                CreateKind::ReadWrite | CreateKind::ReadWriteDir => {
                     d.create("race", Some("base"), kind, &none).unwrap();
                     let dir = d.get("race").unwrap();
                     fs::write(dir.join("stale"), "stale\n").unwrap();
@@ -249,7 +253,7 @@ fn real_a_create_racing_a_remove_of_the_same_id_ends_whole() {
         let go = Barrier::new(2);
         // Which side waits a moment after the start, and how long, varies
         // by round (each kind and start sees both sides).
-        let (create_waits, pause) = (round / 4 % 2 == 0, std::time::Duration::from_micros(round % 3 * 300));
+        let (create_waits, pause) = (round / 4 % 2 == 0, std::time::Duration::from_micros(round / 2 % 3 * 300));
         let (created, removed) = std::thread::scope(|s| {
             let create = s.spawn(|| {
                 go.wait();
@@ -285,13 +289,14 @@ fn real_a_create_racing_a_remove_of_the_same_id_ends_whole() {
             assert!(!rw_dir.exists(), "{what}: the layer is gone, its writable image is not");
         } else {
             assert_eq!(rw_dir.join("rw.img").exists(), kind == CreateKind::ReadWrite, "{what}: writable image");
+            assert_eq!(rw_dir.join("dir").is_dir(), kind == CreateKind::ReadWriteDir, "{what}: writable directory");
             if kind == CreateKind::ReadOnly {
                 d.apply_diff("race", Some("base"), &mut &tar_of("fresh", "fresh\n")[..]).unwrap();
             }
             let dir = d.get("race").unwrap();
             assert_eq!(fs::read_to_string(dir.join("base")).unwrap(), "base\n", "{what}");
             assert!(!dir.join("stale").exists(), "{what}: the new layer shows the removed one's content");
-            if kind == CreateKind::ReadWrite {
+            if kind != CreateKind::ReadOnly {
                 fs::write(dir.join("fresh"), "fresh\n").unwrap();
             }
             assert_eq!(fs::read_to_string(dir.join("fresh")).unwrap(), "fresh\n", "{what}");

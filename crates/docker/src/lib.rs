@@ -18,9 +18,8 @@ use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sharedloop_core::driver::{DriverReport, LayerReport, LayerReportKind};
-use sharedloop_core::ids::Bytes as CoreBytes;
 use sharedloop_core::layermounts::LayerMounts;
-use sharedloop_core::options::{DirectIo, FsType};
+use sharedloop_core::options::DirectIo;
 use sharedloop_core::store::Location;
 use sharedloop_core::{Config, CreateKind, Driver};
 
@@ -476,12 +475,9 @@ fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
     match method {
         "GraphDriver.Capabilities" => Ok(json!({ "Capabilities": { "ReproducesExactDiffs": false } })),
         "GraphDriver.Create" | "GraphDriver.CreateReadWrite" => {
-            let kind = if method == "GraphDriver.Create" { CreateKind::ReadOnly } else { CreateKind::ReadWrite };
+            let kind = create_kind(method, &r.id);
             tracing::debug!(op = method, layer = %r.id, parent = %r.parent, storage_opt = ?r.storage_opt, "create");
-            let mut opts = r.storage_opt.unwrap_or_default();
-            if kind == CreateKind::ReadWrite {
-                init_layer_size(&r.id, d.config().fs, &mut opts);
-            }
+            let opts = r.storage_opt.unwrap_or_default();
             d.create(&r.id, parent, kind, &opts).map_err(wire_error)?;
             Ok(json!({}))
         }
@@ -506,16 +502,16 @@ fn call(d: &Driver, method: &str, r: DriverRequest) -> Result<Value, String> {
     }
 }
 
-/// Size of a Docker "-init" layer's image: it holds a handful of files.
-const INIT_LAYER_SIZE: CoreBytes = CoreBytes(64 * CoreBytes::MIB);
-
-/// A writable "-init" layer (Docker's, under each container) given no size
-/// gets [`INIT_LAYER_SIZE`], not `sharedloop.size`: at least the
-/// filesystem's minimum, which core would raise the image to anyway.
-fn init_layer_size(id: &str, fs: FsType, opts: &mut HashMap<String, String>) {
-    if id.ends_with("-init") && !opts.keys().any(|k| k.eq_ignore_ascii_case("size")) {
-        let size = INIT_LAYER_SIZE.0.max(fs.min_image_size().0);
-        opts.insert("size".into(), size.to_string());
+/// What a create request makes. A writable layer named `<id>-init` is the
+/// layer dockerd puts under each container for the files it writes before
+/// the start (`/etc/hosts`, `/etc/resolv.conf`, `/.dockerenv`, ...): a
+/// directory in the driver's home, not an image of its own, so that a
+/// container costs one loop device and one image mount, not two.
+fn create_kind(method: &str, id: &str) -> CreateKind {
+    match method {
+        "GraphDriver.Create" => CreateKind::ReadOnly,
+        _ if id.ends_with("-init") => CreateKind::ReadWriteDir,
+        _ => CreateKind::ReadWrite,
     }
 }
 
@@ -534,6 +530,24 @@ fn status(r: &DriverReport) -> Vec<(String, String)> {
             },
         ),
     ];
+    let p = &r.prefetch;
+    v.push((
+        "Learned Prefetch".to_owned(),
+        match p.mode {
+            sharedloop_core::prefetch::Mode::Off => "off".to_owned(),
+            _ if p.max_bytes == 0 => "off (prefetch_max=0)".to_owned(),
+            m => format!(
+                "{}, window {}s, at most {} MiB per layer",
+                if m == sharedloop_core::prefetch::Mode::Auto {
+                    "auto (on for images on network filesystems)"
+                } else {
+                    "on"
+                },
+                p.window.as_secs(),
+                p.max_bytes >> 20
+            ),
+        },
+    ));
     v.push((
         "Root Directory State".to_owned(),
         match &r.root_problem {
@@ -651,19 +665,10 @@ mod tests {
     }
 
     #[test]
-    fn init_layers_get_their_size_unless_given_one() {
-        let mut o = HashMap::new();
-        init_layer_size("abc-init", FsType::Ext4, &mut o);
-        assert_eq!(o["size"], (64 * CoreBytes::MIB).to_string());
-        let mut o = HashMap::new();
-        init_layer_size("abc-init", FsType::Xfs, &mut o);
-        assert_eq!(o["size"], FsType::Xfs.min_image_size().0.to_string());
-        let mut o = HashMap::from([("Size".to_owned(), "1G".to_owned())]);
-        init_layer_size("abc-init", FsType::Ext4, &mut o);
-        assert_eq!(o.len(), 1);
-        let mut o = HashMap::new();
-        init_layer_size("abc", FsType::Ext4, &mut o);
-        assert!(o.is_empty());
+    fn init_layers_are_directories() {
+        assert_eq!(create_kind("GraphDriver.CreateReadWrite", "abc-init"), CreateKind::ReadWriteDir);
+        assert_eq!(create_kind("GraphDriver.CreateReadWrite", "abc"), CreateKind::ReadWrite);
+        assert_eq!(create_kind("GraphDriver.Create", "abc-init"), CreateKind::ReadOnly);
     }
 
     #[test]

@@ -69,6 +69,10 @@ fn image_suite(fs_type: &str) {
     let status = host.driver_status();
     assert!(status.starts_with("sharedloop\n"), "{status}");
     assert!(status.contains(&format!("Layer Image Filesystem: {fs_type}")), "{status}");
+    assert!(
+        status.contains("Learned Prefetch: auto (on for images on network filesystems), window 30s, at most 256 MiB"),
+        "{status}"
+    );
 
     // import: one layer
     host.docker_stdin(&["import", "-", "base:1"], &fx.rootfs_tar);

@@ -97,7 +97,7 @@ impl Driver {
         let mut image = None;
         let kind = match kind {
             CreateKind::ReadOnly => Kind::Image { chain: None, size: 0 },
-            CreateKind::ReadWrite => {
+            CreateKind::ReadWrite | CreateKind::ReadWriteDir => {
                 let fs_type = self.cfg.fs;
                 if let Some(s) = size.filter(|s| *s < fs_type.min_image_size()) {
                     release_base(&base, base_hold.take());
@@ -108,7 +108,12 @@ impl Driver {
                 }
                 // Without a size option, the configured `sharedloop.size`.
                 let size = size.unwrap_or(self.cfg.rw_size);
-                match self.make_rw_image(id, fs_type, size) {
+                let made = if kind == CreateKind::ReadWriteDir {
+                    self.make_rw_dir(id)
+                } else {
+                    self.make_rw_image(id, fs_type, size)
+                };
+                match made {
                     Ok(made) => image = Some(made),
                     Err(e) => {
                         release_base(&base, base_hold.take());
@@ -143,6 +148,18 @@ impl Driver {
         self.kernel.create_rw_image(&img, fs_type, size, &self.home.join("templates"))?;
         crate::fault::point("create", "image made");
         Ok(made)
+    }
+
+    /// Makes writable layer `id`'s directory (a [`CreateKind::ReadWriteDir`]
+    /// layer; replacing a leftover); it goes again unless the guard is
+    /// kept.
+    fn make_rw_dir(&self, id: &str) -> Result<Staged> {
+        let dir = self.rw_dir(id);
+        let parent = dir.parent().unwrap();
+        let _ = fs::remove_dir_all(parent);
+        fs::create_dir_all(&dir).ctx("mkdir", &dir)?;
+        crate::perms::private_dir(parent)?;
+        Ok(Staged::new(parent))
     }
 
     /// Applies a layer tar to the empty read-only layer `id`; returns the

@@ -101,7 +101,16 @@ struct State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateKind {
     ReadOnly,
+    /// A writable layer on an image of its own (loop device, filesystem,
+    /// size limit).
     ReadWrite,
+    /// A writable layer kept as a directory in the driver's home, for an
+    /// engine's small per-container setup layer (Docker's `-init`: a few
+    /// files such as `/etc/hosts` and `/.dockerenv`): no image, no loop
+    /// device, no filesystem to mount, so one container costs one
+    /// writable image, not two. Mounted as a bind of the directory; no
+    /// size limit applies (a size given is checked as for `ReadWrite`).
+    ReadWriteDir,
 }
 
 /// One mount for an engine to perform, as containerd's `mount.Mount`.
@@ -326,6 +335,11 @@ impl Driver {
     }
     fn rw_image(&self, id: &str) -> PathBuf {
         self.home.join("rw").join(id).join("rw.img")
+    }
+    /// The directory of a [`CreateKind::ReadWriteDir`] layer, beside
+    /// where an image would be.
+    fn rw_dir(&self, id: &str) -> PathBuf {
+        self.home.join("rw").join(id).join("dir")
     }
     fn rw_mnt(&self, id: &str) -> PathBuf {
         self.home.join("rwmnt").join(id)

@@ -82,6 +82,7 @@ impl Driver {
             fallback: self.cfg.fallback.clone(),
             fs: self.cfg.fs,
             direct_io: self.cfg.direct_io,
+            prefetch: self.cfg.prefetch_settings(),
             root_problem,
             placement,
             root_area,
@@ -163,6 +164,8 @@ pub struct DriverReport {
     /// The filesystem of layer images.
     pub fs: FsType,
     pub direct_io: DirectIo,
+    /// The learned-prefetch options.
+    pub prefetch: crate::prefetch::Settings,
     /// Why new layers go to the fallback, if they do; `None`: the root is
     /// writable.
     pub root_problem: Option<String>,

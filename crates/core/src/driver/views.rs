@@ -37,8 +37,9 @@ impl Driver {
         Ok(self.lock().ro.entry(chain.clone()).or_insert(RoMount { info, dev }).clone())
     }
 
-    /// Mounts writable layer `id`'s image, once: a request mounting it
-    /// meanwhile is waited for. Called without the state lock.
+    /// Mounts writable layer `id`'s image (or binds its directory), once:
+    /// a request mounting it meanwhile is waited for. Called without the
+    /// state lock.
     pub(super) fn ensure_rw(&self, id: &str, fs_type: FsType) -> Result<PathBuf> {
         let target = self.rw_mnt(id);
         let img = self.rw_image(id);
@@ -65,13 +66,20 @@ impl Driver {
             self.take_off(&mut st, key)
         };
         fs::create_dir_all(&target).ctx("mkdir", &target)?;
-        let direct_io = self.cfg.direct_io.for_file(&img);
-        // Autoclear: the device goes with this handle unless the mount keeps it.
-        let dev = self
-            .kernel
-            .attach_path(&img, loopdev::AttachOptions { read_only: false, direct_io })
-            .ctx("attach loop device", &img)?;
-        self.kernel.mount_image(dev.path(), &target, fs_type, true)?;
+        let dir = self.rw_dir(id);
+        if dir.is_dir() {
+            // A directory layer (`CreateKind::ReadWriteDir`): a bind, so
+            // that it is mounted, moved and adopted as an image's mount is.
+            self.kernel.bind(&dir, &target, true)?;
+        } else {
+            let direct_io = self.cfg.direct_io.for_file(&img);
+            // Autoclear: the device goes with this handle unless the mount keeps it.
+            let dev = self
+                .kernel
+                .attach_path(&img, loopdev::AttachOptions { read_only: false, direct_io })
+                .ctx("attach loop device", &img)?;
+            self.kernel.mount_image(dev.path(), &target, fs_type, true)?;
+        }
         let mounted = Mounted::new(&*self.kernel, &target);
         for d in ["upper", "work"] {
             let p = target.join(d);
