@@ -326,6 +326,7 @@ impl LayerMounts {
         let prefetch = crate::prefetch::start(info, img.file(), &policy.prefetch, dev.direct_io());
         self.kernel.mount_image(dev.path(), &target, fs_type, false)?;
         mount_point.keep();
+        let prefetch = prefetch.and_then(crate::prefetch::Pending::mounted);
         if let Some(rec) = record {
             let path = self.verified.join(chain.dir_name());
             if let Err(e) = write_atomic(&path, &serde_json::to_vec(&rec).expect("serialises")) {

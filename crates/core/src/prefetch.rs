@@ -8,9 +8,11 @@
 //! layer on a network filesystem reads its image file through the page
 //! cache (`sharedloop.direct_io=auto`), so the image file's pages that
 //! became resident between the first mount and the end of the window
-//! (`sharedloop.prefetch_window`, or the layer's unmount if sooner) are
-//! what this host read of it: file data, inodes, directories and the
-//! journal's superblock alike, with no tracing on the container's path.
+//! are what this host read of it: file data, inodes, directories and the
+//! superblock alike, with no tracing on the container's path. The window
+//! (`sharedloop.prefetch_window`) opens when a container first reads the
+//! layer beyond what the mount read, and the layer's unmount closes it
+//! early.
 //! A host that has pages of the image cached before its first mount (the
 //! publisher, which wrote them) drops them first, so that the record is
 //! what a cold host reads. The pages are merged into ranges (holes up to
@@ -19,7 +21,8 @@
 //!
 //! Replaying fills the same page cache the loop device reads from: the
 //! open file the loop device was attached to is read with `pread` in
-//! [`CHUNK`]-sized requests by [`CONCURRENCY`] threads. Nothing waits for
+//! [`CHUNK`]-sized requests by [`CONCURRENCY`] threads, and at most
+//! [`PROCESS_CONCURRENCY`] reads are in flight in the process. Nothing waits for
 //! it: a container reading a page first simply reads it itself. A loop
 //! device with direct I/O bypasses that page cache, so with direct I/O
 //! nothing is recorded or replayed.
@@ -58,8 +61,41 @@ pub const ALIGN: u64 = 4096;
 pub const MERGE_GAP: u64 = 128 << 10;
 /// The largest single read of a replay.
 pub const CHUNK: u64 = 1 << 20;
-/// Reads in flight during a replay.
+/// Reads in flight during one layer's replay.
 pub const CONCURRENCY: usize = 8;
+/// Reads in flight across every replay of the process: an image of many
+/// layers mounted at once does not send many times [`CONCURRENCY`]
+/// requests to the file server, or hold as many buffers.
+pub const PROCESS_CONCURRENCY: usize = 16;
+
+/// The process' read slots ([`PROCESS_CONCURRENCY`]).
+struct Slots {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+static SLOTS: Slots = Slots { free: Mutex::new(PROCESS_CONCURRENCY), cv: Condvar::new() };
+
+/// A read slot, given back when dropped.
+struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let mut free = SLOTS.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = SLOTS.cv.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *SLOTS.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        SLOTS.cv.notify_one();
+    }
+}
 
 /// `sharedloop.prefetch`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,11 +366,79 @@ impl Signal {
     }
 }
 
+/// Prefetch work started before a layer's mount: a replay already
+/// running, or a recording that begins once the mount is there
+/// ([`Pending::mounted`]).
+pub(crate) enum Pending {
+    Replay(Job),
+    Record(Box<Recording>),
+}
+
+/// What a recording needs once its layer is mounted.
+pub(crate) struct Recording {
+    base: std::path::PathBuf,
+    chain: ChainId,
+    file: File,
+    size: u64,
+    settings: Settings,
+    replace: bool,
+}
+
+impl Pending {
+    /// The layer is mounted: a recording takes what the mount read as its
+    /// baseline and starts watching (see [`watch`]).
+    pub(crate) fn mounted(self) -> Option<Job> {
+        match self {
+            Pending::Replay(j) => Some(j),
+            Pending::Record(r) => {
+                let baseline = resident_count(&r.file, r.size);
+                Job::spawn("prefetch-record", move |s| watch(*r, baseline, s))
+            }
+        }
+    }
+}
+
+fn resident_count(file: &File, size: u64) -> usize {
+    pagecache::resident(file, size).map(|p| p.iter().filter(|b| *b & 1 == 1).count()).unwrap_or(0)
+}
+
+/// A recording: the window opens when the image is read beyond what the
+/// mount read (`baseline` pages), that is when a container first uses the
+/// layer, which may be long after the mount (`docker create` now, `start`
+/// later); the image is polled for that, at intervals growing from 250 ms
+/// to 30 s. The record is made one window after, or at the unmount if it
+/// comes first; a layer unmounted before any container read it records
+/// nothing.
+fn watch(r: Recording, baseline: usize, s: &Signal) {
+    let mut interval = Duration::from_millis(250);
+    let opened = loop {
+        s.wait(Instant::now() + interval);
+        if s.discard.load(Ordering::SeqCst) {
+            return;
+        }
+        let grown = resident_count(&r.file, r.size) > baseline;
+        if s.stopped() {
+            if grown {
+                record(&r.base, &r.chain, &r.file, r.size, r.settings.max_bytes, r.replace);
+            }
+            return;
+        }
+        if grown {
+            break Instant::now();
+        }
+        interval = (interval * 2).min(Duration::from_secs(30));
+    };
+    s.wait(opened + r.settings.window);
+    if !s.discard.load(Ordering::SeqCst) {
+        record(&r.base, &r.chain, &r.file, r.size, r.settings.max_bytes, r.replace);
+    }
+}
+
 /// Starts the prefetch work for layer `info`, whose image `file` a loop
 /// device was just attached to (and not yet mounted): a replay of the
 /// layer's record when there is one, else a recording. `None` when
 /// prefetch is off for it (`settings`, or a loop device with direct I/O).
-pub(crate) fn start(info: &LayerInfo, file: &File, settings: &Settings, direct_io: bool) -> Option<Job> {
+pub(crate) fn start(info: &LayerInfo, file: &File, settings: &Settings, direct_io: bool) -> Option<Pending> {
     let image = info.image()?;
     if direct_io || settings.max_bytes == 0 || !settings.mode.for_file(&image) {
         return None;
@@ -355,7 +459,7 @@ pub(crate) fn start(info: &LayerInfo, file: &File, settings: &Settings, direct_i
     match read_record(&base, &chain, size) {
         Ok(Some(Ok(rec))) => {
             let max = settings.max_bytes;
-            Job::spawn("prefetch", move |s| replay(&chain, &file, &rec, max, s))
+            Job::spawn("prefetch", move |s| replay(&chain, &file, &rec, max, s)).map(Pending::Replay)
         }
         Ok(found) => {
             // A malformed record is recorded over, so one bad write (or a
@@ -375,14 +479,7 @@ pub(crate) fn start(info: &LayerInfo, file: &File, settings: &Settings, direct_i
                     tracing::debug!(layer = %chain, error = %e, "prefetch: cannot drop the image's cached pages");
                 }
             }
-            let settings = *settings;
-            Job::spawn("prefetch-record", move |s| {
-                s.wait(Instant::now() + settings.window);
-                if s.discard.load(Ordering::SeqCst) {
-                    return;
-                }
-                record(&base, &chain, &file, size, settings.max_bytes, replace);
-            })
+            Some(Pending::Record(Box::new(Recording { base, chain, file, size, settings: *settings, replace })))
         }
         Err(e) => {
             tracing::debug!(layer = %chain, error = %e, "prefetch: cannot read the layer's record");
@@ -432,9 +529,11 @@ fn replay(chain: &ChainId, file: &File, rec: &Record, max_bytes: u64, s: &Signal
     std::thread::scope(|scope| {
         for _ in 0..CONCURRENCY.min(chunks.len()) {
             scope.spawn(|| {
-                let mut buf = vec![0u8; CHUNK as usize];
+                let mut buf = Vec::new();
                 while !s.stopped() {
+                    let slot = Slot::take();
                     let Some(&(off, len)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                    buf.resize(CHUNK as usize, 0);
                     let mut done = 0u64;
                     while done < len {
                         match file.read_at(&mut buf[..(len - done) as usize], off + done) {
@@ -445,6 +544,7 @@ fn replay(chain: &ChainId, file: &File, rec: &Record, max_bytes: u64, s: &Signal
                         }
                     }
                     read.fetch_add(done, Ordering::Relaxed);
+                    drop(slot);
                 }
             });
         }

@@ -168,6 +168,66 @@ fn multihost_three_hosts_on_sshfs_root() {
     }
 }
 
+/// Learned prefetch on a network filesystem, with the defaults
+/// (`sharedloop.prefetch=auto`, on for sshfs): the first host to run the
+/// image records, for each layer its container read, what it read into the
+/// store (nothing before a container runs); a second host, nothing cached,
+/// reads those ranges ahead, records the layers nobody had, and sees every
+/// file as published; `verify` finds the records well-formed.
+#[test]
+fn multihost_sshfs_prefetch_is_learned_once_and_read_ahead_elsewhere() {
+    require(&["dockerd", "busybox", "overlay", "sshfs"]);
+    let net = Sshfs::new("mh-prefetch");
+    let c = cluster_with(2, &net.mountpoint.join("store"), false, &["sharedloop.prefetch_window=2s"]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    assert!(a.driver_status().contains("Learned Prefetch: auto"), "{}", a.driver_status());
+    a.docker_stdin(&["load"], &c.archive);
+    b.docker_stdin(&["load"], &c.archive);
+    assert!(layer_dirs(&c.root).iter().all(|d| !d.join("prefetch").exists()), "a record before any container ran");
+    a.docker_ok(&["run", "--rm", "--network", "none", "shared:1", "cat", "/data/l9/f19"]);
+    // Layers the container read beyond what their mount read get a record
+    // one window (2 s) after: the top one (the file) and the bottom one
+    // (busybox) at least; the others only had their root looked up.
+    let t0 = std::time::Instant::now();
+    while layer_dirs(&c.root).iter().filter(|d| d.join("prefetch").exists()).count() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no prefetch records: {}", tail(&a.plugin_log(), 30));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let recorded: Vec<PathBuf> = layer_dirs(&c.root).into_iter().filter(|d| d.join("prefetch").exists()).collect();
+    for d in &recorded {
+        let text = fs::read_to_string(d.join("prefetch")).unwrap();
+        assert!(text.starts_with("sharedloop-prefetch 1\n"), "{}: {text}", d.display());
+        let size = fs::metadata(d.join("layer.img")).unwrap().len();
+        assert!(text.contains(&format!("image_bytes {size}\n")), "{}: {text}", d.display());
+    }
+    let n = recorded.len();
+    assert_eq!(a.plugin_log().matches("prefetch: recorded what this host read of the layer").count(), n);
+    // Host B: nothing cached. Its first mounts of the recorded layers read
+    // their ranges ahead; it records the layers nobody recorded yet (its
+    // container reads every file).
+    fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+    let expected_dir = b.dir.join("expected");
+    expected_tree(&c.tars, &expected_dir);
+    assert_same_manifest(&host_manifest(&expected_dir), &container_manifest(b, "shared:1"), "host B with prefetch");
+    let log = b.plugin_log();
+    assert_eq!(log.matches("prefetch: read the layer's recorded ranges").count(), n, "{}", tail(&log, 40));
+    let t0 = std::time::Instant::now();
+    while b.plugin_log().matches("prefetch: recorded what this host read").count() < 10 - n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "host B did not record the other layers: {}",
+            tail(&b.plugin_log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(layer_dirs(&c.root).iter().filter(|d| d.join("prefetch").exists()).count(), 10);
+    let root = c.root.display().to_string();
+    let v = a.cli(&["verify", "--root", &root, "--fallback", "/nonexistent"]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(v.status.success() && out.contains("10 layers checked, 0 with problems"), "{out}");
+}
+
 #[test]
 fn multihost_kill_during_load_leaves_no_partial_layer() {
     require(&["dockerd", "busybox", "overlay"]);
