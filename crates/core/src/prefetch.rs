@@ -80,13 +80,21 @@ static SLOTS: Slots = Slots { free: Mutex::new(PROCESS_CONCURRENCY), cv: Condvar
 struct Slot;
 
 impl Slot {
-    fn take() -> Slot {
+    /// A slot, or `None` once `s` is stopped (a replay being stopped does
+    /// not wait behind other layers' reads).
+    fn take(s: &Signal) -> Option<Slot> {
         let mut free = SLOTS.free.lock().unwrap_or_else(|p| p.into_inner());
         while *free == 0 {
-            free = SLOTS.cv.wait(free).unwrap_or_else(|p| p.into_inner());
+            if s.stopped() {
+                return None;
+            }
+            free = SLOTS.cv.wait_timeout(free, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        if s.stopped() {
+            return None;
         }
         *free -= 1;
-        Slot
+        Some(Slot)
     }
 }
 
@@ -279,6 +287,9 @@ pub(crate) fn read_record(
         Ok(text) => Ok(Some(Record::parse(&text, image_bytes))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Ok(Some(Err(e.to_string()))),
+        // A symbolic link planted at the record's name: never followed;
+        // a malformed record (a new one is renamed over the link).
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Ok(Some(Err("a symbolic link, not followed".to_owned()))),
         Err(e) => Err(e),
     }
 }
@@ -392,11 +403,21 @@ impl Pending {
             Pending::Replay(j) => Some(j),
             Pending::Record(r) => {
                 let baseline = resident_count(&r.file, r.size);
+                // mincore shows every page resident to a process that may
+                // not write the file and does not own it (Linux 5.0+, no
+                // CAP_FOWNER): nothing could be learned.
+                if baseline as u64 == r.size.div_ceil(pagecache::page_size()) && r.size > 64 * ALIGN {
+                    tracing::debug!(layer = %r.chain, "prefetch: the page cache of the image cannot be observed here; not recording");
+                    return None;
+                }
                 Job::spawn("prefetch-record", move |s| watch(*r, baseline, s))
             }
         }
     }
 }
+
+/// How long a recording watches a layer no container reads.
+const GIVE_UP: Duration = Duration::from_secs(24 * 3600);
 
 fn resident_count(file: &File, size: u64) -> usize {
     pagecache::resident(file, size).map(|p| p.iter().filter(|b| *b & 1 == 1).count()).unwrap_or(0)
@@ -411,6 +432,8 @@ fn resident_count(file: &File, size: u64) -> usize {
 /// nothing.
 fn watch(r: Recording, baseline: usize, s: &Signal) {
     let mut interval = Duration::from_millis(250);
+    let started = Instant::now();
+    let mut last_poll = started;
     let opened = loop {
         s.wait(Instant::now() + interval);
         if s.discard.load(Ordering::SeqCst) {
@@ -424,11 +447,21 @@ fn watch(r: Recording, baseline: usize, s: &Signal) {
             return;
         }
         if grown {
-            break Instant::now();
+            // The reads began after the previous look.
+            break last_poll;
+        }
+        last_poll = Instant::now();
+        // An idle layer: the watch ends when another host recorded it, or
+        // after a day (this host records it at its next mount).
+        if interval >= Duration::from_secs(30)
+            && (started.elapsed() > GIVE_UP
+                || (!r.replace && Dir::open(&r.base).is_ok_and(|d| d.exists(layout::prefetch(&r.chain)))))
+        {
+            return;
         }
         interval = (interval * 2).min(Duration::from_secs(30));
     };
-    s.wait(opened + r.settings.window);
+    s.wait(opened.checked_add(r.settings.window).unwrap_or(opened));
     if !s.discard.load(Ordering::SeqCst) {
         record(&r.base, &r.chain, &r.file, r.size, r.settings.max_bytes, r.replace);
     }
@@ -529,11 +562,12 @@ fn replay(chain: &ChainId, file: &File, rec: &Record, max_bytes: u64, s: &Signal
     std::thread::scope(|scope| {
         for _ in 0..CONCURRENCY.min(chunks.len()) {
             scope.spawn(|| {
-                let mut buf = Vec::new();
                 while !s.stopped() {
-                    let slot = Slot::take();
+                    let Some(slot) = Slot::take(s) else { break };
                     let Some(&(off, len)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                    buf.resize(CHUNK as usize, 0);
+                    // Held only with the slot: at most PROCESS_CONCURRENCY
+                    // buffers in the process.
+                    let mut buf = vec![0u8; len as usize];
                     let mut done = 0u64;
                     while done < len {
                         match file.read_at(&mut buf[..(len - done) as usize], off + done) {
@@ -544,6 +578,7 @@ fn replay(chain: &ChainId, file: &File, rec: &Record, max_bytes: u64, s: &Signal
                         }
                     }
                     read.fetch_add(done, Ordering::Relaxed);
+                    drop(buf);
                     drop(slot);
                 }
             });

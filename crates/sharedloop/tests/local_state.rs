@@ -136,7 +136,13 @@ fn local_state_is_root_only_for_other_users() {
             assert_eq!(mode(&h.inside(&home.join(sub))), 0o700, "{}/{sub}", home.display());
         }
         for e in fs::read_dir(h.inside(&home.join("rw"))).unwrap().flatten() {
-            assert_eq!(mode(&e.path().join("rw.img")), 0o600, "{}", e.path().display());
+            if e.path().join("dir").is_dir() {
+                // A directory layer (Docker's -init): its directory is root's.
+                assert_eq!(mode(&e.path()), 0o700, "{}", e.path().display());
+                assert_denied(&h, &[home.join("rw").join(e.file_name()).join("dir/upper")]);
+            } else {
+                assert_eq!(mode(&e.path().join("rw.img")), 0o600, "{}", e.path().display());
+            }
         }
         for e in fs::read_dir(h.inside(&home.join("templates"))).unwrap().flatten() {
             assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());

@@ -18,6 +18,10 @@ use crate::image;
 use crate::options::FsType;
 use crate::store::{LayerInfo, LayerMeta, FORMAT_VERSION, IMAGE_FILE};
 
+/// The image size of a [`CreateKind::ReadWriteDir`] layer on a home that
+/// cannot hold it as a directory: it holds a handful of files.
+const DIR_LAYER_IMAGE_SIZE: Bytes = Bytes(64 * Bytes::MIB);
+
 impl Driver {
     /// Creates an empty layer `id` over `parent`.
     pub fn create(
@@ -106,13 +110,18 @@ impl Driver {
                         reason: format!("{s} is below the {} minimum of {}", fs_type.name(), fs_type.min_image_size()),
                     });
                 }
-                // Without a size option, the configured `sharedloop.size`.
-                let size = size.unwrap_or(self.cfg.rw_size);
-                let made = if kind == CreateKind::ReadWriteDir {
-                    self.make_rw_dir(id)
+                // A directory layer needs a home that can be an overlay
+                // upper (not a network filesystem, one that holds
+                // whiteouts); elsewhere it is a small image, as before.
+                let dir = kind == CreateKind::ReadWriteDir && self.home_holds_uppers();
+                // Without a size option, the configured `sharedloop.size`
+                // (a small one for a directory layer made an image).
+                let size = size.unwrap_or(if kind == CreateKind::ReadWriteDir {
+                    Bytes(DIR_LAYER_IMAGE_SIZE.0.max(fs_type.min_image_size().0))
                 } else {
-                    self.make_rw_image(id, fs_type, size)
-                };
+                    self.cfg.rw_size
+                });
+                let made = if dir { self.make_rw_dir(id) } else { self.make_rw_image(id, fs_type, size) };
                 match made {
                     Ok(made) => image = Some(made),
                     Err(e) => {
@@ -148,6 +157,14 @@ impl Driver {
         self.kernel.create_rw_image(&img, fs_type, size, &self.home.join("templates"))?;
         crate::fault::point("create", "image made");
         Ok(made)
+    }
+
+    /// Whether the home can hold a directory layer's upper: staging did
+    /// not need a scratch image (the home holds whiteouts and
+    /// `trusted.*` attributes) and the home is not on a network
+    /// filesystem, which overlayfs refuses as an upper.
+    fn home_holds_uppers(&self) -> bool {
+        !self.home.join("scratch.img").exists() && !crate::fsmagic::is_network(&self.home)
     }
 
     /// Makes writable layer `id`'s directory (a [`CreateKind::ReadWriteDir`]

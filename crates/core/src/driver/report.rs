@@ -128,11 +128,15 @@ impl Driver {
                 }
                 Source::Upper(c, _) => {
                     let mnt = self.rw_mnt(c);
-                    stack.push(StackEntry {
-                        image: self.rw_image(c),
-                        location: None,
-                        loop_device: mounts.iter().find(|e| e.mount_point == mnt).map(|e| e.source.clone()),
-                    });
+                    // A directory layer: its directory, and no loop device
+                    // (its bind mount's source is the home's device).
+                    let dir = self.rw_dir(c);
+                    let (image, loop_device) = if dir.is_dir() {
+                        (dir, None)
+                    } else {
+                        (self.rw_image(c), mounts.iter().find(|e| e.mount_point == mnt).map(|e| e.source.clone()))
+                    };
+                    stack.push(StackEntry { image, location: None, loop_device });
                 }
             }
         }

@@ -385,7 +385,11 @@ pub static OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         name: "prefetch_window",
         set: |c, k, v| {
-            c.prefetch_window_secs = parse_positive_duration(k, need(k, v)?)?;
+            let secs = parse_positive_duration(k, need(k, v)?)?;
+            if secs > 86_400 {
+                return Err(bad(k, format!("{secs}s is longer than a day; a container's start is shorter")));
+            }
+            c.prefetch_window_secs = secs;
             Ok(())
         },
     },
