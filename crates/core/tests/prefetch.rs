@@ -76,6 +76,14 @@ fn container(d: &Driver, c: &str) -> (ChainId, PathBuf) {
     (chain, d.get(c).unwrap())
 }
 
+/// Container `c` goes, and with the driver's cleanup its layer mounts
+/// (which ends a recording: the record is made).
+fn done(d: &Driver, c: &str) {
+    d.put(c).unwrap();
+    d.remove(c).unwrap();
+    d.cleanup().unwrap();
+}
+
 /// The image byte ranges holding `file` (FIEMAP through overlayfs).
 fn extents(file: &Path) -> Vec<(u64, u64)> {
     let out = Command::new("filefrag").args(["-e", "-b4096"]).arg(file).output().unwrap();
@@ -156,9 +164,7 @@ fn learned_and_replayed(fs_type: &str) {
     let small: Vec<(u64, u64)> = read.iter().flat_map(|f| extents(f)).collect();
     let big = extents(&merged.join("big"));
     assert!(!record_path.exists(), "recorded before the window ended");
-    a.put("ca").unwrap();
-    a.remove("ca").unwrap();
-    a.cleanup().unwrap();
+    done(&a, "ca");
     drop(a);
 
     let rec = record_of(&record_path, &image);
@@ -195,11 +201,8 @@ fn learned_and_replayed(fs_type: &str) {
     let without = tree(&merged_c);
     assert_eq!(with.len(), 11);
     assert_eq!(with, without, "a file differs with prefetch");
-    for (d, id) in [(&b, "cb"), (&c, "cc")] {
-        d.put(id).unwrap();
-        d.remove(id).unwrap();
-        d.cleanup().unwrap();
-    }
+    done(&b, "cb");
+    done(&c, "cc");
     drop((b, c));
     assert_eq!(record_of(&record_path, &image), rec, "a host that replayed the record rewrote it");
 
@@ -219,9 +222,7 @@ fn learned_and_replayed(fs_type: &str) {
     let d = host(&rig, "d", fs_type, &on);
     let (_, merged_d) = container(&d, "cd");
     assert_eq!(tree(&merged_d), with);
-    d.put("cd").unwrap();
-    d.remove("cd").unwrap();
-    d.cleanup().unwrap();
+    done(&d, "cd");
     drop(d);
     assert!(record_of(&record_path, &image).bytes() > 0, "the malformed record was not recorded over");
     assert_eq!(verify(&info, &mut |_| {}).unwrap(), Verdict::Ok);
@@ -240,9 +241,7 @@ fn learned_and_replayed(fs_type: &str) {
     let e = host(&rig, "e", fs_type, &on);
     let (_, merged_e) = container(&e, "ce");
     assert_eq!(tree(&merged_e), with);
-    e.put("ce").unwrap();
-    e.remove("ce").unwrap();
-    e.cleanup().unwrap();
+    done(&e, "ce");
     assert_eq!(fs::read(&outside).unwrap(), rec.render(), "the file outside the store changed");
     assert!(fs::symlink_metadata(&record_path).unwrap().file_type().is_file(), "the link was not recorded over");
     assert!(record_of(&record_path, &image).bytes() > 0);
@@ -272,9 +271,7 @@ fn direct_io_records_nothing() {
     let d = Driver::open(&rig.path().join("h"), Config::from_opts(&opts).unwrap()).unwrap();
     let (chain, merged) = container(&d, "c");
     assert!(fs::read_to_string(merged.join("small/f0")).unwrap().starts_with("small file"));
-    d.put("c").unwrap();
-    d.remove("c").unwrap();
-    d.cleanup().unwrap();
+    done(&d, "c");
     let rec = rig.path().join("root/layers").join(chain.dir_name()).join(PREFETCH_FILE);
     assert!(!rec.exists(), "a record was made through a direct-I/O loop device");
 }

@@ -231,6 +231,16 @@ fn parse_bool(option: &str, v: &str) -> Result<bool> {
     }
 }
 
+/// An `auto|true|false` option's value: `None` for `auto`; a bare key is
+/// true.
+fn parse_auto_bool(option: &str, v: Option<&str>) -> Result<Option<bool>> {
+    let v = v.unwrap_or("");
+    if v.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    parse_bool(option, v).map(Some).map_err(|_| bad(option, format!("{v:?} is not auto, true or false")))
+}
+
 /// A size option's value: a positive size no larger than [`Bytes::MAX`];
 /// errors name the option, the value and the limit.
 pub fn parse_size(option: &str, v: &str) -> Result<Bytes> {
@@ -316,17 +326,10 @@ pub static OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         name: "direct_io",
         set: |c, k, v| {
-            c.direct_io = match v.map(str::to_ascii_lowercase).as_deref() {
-                Some("auto") => DirectIo::Auto,
-                v => {
-                    if parse_bool(k, v.unwrap_or(""))
-                        .map_err(|_| bad(k, format!("{:?} is not auto, true or false", v.unwrap_or(""))))?
-                    {
-                        DirectIo::On
-                    } else {
-                        DirectIo::Off
-                    }
-                }
+            c.direct_io = match parse_auto_bool(k, v)? {
+                None => DirectIo::Auto,
+                Some(true) => DirectIo::On,
+                Some(false) => DirectIo::Off,
             };
             Ok(())
         },
@@ -367,17 +370,10 @@ pub static OPTIONS: &[OptionSpec] = &[
         name: "prefetch",
         set: |c, k, v| {
             use crate::prefetch::Mode;
-            c.prefetch = match v.map(str::to_ascii_lowercase).as_deref() {
-                Some("auto") => Mode::Auto,
-                v => {
-                    if parse_bool(k, v.unwrap_or(""))
-                        .map_err(|_| bad(k, format!("{:?} is not auto, true or false", v.unwrap_or(""))))?
-                    {
-                        Mode::On
-                    } else {
-                        Mode::Off
-                    }
-                }
+            c.prefetch = match parse_auto_bool(k, v)? {
+                None => Mode::Auto,
+                Some(true) => Mode::On,
+                Some(false) => Mode::Off,
             };
             Ok(())
         },
