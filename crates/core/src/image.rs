@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::process::Command;
 
+use crate::apply::stream::TarPlan;
 use crate::error::{Context, Error, Result};
 use crate::export::TreeCounts;
 use crate::guard::Staged;
@@ -110,6 +111,163 @@ fn build_ext4(staging: &Path, out: &Path, size: Bytes, counts: TreeCounts) -> Re
         .args(["-O", "^has_journal,^resize_inode", "-E", "root_owner=0:0,nodiscard", "-d"])
         .arg(staging)
         .arg(out))
+}
+
+/// The `mke2fs` that builds layer images in one pass from a tar
+/// (`mke2fs -d -`, e2fsprogs >= 1.47.1 with libarchive): its version
+/// line, or why there is none. Probed once per process, by building a
+/// tiny image from a tiny tar in `scratch` (the version alone does not
+/// tell: mke2fs loads libarchive only when it meets a tar).
+pub fn one_pass_tool(scratch: &Path) -> std::result::Result<String, String> {
+    static PROBED: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
+    PROBED.get_or_init(|| probe_one_pass(scratch)).clone()
+}
+
+fn probe_one_pass(scratch: &Path) -> std::result::Result<String, String> {
+    let out = Command::new("mke2fs").arg("-V").output().map_err(|e| format!("mke2fs: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next().unwrap_or("").trim().to_owned();
+    let version: Vec<u32> = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .split(|c: char| !c.is_ascii_digit())
+        .map_while(|p| p.parse().ok())
+        .collect();
+    if version < vec![1, 47, 1] {
+        return Err(format!("{line}: reading a tar needs e2fsprogs 1.47.1 or later"));
+    }
+    let img = scratch.join(format!(".probe-{}.img", crate::ids::random_token()));
+    let _cleanup = Staged::new(&img);
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    tar.append_data(&mut h, LAYER_ROOT, std::io::empty()).map_err(|e| e.to_string())?;
+    let tar = tar.into_inner().map_err(|e| e.to_string())?;
+    create_sparse(&img, Bytes(8 * Bytes::MIB), 0o600).map_err(|e| e.to_string())?;
+    match mke2fs_from_tar(&img, 64, &mut |w| w.write_all(&tar).ctx("write", "mke2fs")) {
+        Ok(()) => Ok(line),
+        Err(e) => Err(format!("{line} cannot build from a tar: {e}")),
+    }
+}
+
+/// Runs `mke2fs -d -` into the existing sparse file `out`, feeding it
+/// what `feed` writes. A feed error (other than mke2fs going away) is
+/// returned as is; otherwise mke2fs's own failure.
+fn mke2fs_from_tar(out: &Path, inodes: u64, feed: &mut dyn FnMut(&mut dyn std::io::Write) -> Result<()>) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    use std::process::Stdio;
+    let tool = "mke2fs -d -".to_owned();
+    let inodes = inodes.to_string();
+    let mut child = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N", &inodes, "-L", "sharedloop"])
+        .args(["-O", "^has_journal,^resize_inode", "-E", "root_owner=0:0,nodiscard", "-d", "-"])
+        .arg(out)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Tool { tool: tool.clone(), status: "not started".into(), stderr: e.to_string() })?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        s
+    });
+    let fed = {
+        let stdin = child.stdin.take().expect("piped");
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, stdin);
+        feed(&mut w).and_then(|()| w.flush().ctx("write", "mke2fs"))
+    };
+    let status =
+        child.wait().map_err(|e| Error::Tool { tool: tool.clone(), status: "lost".into(), stderr: e.to_string() })?;
+    let stderr = reader.join().unwrap_or_default();
+    if status.success() {
+        // mke2fs read the whole tar and built the image; a feed error
+        // now is ours (the stream changed), not a broken pipe.
+        return fed;
+    }
+    let stderr = String::from_utf8_lossy(&stderr).lines().take(3).collect::<Vec<_>>().join("; ");
+    match fed {
+        Err(Error::Sys { ref source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => {
+            Err(Error::Tool { tool, status: status.to_string(), stderr })
+        }
+        Err(e) => Err(e),
+        Ok(()) => Err(Error::Tool { tool, status: status.to_string(), stderr }),
+    }
+}
+
+/// Builds a read-only ext4 layer image at `out` (must not exist) in one
+/// pass from the tar in `spool`, planned by [`crate::apply::stream::plan`]:
+/// `mke2fs -d -` reads the re-written tar, then the extended attributes
+/// mke2fs does not copy are set through a read-write mount. Grows and
+/// retries when the first estimate was too small.
+pub fn build_layer_image_from_tar(spool: &File, plan: &TarPlan, out: &Path) -> Result<Bytes> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut size = estimate_size(plan.counts, FsType::Ext4);
+    let inodes = plan.counts.inodes + plan.counts.inodes / 10 + 64;
+    let mut last = None;
+    for _ in 0..4 {
+        create_sparse(out, size, SHARED_IMAGE_MODE)?;
+        let built = mke2fs_from_tar(out, inodes, &mut |w| crate::apply::stream::rewrite(spool, plan, w, now))
+            .and_then(|()| set_xattrs(out, &plan.xattrs));
+        match built {
+            Ok(()) => {
+                let t = std::time::Instant::now();
+                File::open(out).ctx("open", out)?.sync_all().ctx("fsync", out)?;
+                tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "image synced");
+                return Ok(size);
+            }
+            Err(e @ Error::BadTar { .. }) => {
+                let _ = std::fs::remove_file(out);
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::debug!(image = %out.display(), size = %size, error = %e, "one-pass build failed, growing");
+                let _ = std::fs::remove_file(out);
+                last = Some(e);
+                size = Bytes((size.0 + size.0 / 2).next_multiple_of(Bytes::MIB));
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// Sets `xattrs` (paths below the image's `fs/`) through a read-write
+/// mount of image `img`. The paths were planned from a tar whose every
+/// parent is a directory it lists (no symlink on the way); each is still
+/// opened without following links.
+fn set_xattrs(img: &Path, xattrs: &[(std::path::PathBuf, String, Vec<u8>)]) -> Result<()> {
+    if xattrs.is_empty() {
+        return Ok(());
+    }
+    let dev = loopdev::attach(img, loopdev::AttachOptions { read_only: false, direct_io: false })
+        .ctx("attach loop device", img)?;
+    let mnt = tempdir_near(img)?;
+    mount::mount_layer_rw(dev.path(), &mnt, FsType::Ext4)?;
+    let root = mnt.join(LAYER_ROOT);
+    let set = || -> Result<()> {
+        for (rel, name, value) in xattrs {
+            let p = root.join(rel);
+            let fd = rustix::fs::open(
+                &p,
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .ctx("open", &p)?;
+            let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+            rustix::fs::setxattr(proc.as_str(), name.as_str(), value, rustix::fs::XattrFlags::empty())
+                .ctx("setxattr", &p)?;
+        }
+        Ok(())
+    };
+    let done = set();
+    let unmounted = mount::unmount_path(&mnt);
+    let _ = std::fs::remove_dir(&mnt);
+    drop(dev);
+    done.and(unmounted)
 }
 
 fn build_xfs(staging: &Path, out: &Path, size: Bytes) -> Result<()> {

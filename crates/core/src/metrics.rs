@@ -63,6 +63,12 @@ struct Metrics {
     check_read: Family<LocationLabels, Counter>,
     prefetch_read: Counter,
     prefetch_recorded: Counter,
+    builds: Family<BuildLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    how: &'static str,
 }
 
 fn metrics() -> &'static Metrics {
@@ -82,6 +88,7 @@ fn metrics() -> &'static Metrics {
             check_read: Family::default(),
             prefetch_read: Counter::default(),
             prefetch_recorded: Counter::default(),
+            builds: Family::default(),
         };
         r.register("requests", "Requests served, per front end and method", m.requests.clone());
         r.register(
@@ -142,6 +149,11 @@ fn metrics() -> &'static Metrics {
             "Prefetch records this process published (what it read of a layer at start)",
             m.prefetch_recorded.clone(),
         );
+        r.register(
+            "layer_builds",
+            "Layer images this process built from a tar: how=one_pass (mke2fs read the tar) or staged (extracted to a directory first)",
+            m.builds.clone(),
+        );
         r.register_collector(Box::new(StateCollector));
         Metrics { registry: r, ..m }
     })
@@ -185,6 +197,17 @@ pub fn observe_prefetch_read(bytes: u64) {
 /// This process published a prefetch record.
 pub fn observe_prefetch_recorded() {
     metrics().prefetch_recorded.inc();
+}
+
+/// This process built a layer image from a tar, `how` (`one_pass` or
+/// `staged`).
+pub fn observe_build(how: &'static str) {
+    metrics().builds.get_or_create(&BuildLabels { how }).inc();
+}
+
+/// The count of [`observe_build`]s of `how` so far.
+pub fn builds(how: &'static str) -> u64 {
+    metrics().builds.get_or_create(&BuildLabels { how }).get()
 }
 
 /// A layer's tar was unpacked.

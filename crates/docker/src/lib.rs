@@ -530,6 +530,7 @@ fn status(r: &DriverReport) -> Vec<(String, String)> {
             },
         ),
     ];
+    v.push(("Layer Build".to_owned(), r.layer_build.clone()));
     let p = &r.prefetch;
     v.push((
         "Learned Prefetch".to_owned(),

@@ -13,6 +13,7 @@
 //! (whiteouts, links, devices, sparse data, metadata) is in `entry`.
 
 mod entry;
+pub mod stream;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write as _};
@@ -43,10 +44,10 @@ pub struct ApplyStats {
     pub entries: u64,
 }
 
-struct HashingReader<R> {
-    inner: R,
-    hash: Sha256,
-    count: u64,
+pub(crate) struct HashingReader<R> {
+    pub(crate) inner: R,
+    pub(crate) hash: Sha256,
+    pub(crate) count: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {

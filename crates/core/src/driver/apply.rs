@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::Path;
 
 use super::flight::Flight;
 use super::records::{Kind, LocalLayer, TreeFacts};
 use super::{check_id, none_if_empty, ChainHold, CreateKind, Driver, State};
 use crate::apply::apply_tar_limited;
+use crate::apply::stream::Plan;
 use crate::error::{Context, Error, Result};
 use crate::export;
 use crate::guard::Staged;
@@ -17,6 +18,25 @@ use crate::ids::{random_token, Bytes, ChainId};
 use crate::image;
 use crate::options::FsType;
 use crate::store::{LayerInfo, LayerMeta, FORMAT_VERSION, IMAGE_FILE};
+
+/// What a new layer image is built from.
+#[derive(Clone, Copy)]
+pub(super) enum Source<'a> {
+    /// A tree extracted under `<dir>/fs`.
+    Staged(&'a Path),
+    /// A spooled tar planned for one pass ([`crate::apply::stream`]).
+    Tar { spool: &'a fs::File, plan: &'a crate::apply::stream::TarPlan },
+}
+
+impl Source<'_> {
+    /// The `how` label of `sharedloop_layer_builds_total`.
+    fn how(&self) -> &'static str {
+        match self {
+            Source::Staged(_) => "staged",
+            Source::Tar { .. } => "one_pass",
+        }
+    }
+}
 
 /// The image size of a [`CreateKind::ReadWriteDir`] layer on a home that
 /// cannot hold it as a directory: it holds a handful of files.
@@ -265,6 +285,32 @@ impl Driver {
             },
             None => None,
         };
+        // In one pass where mke2fs reads tars and this tar reads the same
+        // both ways; otherwise through the staging directory.
+        if self.one_pass() {
+            let t1 = std::time::Instant::now();
+            match crate::apply::stream::plan(&spool.file, self.cfg.max_layer_size)? {
+                Plan::Stream(mut plan) => {
+                    plan.diff_id = Some(spool.diff_id.clone());
+                    tracing::debug!(
+                        ms = t1.elapsed().as_secs_f64() * 1e3,
+                        entries = plan.entries,
+                        "tar planned for one pass"
+                    );
+                    let tree = TreeFacts {
+                        diff_id: Some(spool.diff_id.clone()),
+                        content_bytes: plan.content_bytes,
+                        tar_bytes: spool.bytes,
+                        entries: plan.entries,
+                    };
+                    let source = Source::Tar { spool: &spool.file, plan: &plan };
+                    let (info, hold) = self.publish_tree(source, &chain, parent, &tree, claim)?;
+                    return Ok((info, plan.content_bytes, hold));
+                }
+                Plan::Staged(why) => tracing::debug!(layer = %chain, why, "built through a staging directory"),
+            }
+        }
+        io::Seek::rewind(&mut spool.file).ctx("seek", "the spooled layer")?;
         let stats = apply_tar_limited(&mut spool.file, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
         crate::fault::point("apply", "tar applied to staging");
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, bytes = stats.tar_bytes, "tar applied to staging");
@@ -281,7 +327,7 @@ impl Driver {
             tar_bytes: stats.tar_bytes,
             entries: stats.entries,
         };
-        let (info, hold) = self.publish_tree(staging, &chain, parent, &tree, claim)?;
+        let (info, hold) = self.publish_tree(Source::Staged(staging), &chain, parent, &tree, claim)?;
         Ok((info, stats.content_bytes, hold))
     }
 
@@ -310,11 +356,19 @@ impl Driver {
         Ok(Some((info, hold)))
     }
 
-    /// Publishes the tree under `staging/fs` as layer `chain` (or uses the
-    /// layer of that name already in the store) and takes a reference.
+    /// Whether new ext4 layers are built in one pass from their tar
+    /// (`sharedloop.one_pass_build`, and a mke2fs that can).
+    pub(super) fn one_pass(&self) -> bool {
+        self.cfg.one_pass_build != Some(false)
+            && self.cfg.fs == FsType::Ext4
+            && self.kernel.one_pass_tool(&self.home.join("tmp")).is_ok()
+    }
+
+    /// Publishes the tree `source` as layer `chain` (or uses the layer of
+    /// that name already in the store) and takes a reference.
     pub(super) fn publish_tree(
         &self,
-        staging: &Path,
+        source: Source<'_>,
         chain: &ChainId,
         parent: Option<&ChainId>,
         tree: &TreeFacts,
@@ -327,19 +381,26 @@ impl Driver {
         let build = |tmp: &Path| -> Result<LayerMeta> {
             crate::fault::pause("layer-build", chain.as_str());
             let t1 = std::time::Instant::now();
-            let counts = export::tree_counts(staging)?;
+            let counts = match source {
+                Source::Staged(staging) => export::tree_counts(staging)?,
+                Source::Tar { plan, .. } => plan.counts,
+            };
             let empty = counts.inodes <= 2; // the image root and fs/
+            let out = tmp.join(IMAGE_FILE);
             let image_bytes = if empty {
                 0
             } else {
-                self.kernel
-                    .build_layer_image(staging, &tmp.join(IMAGE_FILE), counts, fs_type)
-                    .map_err(|e| Error::Build {
-                        layer: chain.to_string(),
-                        fs: fs_type.name().into(),
-                        reason: e.to_string(),
-                    })?
-                    .0
+                match source {
+                    Source::Staged(staging) => self.kernel.build_layer_image(staging, &out, counts, fs_type),
+                    Source::Tar { spool, plan } => self.kernel.build_layer_image_from_tar(spool, plan, &out),
+                }
+                .inspect(|_| crate::metrics::observe_build(source.how()))
+                .map_err(|e| Error::Build {
+                    layer: chain.to_string(),
+                    fs: fs_type.name().into(),
+                    reason: e.to_string(),
+                })?
+                .0
             };
             tracing::debug!(ms = t1.elapsed().as_secs_f64() * 1e3, image_bytes, "image built");
             let t2 = std::time::Instant::now();

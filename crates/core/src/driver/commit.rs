@@ -166,6 +166,6 @@ impl Driver {
             }
         };
         let tree = TreeFacts { diff_id, content_bytes, tar_bytes: 0, entries: counts.inodes.saturating_sub(1) };
-        self.publish_tree(staging, &chain, parent, &tree, None)
+        self.publish_tree(super::apply::Source::Staged(staging), &chain, parent, &tree, None)
     }
 }

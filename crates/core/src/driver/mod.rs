@@ -289,6 +289,16 @@ impl Driver {
         }
         kernel.make_private(home)?;
         prepare_staging(&*kernel, home)?;
+        if cfg.one_pass_build == Some(true) {
+            let why = if cfg.fs == crate::options::FsType::Ext4 {
+                kernel.one_pass_tool(&home.join("tmp")).err()
+            } else {
+                Some(format!("one-pass builds make ext4 images, and sharedloop.fs is {}", cfg.fs.name()))
+            };
+            if let Some(why) = why {
+                return Err(Error::Option { option: "sharedloop.one_pass_build".into(), reason: why });
+            }
+        }
         let host_file = home.join("host-id");
         let host_id = match fs::read_to_string(&host_file) {
             Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),

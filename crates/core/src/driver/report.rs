@@ -83,12 +83,28 @@ impl Driver {
             fs: self.cfg.fs,
             direct_io: self.cfg.direct_io,
             prefetch: self.cfg.prefetch_settings(),
+            layer_build: self.layer_build(),
             root_problem,
             placement,
             root_area,
             fallback_area,
             layer_mounts: st.ro.values().filter(|m| m.dev.is_some()).count(),
             host_id: self.store.host_id.clone(),
+        }
+    }
+
+    /// How new layer images are built, as `docker info` says it.
+    fn layer_build(&self) -> String {
+        let staged = "staged (the tar is extracted to a local directory, then mkfs copies it)";
+        if self.cfg.one_pass_build == Some(false) {
+            return format!("{staged}; one_pass_build=false");
+        }
+        if self.cfg.fs != FsType::Ext4 {
+            return format!("{staged}; one pass is for ext4 images");
+        }
+        match self.kernel.one_pass_tool(&self.home.join("tmp")) {
+            Ok(tool) => format!("one pass from the tar ({tool})"),
+            Err(why) => format!("{staged}; {why}"),
         }
     }
 
@@ -170,6 +186,8 @@ pub struct DriverReport {
     pub direct_io: DirectIo,
     /// The learned-prefetch options.
     pub prefetch: crate::prefetch::Settings,
+    /// How new layer images are built (`sharedloop.one_pass_build`).
+    pub layer_build: String,
     /// Why new layers go to the fallback, if they do; `None`: the root is
     /// writable.
     pub root_problem: Option<String>,

@@ -23,6 +23,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::apply::stream::TarPlan;
 use crate::error::{Context, Result};
 use crate::export::TreeCounts;
 use crate::ids::Bytes;
@@ -86,6 +87,18 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     /// Builds a read-only layer image at `out` from `staging`; returns
     /// its size.
     fn build_layer_image(&self, staging: &Path, out: &Path, counts: TreeCounts, fs: FsType) -> Result<Bytes>;
+    /// The tool that builds ext4 layer images in one pass from a tar
+    /// (its version line), or why there is none; `scratch` is a local
+    /// directory for a probe.
+    fn one_pass_tool(&self, _scratch: &Path) -> std::result::Result<String, String> {
+        Err("this kernel builds every layer from a staging directory".into())
+    }
+    /// Builds a read-only ext4 layer image at `out` in one pass from the
+    /// tar in `spool`, planned as `plan`; returns its size. Only where
+    /// [`Kernel::one_pass_tool`] has a tool.
+    fn build_layer_image_from_tar(&self, _spool: &std::fs::File, _plan: &TarPlan, out: &Path) -> Result<Bytes> {
+        Err(crate::error::Error::Invalid(format!("no one-pass build for {}", out.display())))
+    }
     /// Makes an empty writable layer image at `out`.
     fn create_rw_image(&self, out: &Path, fs: FsType, size: Bytes, templates: &Path) -> Result<()>;
     /// Makes the staging scratch image at `out`.
@@ -174,6 +187,12 @@ impl Kernel for Host {
     }
     fn build_layer_image(&self, staging: &Path, out: &Path, counts: TreeCounts, fs: FsType) -> Result<Bytes> {
         crate::image::build_layer_image(staging, out, counts, fs)
+    }
+    fn one_pass_tool(&self, scratch: &Path) -> std::result::Result<String, String> {
+        crate::image::one_pass_tool(scratch)
+    }
+    fn build_layer_image_from_tar(&self, spool: &std::fs::File, plan: &TarPlan, out: &Path) -> Result<Bytes> {
+        crate::image::build_layer_image_from_tar(spool, plan, out)
     }
     fn create_rw_image(&self, out: &Path, fs: FsType, size: Bytes, templates: &Path) -> Result<()> {
         crate::image::create_rw_image(out, fs, size, templates)

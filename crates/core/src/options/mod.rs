@@ -112,6 +112,11 @@ pub struct Config {
     /// read ahead.
     #[serde(default = "default_prefetch_max")]
     pub prefetch_max: Bytes,
+    /// `sharedloop.one_pass_build`: build ext4 layer images straight from
+    /// the layer's tar (`mke2fs -d -`, e2fsprogs >= 1.47.1) instead of
+    /// through a staging directory. `None`: auto (where mke2fs can).
+    #[serde(default)]
+    pub one_pass_build: Option<bool>,
 }
 
 /// `sharedloop.prefetch_window`'s default: a container's start, with room.
@@ -211,6 +216,7 @@ impl Default for Config {
             prefetch: crate::prefetch::Mode::Auto,
             prefetch_window_secs: DEFAULT_PREFETCH_WINDOW_SECS,
             prefetch_max: DEFAULT_PREFETCH_MAX,
+            one_pass_build: None,
         }
     }
 }
@@ -386,6 +392,13 @@ pub static OPTIONS: &[OptionSpec] = &[
                 return Err(bad(k, format!("{secs}s is longer than a day; a container's start is shorter")));
             }
             c.prefetch_window_secs = secs;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "one_pass_build",
+        set: |c, k, v| {
+            c.one_pass_build = parse_auto_bool(k, v)?;
             Ok(())
         },
     },
