@@ -348,6 +348,17 @@ fn tars_one_pass_would_build_differently_go_the_staged_way_and_hostile_ones_are_
     let left: Vec<_> = fs::read_dir(rig.path().join("home/tmp")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.iter().all(|n| !n.to_string_lossy().starts_with("apply-")), "staging left: {left:?}");
     d.remove("e").unwrap();
+
+    // A name ext4 cannot hold (over 255 bytes): mke2fs fails, the staged
+    // build is tried and fails too, with an error naming the entry;
+    // nothing is published.
+    let long = format!("{}.txt", "n".repeat(300));
+    d.create("n", None, CreateKind::ReadOnly, &HashMap::new()).unwrap();
+    let layers_before = fs::read_dir(rig.path().join("root/layers")).unwrap().count();
+    let err = d.apply_diff("n", None, &mut &common::tar_of(&long, "x")[..]).unwrap_err().to_string();
+    assert!(err.contains("nnnn"), "{err}");
+    assert_eq!(fs::read_dir(rig.path().join("root/layers")).unwrap().count(), layers_before);
+    d.remove("n").unwrap();
     d.remove("c").unwrap();
     d.remove("l").unwrap();
     d.cleanup().unwrap();

@@ -93,6 +93,7 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<i32> {
     kernel(&mut checks, &cfg);
     loop_devices(&mut checks);
     filesystem_tools(&mut checks, &cfg);
+    one_pass_tool(&mut checks, &cfg);
     directories(&mut checks, &cfg, args.store.docker_home().as_deref());
     clock(&mut checks, &cfg);
     docker(&mut checks);
@@ -251,6 +252,24 @@ fn filesystem_tools(out: &mut Vec<Check>, cfg: &Config) {
             format!("{check} not in PATH (`sharedloop verify` and sharedloop.verify=full need it)"),
             format!("install {pkg}"),
         ),
+    });
+}
+
+/// Whether ext4 layer images can be built in one pass from their tar
+/// (`sharedloop.one_pass_build`): mke2fs >= 1.47.1 with libarchive.
+fn one_pass_tool(out: &mut Vec<Check>, cfg: &Config) {
+    let name = "tools one-pass build";
+    if cfg.fs != FsType::Ext4 || cfg.one_pass_build == Some(false) {
+        out.push(Check::ok(name, "not used (sharedloop.fs=xfs or one_pass_build=false): layers are built staged"));
+        return;
+    }
+    let hint = "install e2fsprogs >= 1.47.1 and libarchive13 (Debian 12: from bookworm-backports, as scripts/install-deps does)";
+    out.push(match sharedloop_core::image::one_pass_tool(&std::env::temp_dir()) {
+        Ok(tool) => Check::ok(name, tool),
+        Err(why) if cfg.one_pass_build == Some(true) => {
+            Check::fail(name, format!("{why} (sharedloop.one_pass_build=true refuses to start)"), hint)
+        }
+        Err(why) => Check::warn(name, format!("{why}: layers are built through a staging directory"), hint),
     });
 }
 

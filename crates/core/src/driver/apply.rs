@@ -24,18 +24,9 @@ use crate::store::{LayerInfo, LayerMeta, FORMAT_VERSION, IMAGE_FILE};
 pub(super) enum Source<'a> {
     /// A tree extracted under `<dir>/fs`.
     Staged(&'a Path),
-    /// A spooled tar planned for one pass ([`crate::apply::stream`]).
-    Tar { spool: &'a fs::File, plan: &'a crate::apply::stream::TarPlan },
-}
-
-impl Source<'_> {
-    /// The `how` label of `sharedloop_layer_builds_total`.
-    fn how(&self) -> &'static str {
-        match self {
-            Source::Staged(_) => "staged",
-            Source::Tar { .. } => "one_pass",
-        }
-    }
+    /// A spooled tar planned for one pass ([`crate::apply::stream`]),
+    /// and the (empty) staging directory should that fail.
+    Tar { spool: &'a fs::File, plan: &'a crate::apply::stream::TarPlan, staging: &'a Path },
 }
 
 /// The image size of a [`CreateKind::ReadWriteDir`] layer on a home that
@@ -303,7 +294,7 @@ impl Driver {
                         tar_bytes: spool.bytes,
                         entries: plan.entries,
                     };
-                    let source = Source::Tar { spool: &spool.file, plan: &plan };
+                    let source = Source::Tar { spool: &spool.file, plan: &plan, staging };
                     let (info, hold) = self.publish_tree(source, &chain, parent, &tree, claim)?;
                     return Ok((info, plan.content_bytes, hold));
                 }
@@ -356,6 +347,35 @@ impl Driver {
         Ok(Some((info, hold)))
     }
 
+    /// Builds the image of `source` at `out`. A one-pass build that fails
+    /// (but for a tar that changed) is done again through the staging
+    /// directory: a tool's failure costs time, not the layer.
+    fn build_image(
+        &self,
+        source: Source<'_>,
+        out: &Path,
+        counts: export::TreeCounts,
+        chain: &ChainId,
+    ) -> Result<Bytes> {
+        let fs_type = self.cfg.fs;
+        let (built, how) = match source {
+            Source::Staged(staging) => (self.kernel.build_layer_image(staging, out, counts, fs_type), "staged"),
+            Source::Tar { spool, plan, staging } => match self.kernel.build_layer_image_from_tar(spool, plan, out) {
+                Err(e) if !matches!(e, Error::BadTar { .. }) => {
+                    tracing::warn!(layer = %chain, error = %e, "the one-pass build failed; building through a staging directory");
+                    let _ = fs::remove_file(out);
+                    let mut f = spool;
+                    io::Seek::rewind(&mut f).ctx("seek", "the spooled layer")?;
+                    apply_tar_limited(f, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
+                    let counts = export::tree_counts(staging)?;
+                    (self.kernel.build_layer_image(staging, out, counts, fs_type), "staged")
+                }
+                r => (r, "one_pass"),
+            },
+        };
+        built.inspect(|_| crate::metrics::observe_build(how))
+    }
+
     /// Whether new ext4 layers are built in one pass from their tar
     /// (`sharedloop.one_pass_build`, and a mke2fs that can).
     pub(super) fn one_pass(&self) -> bool {
@@ -390,17 +410,13 @@ impl Driver {
             let image_bytes = if empty {
                 0
             } else {
-                match source {
-                    Source::Staged(staging) => self.kernel.build_layer_image(staging, &out, counts, fs_type),
-                    Source::Tar { spool, plan } => self.kernel.build_layer_image_from_tar(spool, plan, &out),
-                }
-                .inspect(|_| crate::metrics::observe_build(source.how()))
-                .map_err(|e| Error::Build {
-                    layer: chain.to_string(),
-                    fs: fs_type.name().into(),
-                    reason: e.to_string(),
-                })?
-                .0
+                self.build_image(source, &out, counts, chain)
+                    .map_err(|e| Error::Build {
+                        layer: chain.to_string(),
+                        fs: fs_type.name().into(),
+                        reason: e.to_string(),
+                    })?
+                    .0
             };
             tracing::debug!(ms = t1.elapsed().as_secs_f64() * 1e3, image_bytes, "image built");
             let t2 = std::time::Instant::now();
