@@ -204,7 +204,24 @@ fn mke2fs_from_tar(out: &Path, inodes: u64, feed: &mut dyn FnMut(&mut dyn std::i
 /// `mke2fs -d -` reads the re-written tar, then the extended attributes
 /// mke2fs does not copy are set through a read-write mount. Grows and
 /// retries when the first estimate was too small.
-pub fn build_layer_image_from_tar(spool: &File, plan: &TarPlan, out: &Path) -> Result<Bytes> {
+///
+/// Where `out` is on a network filesystem the image is built in `scratch`
+/// (local) and then copied: mke2fs writes a tar's file data 4 KiB at a
+/// time, one round trip each on NFS or sshfs; the copy writes MiBs.
+pub fn build_layer_image_from_tar(spool: &File, plan: &TarPlan, out: &Path, scratch: &Path) -> Result<Bytes> {
+    let remote = out.parent().is_some_and(crate::fsmagic::is_network);
+    if !remote {
+        return build_from_tar_at(spool, plan, out);
+    }
+    let local = scratch.join(format!(".build-{}.img", crate::ids::random_token()));
+    let _cleanup = Staged::new(&local);
+    let size = build_from_tar_at(spool, plan, &local)?;
+    sparse_copy(&local, out, SHARED_IMAGE_MODE)?;
+    File::open(out).ctx("open", out)?.sync_all().ctx("fsync", out)?;
+    Ok(size)
+}
+
+fn build_from_tar_at(spool: &File, plan: &TarPlan, out: &Path) -> Result<Bytes> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut size = estimate_size(plan.counts, FsType::Ext4);
     let inodes = plan.counts.inodes + plan.counts.inodes / 10 + 64;
@@ -237,8 +254,8 @@ pub fn build_layer_image_from_tar(spool: &File, plan: &TarPlan, out: &Path) -> R
 
 /// Sets `xattrs` (paths below the image's `fs/`) through a read-write
 /// mount of image `img`. The paths were planned from a tar whose every
-/// parent is a directory it lists (no symlink on the way); each is still
-/// opened without following links.
+/// parent is a directory it lists (no symlink on the way); the last
+/// component is opened without following a link.
 fn set_xattrs(img: &Path, xattrs: &[(std::path::PathBuf, String, Vec<u8>)]) -> Result<()> {
     if xattrs.is_empty() {
         return Ok(());
@@ -246,7 +263,10 @@ fn set_xattrs(img: &Path, xattrs: &[(std::path::PathBuf, String, Vec<u8>)]) -> R
     let dev = loopdev::attach(img, loopdev::AttachOptions { read_only: false, direct_io: false })
         .ctx("attach loop device", img)?;
     let mnt = tempdir_near(img)?;
-    mount::mount_layer_rw(dev.path(), &mnt, FsType::Ext4)?;
+    if let Err(e) = mount::mount_layer_rw(dev.path(), &mnt, FsType::Ext4) {
+        let _ = std::fs::remove_dir(&mnt);
+        return Err(e);
+    }
     let root = mnt.join(LAYER_ROOT);
     let set = || -> Result<()> {
         for (rel, name, value) in xattrs {

@@ -259,6 +259,14 @@ fn filesystem_tools(out: &mut Vec<Check>, cfg: &Config) {
 /// (`sharedloop.one_pass_build`): mke2fs >= 1.47.1 with libarchive.
 fn one_pass_tool(out: &mut Vec<Check>, cfg: &Config) {
     let name = "tools one-pass build";
+    if cfg.fs != FsType::Ext4 && cfg.one_pass_build == Some(true) {
+        out.push(Check::fail(
+            name,
+            "sharedloop.one_pass_build=true with sharedloop.fs=xfs: the driver refuses to start",
+            "one-pass builds make ext4 images: drop one_pass_build=true or use fs=ext4",
+        ));
+        return;
+    }
     if cfg.fs != FsType::Ext4 || cfg.one_pass_build == Some(false) {
         out.push(Check::ok(name, "not used (sharedloop.fs=xfs or one_pass_build=false): layers are built staged"));
         return;

@@ -108,6 +108,7 @@ fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Option<Vec<(String, Vec<
 pub fn plan(file: &File, max_content: Option<Bytes>) -> Result<Plan> {
     let mut f = file;
     f.rewind().map_err(|e| Error::sys("seek", "the spooled layer", e))?;
+    let len = file.metadata().map_err(|e| Error::sys("stat", "the spooled layer", e))?.len();
     let mut ar = tar::Archive::new(f);
     let Ok(entries) = ar.entries_with_seek() else { return Ok(Plan::Staged("not a tar stream".into())) };
     let mut p = TarPlan { counts: TreeCounts { inodes: 2, blocks: 2 }, ..TarPlan::default() };
@@ -125,6 +126,13 @@ pub fn plan(file: &File, max_content: Option<Bytes>) -> Result<Plan> {
         };
         let Ok(rel) = clean_name(&raw) else { return Ok(staged(&raw, "a name that escapes")) };
         let Some(rel) = rel else { continue }; // the root: the staged path ignores it too
+                                               // Seeking over the data does not notice a stream cut short.
+        if entry.raw_file_position().saturating_add(entry.size()) > len {
+            return Ok(staged(&raw, "the stream ends inside its data"));
+        }
+        if rel.components().any(|c| c.as_os_str().len() > 255) {
+            return Ok(staged(&raw, "a name longer than 255 bytes"));
+        }
         let parent = rel.parent().unwrap_or(Path::new("")).to_owned();
         if !dirs.contains(&parent) {
             return Ok(staged(&raw, "its directory is not listed before it"));
@@ -159,6 +167,11 @@ pub fn plan(file: &File, max_content: Option<Bytes>) -> Result<Plan> {
             return Ok(staged(&raw, "a bad numeric field"));
         }
         let Some(xattrs) = xattrs_of(&mut entry) else { return Ok(staged(&raw, "a sparse or bad pax header")) };
+        // mke2fs writes a capability as it is; the kernel refuses a
+        // malformed one when the staged path sets it: let it.
+        if xattrs.iter().any(|(k, v)| k == CAPABILITY_XATTR && !valid_capability(v)) {
+            return Ok(staged(&raw, "a malformed security.capability"));
+        }
         if !names.insert(rel.clone()) {
             return Ok(staged(&raw, "a name seen twice"));
         }
@@ -183,7 +196,13 @@ pub fn plan(file: &File, max_content: Option<Bytes>) -> Result<Plan> {
                 if !xattrs.is_empty() {
                     return Ok(staged(&raw, "extended attributes on a symlink"));
                 }
-                if target.as_os_str().len() > 59 {
+                let n = target.as_os_str().len();
+                // mke2fs copies a target of exactly 1, 2 or 3 KiB one byte
+                // past its buffer.
+                if n > 0 && n % 1024 == 0 {
+                    return Ok(staged(&raw, "a symlink target of a whole number of KiB"));
+                }
+                if n > 59 {
                     p.counts.blocks += 1;
                 }
             }
@@ -212,9 +231,21 @@ pub fn plan(file: &File, max_content: Option<Bytes>) -> Result<Plan> {
     Ok(Plan::Stream(p))
 }
 
-/// The header of a new entry `kind` with the given fields.
+/// Whether `v` is a `security.capability` value the kernel takes: a
+/// version 2 (20 bytes) or version 3 (24 bytes) header.
+fn valid_capability(v: &[u8]) -> bool {
+    matches!((v.len(), v.get(3)), (20, Some(2)) | (24, Some(3)))
+}
+
+/// The header of a new entry `kind` with the given fields: atime the
+/// mtime and ctime now, as the staged path leaves them.
 fn header(kind: tar::EntryType, mode: u32, uid: u32, gid: u32, mtime: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if let Some(g) = h.as_gnu_mut() {
+        g.set_atime(mtime);
+        g.set_ctime(now);
+    }
     h.set_entry_type(kind);
     h.set_mode(mode & 0o7777);
     h.set_uid(uid.into());
@@ -259,7 +290,9 @@ pub fn rewrite(file: &File, plan: &TarPlan, out: &mut dyn Write, now: u64) -> Re
             if name == OPAQUE_MARKER || target.starts_with(WHITEOUT_PREFIX) {
                 continue;
             }
-            let path = under_root(&rel.parent().unwrap_or(Path::new("")).join(target));
+            let wrel = rel.parent().unwrap_or(Path::new("")).join(target);
+            meta.insert(wrel.clone(), (0, 0, 0, now));
+            let path = under_root(&wrel);
             let mut h = header(tar::EntryType::Char, 0, 0, 0, now);
             h.set_device_major(0).map_err(werr)?;
             h.set_device_minor(0).map_err(werr)?;
@@ -295,7 +328,16 @@ pub fn rewrite(file: &File, plan: &TarPlan, out: &mut dyn Write, now: u64) -> Re
                 let target = entry.link_name().ok().flatten().ok_or_else(|| changed("a link"))?.into_owned();
                 // A symlink's mode is not set by the staged path either.
                 let mut h = header(tar::EntryType::Symlink, 0o777, uid, gid, mtime);
-                b.append_link(&mut h, &path, target).map_err(werr)?;
+                // The target's bytes as they are (`append_link` would
+                // tidy a short one: `a//b` to `a/b`); a long one goes in a
+                // GNU long-link entry, raw too.
+                let bytes = target.as_os_str().as_encoded_bytes();
+                if bytes.len() < 100 {
+                    h.set_link_name_literal(bytes).map_err(werr)?;
+                    b.append_data(&mut h, &path, io::empty()).map_err(werr)?;
+                } else {
+                    b.append_link(&mut h, &path, target).map_err(werr)?;
+                }
                 continue;
             }
             _ => {}

@@ -360,18 +360,25 @@ impl Driver {
         let fs_type = self.cfg.fs;
         let (built, how) = match source {
             Source::Staged(staging) => (self.kernel.build_layer_image(staging, out, counts, fs_type), "staged"),
-            Source::Tar { spool, plan, staging } => match self.kernel.build_layer_image_from_tar(spool, plan, out) {
-                Err(e) if !matches!(e, Error::BadTar { .. }) => {
-                    tracing::warn!(layer = %chain, error = %e, "the one-pass build failed; building through a staging directory");
-                    let _ = fs::remove_file(out);
-                    let mut f = spool;
-                    io::Seek::rewind(&mut f).ctx("seek", "the spooled layer")?;
-                    apply_tar_limited(f, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
-                    let counts = export::tree_counts(staging)?;
-                    (self.kernel.build_layer_image(staging, out, counts, fs_type), "staged")
+            Source::Tar { spool, plan, staging } => {
+                match self.kernel.build_layer_image_from_tar(spool, plan, out, &self.home.join("tmp")) {
+                    Err(e) if !matches!(e, Error::BadTar { .. }) => {
+                        tracing::warn!(layer = %chain, error = %e, "the one-pass build failed; building through a staging directory");
+                        let _ = fs::remove_file(out);
+                        let mut f = spool;
+                        io::Seek::rewind(&mut f).ctx("seek", "the spooled layer")?;
+                        let stats = apply_tar_limited(f, &staging.join(image::LAYER_ROOT), self.cfg.max_layer_size)?;
+                        if plan.diff_id.is_some() && stats.diff_id != plan.diff_id {
+                            return Err(Error::Invalid(format!(
+                                "the spooled stream of layer {chain} changed on the local disk"
+                            )));
+                        }
+                        let counts = export::tree_counts(staging)?;
+                        (self.kernel.build_layer_image(staging, out, counts, fs_type), "staged")
+                    }
+                    r => (r, "one_pass"),
                 }
-                r => (r, "one_pass"),
-            },
+            }
         };
         built.inspect(|_| crate::metrics::observe_build(how))
     }

@@ -96,7 +96,14 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     /// Builds a read-only ext4 layer image at `out` in one pass from the
     /// tar in `spool`, planned as `plan`; returns its size. Only where
     /// [`Kernel::one_pass_tool`] has a tool.
-    fn build_layer_image_from_tar(&self, _spool: &std::fs::File, _plan: &TarPlan, out: &Path) -> Result<Bytes> {
+    /// `scratch` is a local directory for an image built to be copied.
+    fn build_layer_image_from_tar(
+        &self,
+        _spool: &std::fs::File,
+        _plan: &TarPlan,
+        out: &Path,
+        _scratch: &Path,
+    ) -> Result<Bytes> {
         Err(crate::error::Error::Invalid(format!("no one-pass build for {}", out.display())))
     }
     /// Makes an empty writable layer image at `out`.
@@ -191,8 +198,14 @@ impl Kernel for Host {
     fn one_pass_tool(&self, scratch: &Path) -> std::result::Result<String, String> {
         crate::image::one_pass_tool(scratch)
     }
-    fn build_layer_image_from_tar(&self, spool: &std::fs::File, plan: &TarPlan, out: &Path) -> Result<Bytes> {
-        crate::image::build_layer_image_from_tar(spool, plan, out)
+    fn build_layer_image_from_tar(
+        &self,
+        spool: &std::fs::File,
+        plan: &TarPlan,
+        out: &Path,
+        scratch: &Path,
+    ) -> Result<Bytes> {
+        crate::image::build_layer_image_from_tar(spool, plan, out, scratch)
     }
     fn create_rw_image(&self, out: &Path, fs: FsType, size: Bytes, templates: &Path) -> Result<()> {
         crate::image::create_rw_image(out, fs, size, templates)

@@ -16,6 +16,10 @@ impl T {
         h.set_mtime(1_000_000_000);
         h.set_size(data.len() as u64);
         match link {
+            Some(l) if l.len() < 100 => {
+                h.set_link_name_literal(l).unwrap();
+                self.0.append_data(&mut h, name, &b""[..]).unwrap();
+            }
             Some(l) => self.0.append_link(&mut h, name, l).unwrap(),
             None => self.0.append_data(&mut h, name, data).unwrap(),
         }
@@ -42,6 +46,9 @@ impl T {
         f
     }
 }
+
+/// A version 2 `security.capability` (cap_net_raw effective).
+const CAP: &[u8] = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
 
 fn staged_because(f: &File) -> String {
     match plan(f, None).unwrap() {
@@ -87,7 +94,7 @@ fn a_layer_tar_is_planned_and_rewritten_under_fs_in_overlay_terms() {
     let f = T::new()
         .dir("./")
         .dir("d/")
-        .xattrs(&[("security.capability", b"\x01\x02"), ("user.note", b"hi")])
+        .xattrs(&[("security.capability", CAP), ("user.note", b"hi")])
         .file("d/bin", &[7u8; 5000])
         .file(&long, b"long name")
         .entry(tar::EntryType::Link, "d/hard", b"", Some("d/bin"))
@@ -165,6 +172,17 @@ fn what_one_pass_would_build_differently_goes_the_staged_way() {
     assert!(staged_because(&dir_link).contains("hardlink"));
     let fifo_ok = T::new().entry(tar::EntryType::Fifo, "p", b"", None).file_in();
     assert!(matches!(plan(&fifo_ok, None).unwrap(), Plan::Stream(_)));
+    let bad_cap = T::new().xattr("security.capability", b"\x01\x02").file("f", b"x").file_in();
+    assert!(staged_because(&bad_cap).contains("capability"));
+    let long_name = T::new().file(&"n".repeat(256), b"x").file_in();
+    assert!(staged_because(&long_name).contains("255"));
+    let truncated = {
+        let bytes = T::new().file("a", &[7u8; 10_000]).0.into_inner().unwrap();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&bytes[..4096]).unwrap();
+        f
+    };
+    assert!(staged_because(&truncated).contains("ends inside"));
     let sparse = T::new().entry(tar::EntryType::GNUSparse, "s", b"", None).file_in();
     assert!(matches!(plan(&sparse, None).unwrap(), Plan::Staged(_)));
     let sym_xattr = T::new().xattr("user.a", b"b").entry(tar::EntryType::Symlink, "s", b"", Some("t")).file_in();
@@ -180,6 +198,36 @@ fn what_one_pass_would_build_differently_goes_the_staged_way() {
         f
     };
     assert!(matches!(plan(&not_tar, None).unwrap(), Plan::Staged(_)));
+}
+
+#[test]
+fn symlink_targets_are_kept_byte_for_byte_and_links_to_whiteouts_work() {
+    let f = T::new()
+        .dir("d/")
+        .entry(tar::EntryType::Symlink, "d/a", b"", Some("x//y"))
+        .entry(tar::EntryType::Symlink, "d/b", b"", Some("x/."))
+        .file("d/.wh.gone", b"")
+        .entry(tar::EntryType::Link, "d/also-gone", b"", Some("d/gone"))
+        .file_in();
+    let rows = rewritten(&f);
+    let by = |n: &str| rows.iter().find(|r| r.0 == n).unwrap().clone();
+    assert_eq!(by("fs/d/a").6.as_deref(), Some("x//y"));
+    assert_eq!(by("fs/d/b").6.as_deref(), Some("x/."));
+    assert_eq!(by("fs/d/also-gone").6.as_deref(), Some("fs/d/gone"));
+}
+
+#[test]
+fn a_spool_that_changed_since_it_was_planned_is_refused() {
+    let mut f = T::new().dir("d/").file("d/x", b"first").file_in();
+    let Plan::Stream(mut p) = plan(&f, None).unwrap() else { panic!("staged") };
+    p.diff_id = Some(DiffId::from_sha256(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new())));
+    // The same length, other bytes: only the digest tells.
+    let mut bytes = T::new().dir("d/").file("d/x", b"other").0.into_inner().unwrap();
+    f.rewind().unwrap();
+    f.write_all(&bytes).unwrap();
+    bytes.clear();
+    let err = rewrite(&f, &p, &mut bytes, 1).unwrap_err().to_string();
+    assert!(err.contains("changed"), "{err}");
 }
 
 #[test]
