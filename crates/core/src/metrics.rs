@@ -122,7 +122,7 @@ fn metrics() -> &'static Metrics {
         );
         r.register_with_unit(
             "apply_duration",
-            "Time to unpack a layer's tar into its staging tree (ApplyDiff)",
+            "Time to unpack a layer's tar into its staging tree, or to plan it and build its image from it in one pass (ApplyDiff)",
             Unit::Seconds,
             m.apply.clone(),
         );

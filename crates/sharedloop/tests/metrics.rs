@@ -93,6 +93,11 @@ fn metrics_follow_loads_runs_and_errors() {
     assert_eq!(rose("sharedloop_publish_duration_seconds_count"), layers, "{after:?}");
     assert_eq!(rose("sharedloop_apply_duration_seconds_count"), layers, "{after:?}");
     assert_eq!(
+        rose("sharedloop_layer_builds_total{how=\"one_pass\"}") + rose("sharedloop_layer_builds_total{how=\"staged\"}"),
+        layers,
+        "{after:?}"
+    );
+    assert_eq!(
         rose("sharedloop_request_duration_seconds_count{frontend=\"docker\",method=\"GraphDriver.ApplyDiff\"}"),
         layers
     );

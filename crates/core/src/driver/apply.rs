@@ -296,6 +296,7 @@ impl Driver {
                     };
                     let source = Source::Tar { spool: &spool.file, plan: &plan, staging };
                     let (info, hold) = self.publish_tree(source, &chain, parent, &tree, claim)?;
+                    crate::metrics::observe_apply(t1);
                     return Ok((info, plan.content_bytes, hold));
                 }
                 Plan::Staged(why) => tracing::debug!(layer = %chain, why, "built through a staging directory"),
