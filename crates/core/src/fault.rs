@@ -76,6 +76,19 @@ mod enabled {
         });
     }
 
+    thread_local! {
+        static FAILS: std::cell::RefCell<std::collections::HashSet<&'static str>> =
+            std::cell::RefCell::new(std::collections::HashSet::new());
+    }
+
+    pub fn fail_next(op: &'static str) {
+        FAILS.with(|f| f.borrow_mut().insert(op));
+    }
+
+    pub fn fails(op: &'static str) -> bool {
+        FAILS.with(|f| f.borrow_mut().remove(op))
+    }
+
     /// Read at each pause point (they are rare: a layer's first mount), so
     /// a test may set the variable after the process started.
     pub fn pause(op: &'static str, what: &str) {
@@ -125,6 +138,38 @@ pub fn wait(op: &'static str, normal: std::time::Duration) -> std::time::Duratio
 #[cfg(feature = "fault-injection")]
 pub fn shorten_wait(op: &'static str, to: Option<std::time::Duration>) {
     enabled::shorten_wait(op, to);
+}
+
+/// Whether step `op` fails this time: once after the calling thread
+/// asked for it with `fail_next` (`fault-injection` feature), never
+/// otherwise. The steps that can: `one-pass-build` (mke2fs reading the
+/// tar fails as a tool that cannot build would).
+#[inline(always)]
+pub fn fails(op: &'static str) -> bool {
+    #[cfg(feature = "fault-injection")]
+    return enabled::fails(op);
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = op;
+        false
+    }
+}
+
+/// Makes the next [`fails`] of step `op` on the calling thread say yes.
+#[cfg(feature = "fault-injection")]
+pub fn fail_next(op: &'static str) {
+    enabled::fail_next(op);
+}
+
+/// Whether a failure asked for with [`fail_next`] is still to come (the
+/// step was not reached).
+#[cfg(feature = "fault-injection")]
+pub fn fail_pending(op: &'static str) -> bool {
+    let pending = enabled::fails(op);
+    if pending {
+        enabled::fail_next(op);
+    }
+    pending
 }
 
 /// A point between two steps of operation `op`.

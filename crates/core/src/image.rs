@@ -120,7 +120,16 @@ fn build_ext4(staging: &Path, out: &Path, size: Bytes, counts: TreeCounts) -> Re
 /// tell: mke2fs loads libarchive only when it meets a tar).
 pub fn one_pass_tool(scratch: &Path) -> std::result::Result<String, String> {
     static PROBED: std::sync::OnceLock<std::result::Result<String, String>> = std::sync::OnceLock::new();
-    PROBED.get_or_init(|| probe_one_pass(scratch)).clone()
+    PROBED
+        .get_or_init(|| {
+            let probed = probe_one_pass(scratch);
+            match &probed {
+                Ok(tool) => tracing::info!(tool = %tool, "layer images are built in one pass from the tar"),
+                Err(why) => tracing::warn!(reason = %why, "layer images are built staged: no one-pass tool"),
+            }
+            probed
+        })
+        .clone()
 }
 
 fn probe_one_pass(scratch: &Path) -> std::result::Result<String, String> {
@@ -228,8 +237,16 @@ fn build_from_tar_at(spool: &File, plan: &TarPlan, out: &Path) -> Result<Bytes> 
     let mut last = None;
     for _ in 0..4 {
         create_sparse(out, size, SHARED_IMAGE_MODE)?;
-        let built = mke2fs_from_tar(out, inodes, &mut |w| crate::apply::stream::rewrite(spool, plan, w, now))
-            .and_then(|()| set_xattrs(out, &plan.xattrs));
+        let built = if crate::fault::fails("one-pass-build") {
+            Err(Error::Tool {
+                tool: "mke2fs -d -".into(),
+                status: "exit status: 1".into(),
+                stderr: "fault injection: one-pass-build".into(),
+            })
+        } else {
+            mke2fs_from_tar(out, inodes, &mut |w| crate::apply::stream::rewrite(spool, plan, w, now))
+                .and_then(|()| set_xattrs(out, &plan.xattrs))
+        };
         match built {
             Ok(()) => {
                 let t = std::time::Instant::now();
@@ -237,12 +254,12 @@ fn build_from_tar_at(spool: &File, plan: &TarPlan, out: &Path) -> Result<Bytes> 
                 tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "image synced");
                 return Ok(size);
             }
-            Err(e @ Error::BadTar { .. }) => {
+            Err(e) if !out_of_space(&e) => {
                 let _ = std::fs::remove_file(out);
                 return Err(e);
             }
             Err(e) => {
-                tracing::debug!(image = %out.display(), size = %size, error = %e, "one-pass build failed, growing");
+                tracing::debug!(image = %out.display(), size = %size, error = %e, "one-pass build ran out of space, growing");
                 let _ = std::fs::remove_file(out);
                 last = Some(e);
                 size = Bytes((size.0 + size.0 / 2).next_multiple_of(Bytes::MIB));
@@ -250,6 +267,22 @@ fn build_from_tar_at(spool: &File, plan: &TarPlan, out: &Path) -> Result<Bytes> 
         }
     }
     Err(last.expect("at least one attempt"))
+}
+
+/// Whether a one-pass build failed for want of blocks or inodes (the
+/// estimate was too small: grow and build again) rather than for a
+/// reason a bigger image would not change (a tar mke2fs refuses, a tool
+/// that fails): those go back to the caller at once.
+fn out_of_space(e: &Error) -> bool {
+    match e {
+        Error::Tool { stderr, .. } => {
+            let s = stderr.to_ascii_lowercase();
+            ["could not allocate", "no space", "no free space", "too big for a filesystem", "too small"]
+                .iter()
+                .any(|m| s.contains(m))
+        }
+        _ => e.errno() == Some(rustix::io::Errno::NOSPC),
+    }
 }
 
 /// Sets `xattrs` (paths below the image's `fs/`) through a read-write
@@ -430,4 +463,35 @@ pub fn create_rw_image(out: &Path, fs: FsType, size: Bytes, templates: &Path) ->
     sparse_copy(&template, out, crate::perms::PRIVATE_FILE)?;
     copy.keep();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tool(stderr: &str) -> Error {
+        Error::Tool { tool: "mke2fs -d -".into(), status: "exit status: 1".into(), stderr: stderr.into() }
+    }
+
+    /// What mke2fs 1.47.2 prints when the image is too small, against
+    /// failures a bigger image would not change: only the first grow.
+    #[test]
+    fn only_a_build_out_of_space_is_tried_again_bigger() {
+        for grow in [
+            "handle_entry: Could not allocate block in ext2 filesystem while writing file \"big\"",
+            "handle_entry: Could not allocate inode in ext2 filesystem while writing file \"f47\"",
+            "ext2fs_link: No free space in the directory",
+        ] {
+            assert!(out_of_space(&tool(grow)), "{grow}");
+        }
+        assert!(out_of_space(&Error::sys("setxattr", "/x", std::io::Error::from_raw_os_error(28))));
+        for stop in [
+            "__populate_fs_from_tar: Unknown code ____ 226 while opening \"Unrecognized archive format\"",
+            "mke2fs: Operation not permitted while populating file system",
+        ] {
+            assert!(!out_of_space(&tool(stop)), "{stop}");
+        }
+        assert!(!out_of_space(&Error::sys("setxattr", "/x", std::io::Error::from_raw_os_error(1))));
+        assert!(!out_of_space(&Error::BadTar { entry: "a".into(), reason: "b".into() }));
+    }
 }

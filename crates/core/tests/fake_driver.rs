@@ -232,7 +232,8 @@ fn first_mounts_of_different_layers_proceed_in_parallel() {
 /// A run that ended without Cleanup (a crash) left mounts: reconcile
 /// adopts those of layers it knows (no mount made again), unmounts the
 /// rest (an overlay of an unknown layer, a stray mount in the layer mount
-/// directory) and deletes a removal the crash interrupted.
+/// directory) and deletes a removal the crash interrupted, staging and
+/// build files included.
 #[test]
 fn reconcile_adopts_what_a_crashed_run_left_and_unmounts_the_rest() {
     let rig = rig();
@@ -251,9 +252,16 @@ fn reconcile_adopts_what_a_crashed_run_left_and_unmounts_the_rest() {
     k.bind(&home.join("empty"), &stray, false).unwrap();
     let grave = home.join("rw").join(".rm-crashed");
     fs::create_dir_all(grave.join("img")).unwrap();
+    // An interrupted ApplyDiff's staging, a one-pass build's local image
+    // for a network store and the one-pass probe's image.
+    fs::create_dir_all(home.join("tmp").join("apply-crashed").join("fs")).unwrap();
+    fs::write(home.join("tmp").join(".build-crashed.img"), "half an image").unwrap();
+    fs::write(home.join("tmp").join(".probe-crashed.img"), "a probe").unwrap();
     drop(d); // no cleanup: what was mounted stays mounted
     let (images, overlays) = (k.count(Op::MountImage), k.count(Op::MountOverlay));
     let d = rig.open("a", &[]);
+    let left: Vec<_> = fs::read_dir(home.join("tmp")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "a crashed run's staging and build files are left: {left:?}");
     assert!(!k.is_mountpoint(&ghost), "{:?}", k.mounts());
     assert!(!k.is_mountpoint(&stray));
     assert!(!grave.exists());

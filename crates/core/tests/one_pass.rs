@@ -316,7 +316,25 @@ fn one_pass_images_hold_what_staged_images_hold() {
     );
     assert_eq!(ia, ib, "the layer images hold the same tree");
 
-    for (d, m) in [(&a, &merged_a), (&b, &merged_b)] {
+    // A one-pass build that fails (as a mke2fs that cannot would) is
+    // done again staged: the layer is published all the same, and the
+    // container sees the same files.
+    let rc = Rig::new("sl-onepass-c");
+    let c = host(&rc, true);
+    sharedloop_core::fault::fail_next("one-pass-build");
+    let (merged_c, chain_c) = stack(&c);
+    assert!(!sharedloop_core::fault::fail_pending("one-pass-build"), "the one-pass build was tried and failed");
+    assert_eq!(chain_c, chain_a);
+    assert!(c.report().layer_build.starts_with("one pass"), "one failure does not turn one-pass builds off");
+    let vc = describe(&merged_c);
+    assert_eq!(va, vc, "the staged fallback holds what a staged build holds");
+    for tmp in [rc.path().join("root").join("tmp"), rc.path().join("home").join("tmp")] {
+        let leftovers: Vec<_> =
+            std::fs::read_dir(&tmp).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(leftovers.is_empty(), "the failed build left {leftovers:?} in {}", tmp.display());
+    }
+
+    for (d, m) in [(&a, &merged_a), (&b, &merged_b), (&c, &merged_c)] {
         assert!(m.exists());
         d.put("c").unwrap();
         for id in ["c", "upper", "lower"] {

@@ -146,7 +146,12 @@ impl Driver {
                 tracing::warn!(path = %e.path().display(), "staging still has a mount; left in place");
                 continue;
             }
-            let _ = fs::remove_dir_all(e.path());
+            // Directories of ApplyDiffs and commits; files of one-pass
+            // builds for a network store and of the one-pass probe.
+            let _ = match e.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(e.path()),
+                _ => fs::remove_file(e.path()),
+            };
         }
         self.store.sweep_own_tmp();
         Ok(())
