@@ -531,6 +531,7 @@ fn status(r: &DriverReport) -> Vec<(String, String)> {
         ),
     ];
     v.push(("Layer Build".to_owned(), r.layer_build.clone()));
+    v.push(("Writable Layers".to_owned(), r.writable_layers.clone()));
     let p = &r.prefetch;
     v.push((
         "Learned Prefetch".to_owned(),

@@ -419,6 +419,53 @@ fn containerd_second_instance_sharing_root_reuses_published_layers() {
     drop(a);
 }
 
+/// Files named `name` below `dir`.
+fn files_named(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let out = run_ok(std::process::Command::new("find").arg(dir).args(["-name", name]));
+    out.lines().map(PathBuf::from).collect()
+}
+
+/// `sharedloop.writable_layers=dir` under containerd: the image unpacks
+/// (through active snapshots that Commit publishes) to the same tree, and
+/// a container's snapshot is a directory in the snapshotter's home, with
+/// no writable image anywhere.
+#[test]
+fn containerd_writable_layers_dir_unpacks_and_runs_without_writable_images() {
+    require_containerd();
+    let mut h = Host::new("ctr-rwdirs");
+    let root = h.root_dir();
+    fs::create_dir_all(&root).unwrap();
+    let mut args = h.snapshotter_args(&root, false);
+    args.extend(["-o".to_owned(), "writable_layers=dir".to_owned()]);
+    h.start_serve(&args, &[]);
+    h.start_containerd();
+    let fx = h.dir.join("fixture");
+    let rootfs = fx.join("rootfs");
+    busybox_rootfs(&rootfs);
+    let multi = fx.join("multi.tar");
+    let tars = oci_archive(&base_layers(&rootfs), "docker.io/test/multi:1", &multi);
+    h.ctr_ok(&["image", "import", multi.to_str().unwrap()]);
+    let expected = fx.join("multi-expected");
+    expected_tree(&tars, &expected);
+    assert_same_manifest(&host_manifest(&expected), &h.ctr_manifest("docker.io/test/multi:1"), "multi layer, dirs");
+    assert_eq!(layer_dirs(&root).len(), 4, "one published image per layer");
+
+    h.ctr_ok(&["run", "-d", "docker.io/test/multi:1", "d1", "/bin/sh", "-c", "echo up > /state; sleep 100000"]);
+    h.ctr_ok(&["task", "exec", "--exec-id", "e0", "d1", "/bin/cat", "/state"]);
+    let home = h.snapshotter_root();
+    assert!(files_named(&home, "rw.img").is_empty(), "a writable image: {:?}", files_named(&home, "rw.img"));
+    let dir_layers: Vec<_> = files_named(&home, "dir")
+        .into_iter()
+        .filter(|p| p.parent().and_then(Path::parent).and_then(Path::file_name).is_some_and(|n| n == "rw"))
+        .collect();
+    assert!(!dir_layers.is_empty(), "the container's snapshot is no directory layer (rw/<id>/dir)");
+    h.ctr_ok(&["task", "kill", "-s", "KILL", "d1"]);
+    await_or_fail("d1 stops", || !h.ctr_ok(&["task", "ls"]).contains("RUNNING"));
+    h.ctr_ok(&["task", "rm", "d1"]);
+    h.ctr_ok(&["container", "rm", "d1"]);
+    assert!(!h.ctr_snapshots().iter().any(|s| s == "d1"), "the container's snapshot is removed");
+}
+
 #[test]
 fn containerd_restart_of_sharedloop_keeps_containers_running() {
     let mut h = ctr_host("ctr-restart");

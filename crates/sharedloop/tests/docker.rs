@@ -297,9 +297,14 @@ fn docker_deepest_image_dockerd_allows_runs() {
 
 /// A host with root and fallback of its own and `multi:1` (4 layers) loaded.
 fn loaded_host(name: &str) -> Host {
+    loaded_host_with(name, &[])
+}
+
+/// [`loaded_host`] with storage options `opts`.
+fn loaded_host_with(name: &str, opts: &[&str]) -> Host {
     let mut host = Host::new(name);
     fs::create_dir_all(host.root_dir()).unwrap();
-    host.start(&[]);
+    host.start(opts);
     let rootfs = host.dir.join("rootfs");
     busybox_rootfs(&rootfs);
     let archive = host.dir.join("img.tar");
@@ -348,6 +353,83 @@ fn docker_twenty_containers_share_one_mount_per_layer() {
         host.docker_ok(&["rm", "-f", &format!("c{i}")]);
     }
     host.docker_ok(&["rmi", "multi:1"]);
+    assert_no_loops(&host.dir);
+}
+
+/// `sharedloop.writable_layers=dir` under dockerd: a container's layer
+/// is a directory in the home (no loop device or image of its own), its
+/// changes show in `docker diff`, `docker commit` publishes them, and a
+/// container given `--storage-opt size=` gets a bounded image as before.
+#[test]
+fn docker_writable_layers_dir_runs_commits_and_bounds_sized_containers() {
+    require(&["dockerd", "busybox", "overlay"]);
+    let host = loaded_host_with("rwdirs", &["sharedloop.writable_layers=dir"]);
+    let status = host.driver_status();
+    assert!(status.contains("Writable Layers: directories in the home, no size limit"), "{status}");
+    let home = host.data_root().join("sharedloop");
+    let layers = layer_count(&host.root_dir());
+    host.docker_ok(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        "wr",
+        "multi:1",
+        "sh",
+        "-c",
+        "echo kept > /kept && rm /etc/passwd && sleep 1000",
+    ]);
+    await_or_fail("the container wrote its file", || {
+        host.docker_ok(&["diff", "wr"]).lines().any(|l| l.trim() == "A /kept")
+    });
+    let diff = host.docker_ok(&["diff", "wr"]);
+    assert!(diff.lines().any(|l| l.trim() == "D /etc/passwd"), "{diff}");
+    let dirs: Vec<_> = fs::read_dir(home.join("rw")).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(
+        dirs.iter().filter(|d| d.join("dir").is_dir()).count() == 2 && dirs.iter().all(|d| !d.join("rw.img").exists()),
+        "the container's layer and its -init layer are directories: {dirs:?}"
+    );
+    assert_eq!(loops_under(&host.dir).len(), layers, "only the image's layers have loop devices");
+    host.docker_ok(&["commit", "wr", "committed:1"]);
+    host.docker_ok(&["rm", "-f", "wr"]);
+    let out = host.docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "committed:1",
+        "sh",
+        "-c",
+        "cat /kept; test -e /etc/passwd && echo still || echo gone",
+    ]);
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["kept", "gone"], "{out}");
+
+    // A size asked for: the container's layer is an image of that size.
+    host.docker_ok(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--storage-opt",
+        "size=64M",
+        "--name",
+        "sz",
+        "multi:1",
+        "sleep",
+        "1000",
+    ]);
+    let images: Vec<_> =
+        fs::read_dir(home.join("rw")).unwrap().flatten().filter(|e| e.path().join("rw.img").is_file()).collect();
+    assert_eq!(images.len(), 1, "the sized container's layer is an image (its -init layer a directory)");
+    let df = host.docker_ok(&["exec", "sz", "df", "-k", "/"]);
+    let total: u64 = df.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap();
+    assert!(total <= 64 * 1024, "the sized container's root is bounded by its image: {df}");
+    host.docker_ok(&["rm", "-f", "sz"]);
+    host.docker_ok(&["rmi", "committed:1", "multi:1"]);
+    await_or_fail("the removed containers' layers go", || {
+        fs::read_dir(home.join("rw")).unwrap().flatten().all(|e| e.file_name().to_string_lossy().starts_with('.'))
+    });
     assert_no_loops(&host.dir);
 }
 

@@ -124,7 +124,11 @@ impl Driver {
                 // A directory layer needs a home that can be an overlay
                 // upper (not a network filesystem, one that holds
                 // whiteouts); elsewhere it is a small image, as before.
-                let dir = kind == CreateKind::ReadWriteDir && self.home_holds_uppers();
+                // A container's layer is one too with
+                // `sharedloop.writable_layers=dir`, unless a size was asked.
+                let wants_dir = kind == CreateKind::ReadWriteDir
+                    || (size.is_none() && self.cfg.writable_layers == crate::options::WritableLayers::Dir);
+                let dir = wants_dir && self.home_holds_uppers();
                 // Without a size option, the configured `sharedloop.size`
                 // (a small one for a directory layer made an image).
                 let size = size.unwrap_or(if kind == CreateKind::ReadWriteDir {
@@ -174,7 +178,7 @@ impl Driver {
     /// not need a scratch image (the home holds whiteouts and
     /// `trusted.*` attributes) and the home is not on a network
     /// filesystem, which overlayfs refuses as an upper.
-    fn home_holds_uppers(&self) -> bool {
+    pub(super) fn home_holds_uppers(&self) -> bool {
         !self.home.join("scratch.img").exists() && !crate::fsmagic::is_network(&self.home)
     }
 

@@ -84,12 +84,27 @@ impl Driver {
             direct_io: self.cfg.direct_io,
             prefetch: self.cfg.prefetch_settings(),
             layer_build: self.layer_build(),
+            writable_layers: self.writable_layers_kind(),
             root_problem,
             placement,
             root_area,
             fallback_area,
             layer_mounts: st.ro.values().filter(|m| m.dev.is_some()).count(),
             host_id: self.store.host_id.clone(),
+        }
+    }
+
+    /// What a container's writable layer is, as `docker info` says it.
+    fn writable_layers_kind(&self) -> String {
+        let image = format!("{} images of {} (sharedloop.size)", self.cfg.fs.name(), self.cfg.rw_size);
+        match self.cfg.writable_layers {
+            crate::options::WritableLayers::Image => image,
+            crate::options::WritableLayers::Dir if self.home_holds_uppers() => {
+                format!("directories in the home, no size limit; {image} where a size is given")
+            }
+            crate::options::WritableLayers::Dir => {
+                format!("{image}: writable_layers=dir, but the home cannot be an overlay upper")
+            }
         }
     }
 
@@ -188,6 +203,9 @@ pub struct DriverReport {
     pub prefetch: crate::prefetch::Settings,
     /// How new layer images are built (`sharedloop.one_pass_build`).
     pub layer_build: String,
+    /// What a container's writable layer is (`sharedloop.writable_layers`,
+    /// `sharedloop.size`).
+    pub writable_layers: String,
     /// Why new layers go to the fallback, if they do; `None`: the root is
     /// writable.
     pub root_problem: Option<String>,

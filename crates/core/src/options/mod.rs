@@ -117,6 +117,35 @@ pub struct Config {
     /// through a staging directory. `None`: auto (where mke2fs can).
     #[serde(default)]
     pub one_pass_build: Option<bool>,
+    /// `sharedloop.writable_layers`: what a container's writable layer is
+    /// when no size is asked for it: an image of `rw_size` (the default) or
+    /// a directory in the home, as overlay2 keeps it.
+    #[serde(default)]
+    pub writable_layers: WritableLayers,
+}
+
+/// `sharedloop.writable_layers`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WritableLayers {
+    /// A sparse image file of `sharedloop.size`, loop-mounted: bounded.
+    #[default]
+    Image,
+    /// A directory in the driver's home, where the home can be an overlay
+    /// upper: no loop device, no size limit; a layer created with a size
+    /// is an image all the same.
+    Dir,
+}
+
+impl std::str::FromStr for WritableLayers {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "image" => Ok(WritableLayers::Image),
+            "dir" | "directory" => Ok(WritableLayers::Dir),
+            _ => Err(format!("{s:?} is not a kind of writable layer (image or dir)")),
+        }
+    }
 }
 
 /// `sharedloop.prefetch_window`'s default: a container's start, with room.
@@ -217,6 +246,7 @@ impl Default for Config {
             prefetch_window_secs: DEFAULT_PREFETCH_WINDOW_SECS,
             prefetch_max: DEFAULT_PREFETCH_MAX,
             one_pass_build: None,
+            writable_layers: WritableLayers::Image,
         }
     }
 }
@@ -392,6 +422,13 @@ pub static OPTIONS: &[OptionSpec] = &[
                 return Err(bad(k, format!("{secs}s is longer than a day; a container's start is shorter")));
             }
             c.prefetch_window_secs = secs;
+            Ok(())
+        },
+    },
+    OptionSpec {
+        name: "writable_layers",
+        set: |c, k, v| {
+            c.writable_layers = need(k, v)?.parse().map_err(|e: String| bad(k, e))?;
             Ok(())
         },
     },

@@ -132,3 +132,16 @@ fn kernel_check() {
     let e = e.to_string();
     assert!(e.contains("LOOP_CONFIGURE") && e.contains("sharedloop.override_kernel_check"), "{e}");
 }
+
+#[test]
+fn writable_layers_is_image_or_dir() {
+    assert_eq!(Config::default().writable_layers, WritableLayers::Image);
+    let c = Config::from_opts(&["sharedloop.writable_layers=dir".to_owned()]).unwrap();
+    assert_eq!(c.writable_layers, WritableLayers::Dir);
+    let c = Config::from_opts(&["sharedloop.writable_layers=image".to_owned()]).unwrap();
+    assert_eq!(c.writable_layers, WritableLayers::Image);
+    let e = Config::from_opts(&["sharedloop.writable_layers=tmpfs".to_owned()]).unwrap_err().to_string();
+    assert!(e.contains("writable_layers") && e.contains("image or dir"), "{e}");
+    let e = Config::from_opts(&["sharedloop.writable_layers".to_owned()]).unwrap_err().to_string();
+    assert!(e.contains("writable_layers") && e.contains("needs a value"), "{e}");
+}

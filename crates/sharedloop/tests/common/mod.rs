@@ -1382,3 +1382,13 @@ pub fn init_plugin(host: &Host, c: &PluginClient, extra: &[&str]) {
     let caps = c.ok("GraphDriver.Capabilities", serde_json::json!({}));
     assert_eq!(caps["Capabilities"]["ReproducesExactDiffs"], serde_json::json!(false));
 }
+
+/// Waits, at most a minute (a bound for a hung test, not a timing claim),
+/// for `done`; panics with `what` when it does not come.
+pub fn await_or_fail(what: &str, mut done: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < end, "gave up waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
