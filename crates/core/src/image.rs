@@ -171,6 +171,8 @@ fn mke2fs_from_tar(out: &Path, inodes: u64, feed: &mut dyn FnMut(&mut dyn std::i
     let tool = "mke2fs -d -".to_owned();
     let inodes = inodes.to_string();
     let mut child = Command::new("mke2fs")
+        // Untranslated messages: out_of_space reads them.
+        .env("LC_ALL", "C")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N", &inodes, "-L", "sharedloop"])
         .args(["-O", "^has_journal,^resize_inode", "-E", "root_owner=0:0,nodiscard", "-d", "-"])
         .arg(out)
@@ -277,9 +279,7 @@ fn out_of_space(e: &Error) -> bool {
     match e {
         Error::Tool { stderr, .. } => {
             let s = stderr.to_ascii_lowercase();
-            ["could not allocate", "no space", "no free space", "too big for a filesystem", "too small"]
-                .iter()
-                .any(|m| s.contains(m))
+            ["could not allocate", "no free space", "too big for a", "too small"].iter().any(|m| s.contains(m))
         }
         _ => e.errno() == Some(rustix::io::Errno::NOSPC),
     }
@@ -481,6 +481,7 @@ mod tests {
             "handle_entry: Could not allocate block in ext2 filesystem while writing file \"big\"",
             "handle_entry: Could not allocate inode in ext2 filesystem while writing file \"f47\"",
             "ext2fs_link: No free space in the directory",
+            "mke2fs: inode_size (256) * inodes_count (9000) too big for a; filesystem with 256 blocks",
         ] {
             assert!(out_of_space(&tool(grow)), "{grow}");
         }
@@ -488,6 +489,7 @@ mod tests {
         for stop in [
             "__populate_fs_from_tar: Unknown code ____ 226 while opening \"Unrecognized archive format\"",
             "mke2fs: Operation not permitted while populating file system",
+            "handle_entry: No space left on device while writing file \"big\"",
         ] {
             assert!(!out_of_space(&tool(stop)), "{stop}");
         }

@@ -117,13 +117,27 @@ fn writable_layers_dir_makes_container_layers_directories_unless_a_size_is_asked
     assert_eq!(loops_below(&home.join("rw/s")), 1, "the sized layer's image");
     d.put("s").unwrap();
 
+    // A restart with a container mounted, and the option switched off:
+    // the directory layer is adopted as it is; new layers are images.
+    let c = d.get("c").unwrap();
+    drop(d);
+    let d = Driver::open(&home, Config::from_opts(&rig.opts(&[])).unwrap()).unwrap();
+    let c2 = d.get("c").unwrap();
+    assert_eq!(c2, c);
+    assert_eq!(fs::read_to_string(c2.join("app")).unwrap(), "app\n");
+    assert!(home.join("rw/c/dir").is_dir() && !home.join("rw/c/rw.img").exists());
+    d.put("c").unwrap();
+    d.create("n", Some("img"), CreateKind::ReadWrite, &none).unwrap();
+    assert!(home.join("rw/n/rw.img").is_file(), "with the option off a new layer is an image");
+    d.remove("n").unwrap();
+
     for id in ["s", "v", "c", "frozen", "img"] {
         d.remove(id).unwrap();
     }
     common::await_or_fail("the removed layers' mounts go", || {
         mounts_under(&home.join("rwmnt")).is_empty() && mounts_under(&home.join("rw")).is_empty()
     });
-    for id in ["c", "s", "v"] {
+    for id in ["c", "s", "v", "n"] {
         assert!(!home.join("rw").join(id).exists(), "rw/{id} is left");
     }
     d.cleanup().unwrap();

@@ -588,12 +588,20 @@ fn metadata(l: &LayerReport) -> HashMap<String, String> {
                 m.insert("ChainID".into(), c.to_string());
             }
         }
-        LayerReportKind::Rw { upper, work, merged, size, fs, lowers } => {
+        LayerReportKind::Rw { upper, work, merged, image, lowers } => {
             m.insert("UpperDir".into(), upper.display().to_string());
             m.insert("WorkDir".into(), work.display().to_string());
             m.insert("MergedDir".into(), merged.display().to_string());
-            m.insert("WritableSize".into(), size.0.to_string());
-            m.insert("WritableFilesystem".into(), fs.name().into());
+            match image {
+                Some((size, fs)) => {
+                    m.insert("WritableSize".into(), size.0.to_string());
+                    m.insert("WritableFilesystem".into(), fs.name().into());
+                }
+                // A directory layer: the home's filesystem, no limit.
+                None => {
+                    m.insert("WritableFilesystem".into(), "directory".into());
+                }
+            }
             let lowers: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
             m.insert("LowerDir".into(), lowers.join(":"));
         }

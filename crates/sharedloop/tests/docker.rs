@@ -380,17 +380,18 @@ fn docker_writable_layers_dir_runs_commits_and_bounds_sized_containers() {
         "-c",
         "echo kept > /kept && rm /etc/passwd && sleep 1000",
     ]);
-    await_or_fail("the container wrote its file", || {
-        host.docker_ok(&["diff", "wr"]).lines().any(|l| l.trim() == "A /kept")
+    await_or_fail("the container wrote its file and removed /etc/passwd", || {
+        let diff = host.docker_ok(&["diff", "wr"]);
+        diff.lines().any(|l| l.trim() == "A /kept") && diff.lines().any(|l| l.trim() == "D /etc/passwd")
     });
-    let diff = host.docker_ok(&["diff", "wr"]);
-    assert!(diff.lines().any(|l| l.trim() == "D /etc/passwd"), "{diff}");
     let dirs: Vec<_> = fs::read_dir(home.join("rw")).unwrap().flatten().map(|e| e.path()).collect();
     assert!(
         dirs.iter().filter(|d| d.join("dir").is_dir()).count() == 2 && dirs.iter().all(|d| !d.join("rw.img").exists()),
         "the container's layer and its -init layer are directories: {dirs:?}"
     );
     assert_eq!(loops_under(&host.dir).len(), layers, "only the image's layers have loop devices");
+    let data = host.docker_ok(&["inspect", "-f", "{{json .GraphDriver.Data}}", "wr"]);
+    assert!(data.contains(r#""WritableFilesystem":"directory""#) && !data.contains("WritableSize"), "{data}");
     host.docker_ok(&["commit", "wr", "committed:1"]);
     host.docker_ok(&["rm", "-f", "wr"]);
     let out = host.docker_ok(&[

@@ -168,6 +168,15 @@ impl Driver {
                         tracing::warn!(target = %to.display(), error = %e, "cannot unmount a removed writable layer");
                         return;
                     }
+                    // A directory layer's files are the upper of the
+                    // overlay still up: deleting them would pull them from
+                    // under it (an image's filesystem lives on with its loop
+                    // device). The next start removes the grave.
+                    if grave_path.join("img").join("dir").is_dir() {
+                        tracing::info!(grave = %grave_path.display(),
+                            "a removed directory layer is still an overlay's upper; left for the next start");
+                        return;
+                    }
                 }
             }
             let _ = fs::remove_dir_all(&grave_path);

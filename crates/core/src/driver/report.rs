@@ -179,8 +179,7 @@ impl Driver {
                     upper: rw.join("upper"),
                     work: rw.join("work"),
                     merged: self.merged(id),
-                    size: *size,
-                    fs: *fs,
+                    image: (!self.rw_dir(id).is_dir()).then_some((*size, *fs)),
                     lowers,
                 }
             }
@@ -254,8 +253,9 @@ pub enum LayerReportKind {
         upper: PathBuf,
         work: PathBuf,
         merged: PathBuf,
-        size: Bytes,
-        fs: FsType,
+        /// The image's size and filesystem; `None`: a directory layer
+        /// (no image, no size limit).
+        image: Option<(Bytes, FsType)>,
         /// The layers below, topmost first.
         lowers: Vec<PathBuf>,
     },
