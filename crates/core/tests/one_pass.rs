@@ -255,12 +255,39 @@ fn unmount(at: &Path) {
     assert!(out.status.success(), "umount {}: {}", at.display(), String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn one_pass_images_hold_what_staged_images_hold() {
-    require(&["mke2fs", "mount", "umount"]);
+fn require_one_pass() {
     if let Err(why) = sharedloop_core::image::one_pass_tool(Path::new("/tmp")) {
         panic!("this test needs mke2fs from e2fsprogs >= 1.47.1 with libarchive (scripts/install-deps): {why}");
     }
+}
+
+/// The tree under `fs/` of layer `chain`'s raw image in `rig`'s store,
+/// as [`describe`] sees it through a read-only mount of its own.
+fn raw_image(rig: &Rig, chain: &str) -> BTreeMap<PathBuf, Desc> {
+    let img = rig.path().join("root").join("layers").join(chain).join(IMAGE_FILE);
+    let at = rig.path().join("img");
+    mount_image(&img, &at);
+    let d = describe(&at.join("fs"));
+    unmount(&at);
+    d
+}
+
+/// Puts and removes what [`stack`] made on each host, and cleans up.
+fn take_down(hosts: &[(&Driver, &PathBuf)]) {
+    for (d, m) in hosts {
+        assert!(m.exists());
+        d.put("c").unwrap();
+        for id in ["c", "upper", "lower"] {
+            d.remove(id).unwrap();
+        }
+        d.cleanup().unwrap();
+    }
+}
+
+#[test]
+fn one_pass_images_hold_what_staged_images_hold() {
+    require(&["mke2fs", "mount", "umount"]);
+    require_one_pass();
     let (ra, rb) = (Rig::new("sl-onepass-a"), Rig::new("sl-onepass-b"));
     let (a, b) = (host(&ra, false), host(&rb, true));
     assert!(a.report().layer_build.starts_with("staged"), "{}", a.report().layer_build);
@@ -298,13 +325,7 @@ fn one_pass_images_hold_what_staged_images_hold() {
 
     // The raw images: whiteout devices, the opaque attribute, trusted.*
     // attributes that overlayfs does not show through.
-    let img = |r: &Rig| r.path().join("root").join("layers").join(&chain_a).join(IMAGE_FILE);
-    let (ma, mb) = (ra.path().join("img"), rb.path().join("img"));
-    mount_image(&img(&ra), &ma);
-    mount_image(&img(&rb), &mb);
-    let (ia, ib) = (describe(&ma.join("fs")), describe(&mb.join("fs")));
-    unmount(&ma);
-    unmount(&mb);
+    let (ia, ib) = (raw_image(&ra, &chain_a), raw_image(&rb, &chain_a));
     assert_eq!(ib[Path::new("cache")].xattrs.get("trusted.overlay.opaque").map(Vec::as_slice), Some(&b"y"[..]));
     assert_eq!(ib[Path::new("etc/old.conf")].kind, ia[Path::new("etc/old.conf")].kind);
     assert_eq!(ib[Path::new("etc/old.conf")].rdev, 0, "a whiteout is a 0:0 device");
@@ -316,14 +337,7 @@ fn one_pass_images_hold_what_staged_images_hold() {
     );
     assert_eq!(ia, ib, "the layer images hold the same tree");
 
-    for (d, m) in [(&a, &merged_a), (&b, &merged_b)] {
-        assert!(m.exists());
-        d.put("c").unwrap();
-        for id in ["c", "upper", "lower"] {
-            d.remove(id).unwrap();
-        }
-        d.cleanup().unwrap();
-    }
+    take_down(&[(&a, &merged_a), (&b, &merged_b)]);
 }
 
 /// A one-pass build that fails (as a mke2fs that cannot would; fault
@@ -334,9 +348,7 @@ fn one_pass_images_hold_what_staged_images_hold() {
 #[test]
 fn a_failed_one_pass_build_is_done_again_staged() {
     require(&["mke2fs", "mount", "umount"]);
-    if let Err(why) = sharedloop_core::image::one_pass_tool(Path::new("/tmp")) {
-        panic!("this test needs mke2fs from e2fsprogs >= 1.47.1 with libarchive (scripts/install-deps): {why}");
-    }
+    require_one_pass();
     let (ra, rc) = (Rig::new("sl-onepass-fa"), Rig::new("sl-onepass-fc"));
     let (a, c) = (host(&ra, false), host(&rc, true));
     let (merged_a, chain_a) = stack(&a);
@@ -355,35 +367,20 @@ fn a_failed_one_pass_build_is_done_again_staged() {
     c.create("c", Some("upper"), CreateKind::ReadWrite, &none).unwrap();
     let merged_c = c.get("c").unwrap();
     assert_eq!(describe(&merged_a), describe(&merged_c), "the container sees what a staged host's sees");
-    let img = |r: &Rig| r.path().join("root").join("layers").join(&chain_a).join(IMAGE_FILE);
-    let (ma, mc) = (ra.path().join("img"), rc.path().join("img"));
-    mount_image(&img(&ra), &ma);
-    mount_image(&img(&rc), &mc);
-    let (ia, ic) = (describe(&ma.join("fs")), describe(&mc.join("fs")));
-    unmount(&ma);
-    unmount(&mc);
+    let (ia, ic) = (raw_image(&ra, &chain_a), raw_image(&rc, &chain_a));
     assert_eq!(ia, ic, "the fallback's layer image holds what a staged build's holds");
     for tmp in [rc.path().join("root").join("tmp"), rc.path().join("home").join("tmp")] {
         let leftovers: Vec<_> =
             std::fs::read_dir(&tmp).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
         assert!(leftovers.is_empty(), "the failed build left {leftovers:?} in {}", tmp.display());
     }
-    for (d, m) in [(&a, &merged_a), (&c, &merged_c)] {
-        assert!(m.exists());
-        d.put("c").unwrap();
-        for id in ["c", "upper", "lower"] {
-            d.remove(id).unwrap();
-        }
-        d.cleanup().unwrap();
-    }
+    take_down(&[(&a, &merged_a), (&c, &merged_c)]);
 }
 
 #[test]
 fn tars_one_pass_would_build_differently_go_the_staged_way_and_hostile_ones_are_refused() {
     require(&["mke2fs"]);
-    if let Err(why) = sharedloop_core::image::one_pass_tool(Path::new("/tmp")) {
-        panic!("this test needs mke2fs from e2fsprogs >= 1.47.1 with libarchive (scripts/install-deps): {why}");
-    }
+    require_one_pass();
     let rig = Rig::new("sl-onepass-staged");
     let d = host(&rig, true);
     // No directory entries (as many hand-made tars): staged, and it works.
