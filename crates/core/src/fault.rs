@@ -89,6 +89,10 @@ mod enabled {
         FAILS.with(|f| f.borrow_mut().remove(op))
     }
 
+    pub fn fail_pending(op: &'static str) -> bool {
+        FAILS.with(|f| f.borrow().contains(op))
+    }
+
     /// Read at each pause point (they are rare: a layer's first mount), so
     /// a test may set the variable after the process started.
     pub fn pause(op: &'static str, what: &str) {
@@ -165,11 +169,7 @@ pub fn fail_next(op: &'static str) {
 /// step was not reached).
 #[cfg(feature = "fault-injection")]
 pub fn fail_pending(op: &'static str) -> bool {
-    let pending = enabled::fails(op);
-    if pending {
-        enabled::fail_next(op);
-    }
-    pending
+    enabled::fail_pending(op)
 }
 
 /// A point between two steps of operation `op`.

@@ -419,34 +419,6 @@ fn containerd_second_instance_sharing_root_reuses_published_layers() {
     drop(a);
 }
 
-/// The writable layers in the snapshotter's driver home(s) below `dir`
-/// (`.../rw/<id>`, removals in progress `.rm-*` left out): each one's
-/// path, and whether it is a directory layer (`dir`) or has an image.
-fn writable_layers(dir: &Path) -> Vec<(PathBuf, bool, bool)> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                continue;
-            }
-            if e.file_name() == "rw" {
-                for l in fs::read_dir(&p).into_iter().flatten().flatten() {
-                    if !l.file_name().to_string_lossy().starts_with('.') {
-                        let lp = l.path();
-                        out.push((lp.clone(), lp.join("dir").is_dir(), lp.join("rw.img").exists()));
-                    }
-                }
-            } else if !["rwmnt", "merged", "mnt", "tmp"].contains(&&*e.file_name().to_string_lossy()) {
-                todo.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// `sharedloop.writable_layers=dir` under containerd: the image unpacks
 /// (through active snapshots that Commit publishes) to the same tree, and
 /// a container's snapshot is a directory in the snapshotter's home, with
@@ -475,7 +447,7 @@ fn containerd_writable_layers_dir_unpacks_and_runs_without_writable_images() {
     h.ctr_ok(&["run", "-d", "docker.io/test/multi:1", "d1", "/bin/sh", "-c", "echo up > /state; sleep 100000"]);
     h.ctr_ok(&["task", "exec", "--exec-id", "e0", "d1", "/bin/cat", "/state"]);
     let home = h.snapshotter_root();
-    let layers = writable_layers(&home);
+    let layers = rw_layers(&home);
     assert!(!layers.is_empty(), "no writable layer under {}", home.display());
     assert!(layers.iter().all(|(_, dir, img)| *dir && !*img), "a writable layer with an image: {layers:?}");
     h.ctr_ok(&["task", "kill", "-s", "KILL", "d1"]);
@@ -483,7 +455,7 @@ fn containerd_writable_layers_dir_unpacks_and_runs_without_writable_images() {
     h.ctr_ok(&["task", "rm", "d1"]);
     h.ctr_ok(&["container", "rm", "d1"]);
     assert!(!h.ctr_snapshots().iter().any(|s| s == "d1"), "the container's snapshot is removed");
-    await_or_fail("the removed snapshot's directory goes", || writable_layers(&home).is_empty());
+    await_or_fail("the removed snapshot's directory goes", || rw_layers(&home).is_empty());
     assert!(loops_under(&home).is_empty(), "a loop device on the snapshotter's home: {:?}", loops_under(&home));
 }
 

@@ -384,10 +384,10 @@ fn docker_writable_layers_dir_runs_commits_and_bounds_sized_containers() {
         let diff = host.docker_ok(&["diff", "wr"]);
         diff.lines().any(|l| l.trim() == "A /kept") && diff.lines().any(|l| l.trim() == "D /etc/passwd")
     });
-    let dirs: Vec<_> = fs::read_dir(home.join("rw")).unwrap().flatten().map(|e| e.path()).collect();
+    let rw = rw_layers(&home);
     assert!(
-        dirs.iter().filter(|d| d.join("dir").is_dir()).count() == 2 && dirs.iter().all(|d| !d.join("rw.img").exists()),
-        "the container's layer and its -init layer are directories: {dirs:?}"
+        rw.len() == 2 && rw.iter().all(|(_, dir, img)| *dir && !*img),
+        "the container's layer and its -init layer are directories: {rw:?}"
     );
     assert_eq!(loops_under(&host.dir).len(), layers, "only the image's layers have loop devices");
     let data = host.docker_ok(&["inspect", "-f", "{{json .GraphDriver.Data}}", "wr"]);
@@ -420,17 +420,14 @@ fn docker_writable_layers_dir_runs_commits_and_bounds_sized_containers() {
         "sleep",
         "1000",
     ]);
-    let images: Vec<_> =
-        fs::read_dir(home.join("rw")).unwrap().flatten().filter(|e| e.path().join("rw.img").is_file()).collect();
-    assert_eq!(images.len(), 1, "the sized container's layer is an image (its -init layer a directory)");
+    let images = rw_layers(&home).into_iter().filter(|(_, _, img)| *img).count();
+    assert_eq!(images, 1, "the sized container's layer is an image (its -init layer a directory)");
     let df = host.docker_ok(&["exec", "sz", "df", "-k", "/"]);
     let total: u64 = df.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap();
     assert!(total <= 64 * 1024, "the sized container's root is bounded by its image: {df}");
     host.docker_ok(&["rm", "-f", "sz"]);
     host.docker_ok(&["rmi", "committed:1", "multi:1"]);
-    await_or_fail("the removed containers' layers go", || {
-        fs::read_dir(home.join("rw")).unwrap().flatten().all(|e| e.file_name().to_string_lossy().starts_with('.'))
-    });
+    await_or_fail("the removed containers' layers go", || rw_layers(&home).is_empty());
     assert_no_loops(&host.dir);
 }
 

@@ -1392,3 +1392,20 @@ pub fn await_or_fail(what: &str, mut done: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The writable layers in a driver home `home` (`rw/<id>`; removals in
+/// progress, `rw/.rm-*`, left out): each one's path, whether it is a
+/// directory layer (`dir/`) and whether it has an image (`rw.img`).
+pub fn rw_layers(home: &Path) -> Vec<(PathBuf, bool, bool)> {
+    fs::read_dir(home.join("rw"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| {
+            let p = e.path();
+            let (dir, img) = (p.join("dir").is_dir(), p.join("rw.img").is_file());
+            (p, dir, img)
+        })
+        .collect()
+}
